@@ -1,0 +1,64 @@
+"""Model artifacts: safetensors weights plus a JSON config, identified by a hash of both.
+
+An artifact is a set of named files (bytes), so callers can keep it on any storage:
+
+    model.safetensors   the weights (no pickle)
+    config.json         {"model": ModelConfig, ...extra (image size, training summary)}
+    artifact.json       {"model_id": ..., "files": [...]}, written last
+
+model_id is the first 16 hex digits of sha256(weights || config); loading recomputes it
+and refuses an artifact whose files do not match their recorded id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from mga.config import ModelConfig
+from mga.model import MGAModel
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+INDEX = "artifact.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact that is incomplete, tampered with or inconsistent."""
+
+
+def artifact_id(weights: bytes, config: bytes) -> str:
+    return hashlib.sha256(weights + b"\0" + config).hexdigest()[:16]
+
+
+def pack_artifact(model: MGAModel, extra: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """The model as artifact files, `artifact.json` last in order."""
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    weights = save_safetensors(state)
+    config = json.dumps({"model": model.config.model_dump(mode="json"), **(extra or {})}, indent=2, sort_keys=True).encode()
+    index = json.dumps({"model_id": artifact_id(weights, config), "files": [WEIGHTS, CONFIG]}, indent=2).encode()
+    return {WEIGHTS: weights, CONFIG: config, INDEX: index}
+
+
+def unpack_artifact(files: dict[str, bytes], where: str = "artifact") -> tuple[MGAModel, str, dict[str, Any]]:
+    """(model in eval mode, model_id, config dict) from artifact files; `where` names it in errors."""
+    missing = [name for name in (WEIGHTS, CONFIG, INDEX) if name not in files]
+    if missing:
+        raise ArtifactError(f"{where}: missing {', '.join(missing)}")
+    recorded = json.loads(files[INDEX])["model_id"]
+    actual = artifact_id(files[WEIGHTS], files[CONFIG])
+    if recorded != actual:
+        raise ArtifactError(f"{where}: model_id mismatch: {INDEX} says {recorded}, the files hash to {actual} (corrupted or modified)")
+    config = json.loads(files[CONFIG])
+    model = MGAModel(ModelConfig(**config["model"]))
+    state = load_safetensors(files[WEIGHTS])
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ArtifactError(f"{where}: weights do not fit the config: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    model.eval()
+    return model, actual, config

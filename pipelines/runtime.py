@@ -1,0 +1,38 @@
+"""Connecting to Ray: a cluster when one is given, else a local instance in-process."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from pipelines.storage import S3_ENV_VARS
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray.
+
+    A local instance gets twice the machine's cores as logical CPUs: Ray Train workers
+    and Ray Data tasks then fit beside each other on a 2-core laptop instead of waiting
+    forever on a "0 CPU available" scheduler. S3 settings are forwarded to every worker.
+    """
+    if ray.is_initialized():
+        return
+    env_vars = {name: os.environ[name] for name in S3_ENV_VARS if name in os.environ}
+    # Threads per worker: torch otherwise starts one per core in every actor.
+    env_vars.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": env_vars}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        return
+    cpus = num_cpus or int(os.environ.get("MGA_RAY_CPUS", 0)) or 2 * (os.cpu_count() or 1)
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+        log_to_driver=True,
+    )

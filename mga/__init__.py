@@ -8,7 +8,19 @@ eqs. 1-2), `similarity` (eqs. 3-6), `ata` (Attention-based Token Alignment), `mo
 and config without pickles), `sampling` (P x K batches).
 """
 
-from mga.config import LossConfig, ModelConfig
-from mga.model import Embedding, MGAModel
+from typing import Any
 
 __all__ = ["Embedding", "LossConfig", "MGAModel", "ModelConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import mga.synthetic` or `mga.metrics` must not pay for importing torch.
+    if name in ("LossConfig", "ModelConfig"):
+        from mga import config
+
+        return getattr(config, name)
+    if name in ("Embedding", "MGAModel"):
+        from mga import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'mga' has no attribute {name!r}")

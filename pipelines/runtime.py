@@ -23,15 +23,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Threads per worker: torch otherwise starts one per core in every actor.
     env_vars.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": env_vars}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        # On a cluster the job's own runtime env (ray_job.yaml) and the pods' secrets or
+        # instance roles configure the workers; a second env_vars would conflict with it.
+        ray.init(address=address, logging_level=logging.WARNING)
         return
     cpus = num_cpus or int(os.environ.get("MGA_RAY_CPUS", 0)) or 2 * (os.cpu_count() or 1)
     ray.init(
         num_cpus=cpus,
         include_dashboard=False,
-        runtime_env=runtime_env,
+        runtime_env={"env_vars": env_vars},
         logging_level=logging.WARNING,
         configure_logging=True,
         log_to_driver=True,

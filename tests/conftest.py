@@ -16,8 +16,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray instance shared by every test that asks for it."""
+def ray_local(s3_server):
+    """A local Ray instance shared by every test that asks for it.
+
+    It starts after the S3 server so that its workers inherit the S3 settings.
+    """
     import ray
 
     from pipelines.runtime import init_ray
@@ -43,6 +46,10 @@ def s3_server():
         stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
+    # Session-wide, before Ray starts: Ray workers take their S3 settings from these.
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1"
+    )
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -59,16 +66,12 @@ def s3_server():
 
 
 @pytest.fixture()
-def s3_env(s3_server, monkeypatch):
-    """AWS variables pointing at the moto server, and a fresh bucket."""
+def s3_env(s3_server):
+    """A fresh bucket on the moto server (the AWS variables are set for the session)."""
     import uuid
 
     import boto3
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
     bucket = f"mga-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1").create_bucket(Bucket=bucket)
     return {"endpoint": s3_server["endpoint"], "bucket": bucket}

@@ -1,0 +1,626 @@
+"""A deterministic, procedurally drawn fine-grained fashion catalog (no download needed).
+
+Items come in groups. All items of a group share the global look (silhouette, base colour,
+texture) and differ only in small local details (collar, chest logo, buttons, cuff stripes,
+pocket); every two items of a group differ in at least two details. A global-only embedding
+therefore confuses the items of a group, and fine-grained tokens can tell them apart.
+
+Every image is a pure function of `(spec, planned image)`: `render_image` needs no other
+image, so a pipeline can render in parallel and still get byte-identical JPEGs. Randomness
+comes from `np.random.default_rng([seed, purpose, a, b, c])`, with the view's key being
+`(item_index, view_index, domain_code)`. Every key has the same length on purpose: numpy's
+SeedSequence gives the same stream for keys that differ only by trailing zeros.
+
+Splits follow In-Shop: whole groups go to train or to test, so train items are disjoint
+from query/gallery items. Train items get shop and consumer views (`split="train"`); test
+items get shop views in the gallery and `query_domain` views as queries.
+
+Drawing happens in unit coordinates (x right, y down, the garment roughly in [0.07, 0.93]),
+on a canvas twice the output size that is box-downsampled at the end for anti-aliasing.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+RGB = tuple[int, int, int]
+Point = tuple[float, float]
+
+DOMAIN_CODES = {"shop": 0, "consumer": 1}
+QUERY_DOMAINS = tuple(DOMAIN_CODES)
+# Greedy sampling of detail combinations at Hamming distance >= 2 succeeds easily well
+# past this (the option space has 2520 combinations); the cap keeps that a guarantee.
+MAX_ITEMS_PER_GROUP = 64
+_SUPERSAMPLE = 2
+
+# RNG purposes, the word after the seed in every key.
+_LOOK_ORDER, _LOOK, _SPLIT, _DETAILS, _VIEW = range(5)
+
+_ACCENT_COLOURS = 3  # logo colours per group; buttons use the first two
+DETAIL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "collar": ("crew", "vneck", "polo", "mock"),
+    # Shape and colour are one option so that "none" is a single value: two items that
+    # differ in an option always render differently.
+    "logo": ("none", *(f"{shape}-{c}" for shape in ("circle", "triangle", "square") for c in range(3))),
+    "buttons": ("none", *(f"{count}-{c}" for count in (2, 3, 4) for c in range(2))),
+    "cuffs": ("0", "1", "2"),
+    "pocket": ("none", "chest", "hip"),
+}
+MIN_DETAIL_DIFFERENCES = 2
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """What to generate; the same spec always yields the same catalog, byte for byte."""
+
+    seed: int = 0
+    groups: int = 24
+    items_per_group: int = 4
+    test_fraction: float = 0.5  # fraction of GROUPS held out for query/gallery
+    train_views: int = 6  # per train item: ceil(n/2) shop, floor(n/2) consumer
+    gallery_views: int = 2  # shop views per test item
+    query_views: int = 2  # per test item, in query_domain
+    query_domain: str = "consumer"  # "consumer" (Consumer-to-Shop-like) | "shop" (In-Shop-like)
+    image_size: int = 128  # square output, pixels
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"SynthSpec.seed must be >= 0, got {self.seed}")
+        for name in ("groups", "items_per_group", "train_views", "gallery_views", "query_views"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"SynthSpec.{name} must be positive, got {value}")
+        if self.items_per_group > MAX_ITEMS_PER_GROUP:
+            raise ValueError(
+                f"SynthSpec.items_per_group must be <= {MAX_ITEMS_PER_GROUP}, got {self.items_per_group}"
+            )
+        # Range first: round() of NaN would raise an error that names nothing.
+        if not 0 < self.test_fraction < 1 or not 1 <= self.test_group_count <= self.groups - 1:
+            raise ValueError(
+                f"SynthSpec.test_fraction must be in (0, 1) and leave at least one of the "
+                f"{self.groups} groups on each side, got {self.test_fraction}"
+            )
+        if self.query_domain not in QUERY_DOMAINS:
+            raise ValueError(f"SynthSpec.query_domain must be one of {QUERY_DOMAINS}, got {self.query_domain!r}")
+        if self.image_size < 32:
+            raise ValueError(f"SynthSpec.image_size must be >= 32, got {self.image_size}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"SynthSpec.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+
+    @property
+    def test_group_count(self) -> int:
+        """Groups held out for query/gallery (round half to even)."""
+        return round(self.groups * self.test_fraction)
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One image of the catalog, before rendering."""
+
+    image_id: str
+    item_id: str
+    group_id: str
+    split: str  # train | query | gallery
+    domain: str  # shop | consumer
+    category: str  # the silhouette family
+    item_index: int  # global: group * items_per_group + member
+    view_index: int  # per (item, domain)
+
+
+@dataclass(frozen=True)
+class Silhouette:
+    """A garment shape family, symmetric about x = 0.5, with where its details sit."""
+
+    name: str
+    # From the left neck edge round the left side to the left hem corner; the right
+    # side is the mirror image. The first point fixes the neckline (its y, its width).
+    left_half: tuple[Point, ...]
+    cuffs: tuple[tuple[Point, Point], ...]  # left-side edges that cuff stripes follow
+    logo: Point  # left chest; the chest pocket sits on the mirror side
+    buttons_end: float  # the button line runs at x = 0.5 from below the collar to here
+    hip_y: float
+    front_opening: bool = False
+
+    @property
+    def neck(self) -> tuple[float, float]:
+        """(y of the neckline, its half width)."""
+        x, y = self.left_half[0]
+        return y, 0.5 - x
+
+    @property
+    def outline(self) -> list[Point]:
+        return list(self.left_half) + [(1 - x, y) for x, y in reversed(self.left_half)]
+
+    @property
+    def hem_y(self) -> float:
+        return max(y for _, y in self.left_half)
+
+
+SILHOUETTES = (
+    Silhouette(
+        "tshirt",
+        ((0.40, 0.12), (0.29, 0.15), (0.11, 0.33), (0.21, 0.43), (0.30, 0.33), (0.31, 0.88)),
+        cuffs=(((0.11, 0.33), (0.21, 0.43)),),
+        logo=(0.40, 0.28),
+        buttons_end=0.48,
+        hip_y=0.74,
+    ),
+    Silhouette(
+        "longsleeve",
+        ((0.40, 0.12), (0.29, 0.15), (0.20, 0.30), (0.10, 0.78), (0.19, 0.80), (0.27, 0.42), (0.30, 0.86)),
+        cuffs=(((0.10, 0.78), (0.19, 0.80)),),
+        logo=(0.40, 0.28),
+        buttons_end=0.48,
+        hip_y=0.72,
+    ),
+    Silhouette(
+        "jacket",
+        ((0.40, 0.10), (0.26, 0.13), (0.16, 0.30), (0.06, 0.82), (0.17, 0.84), (0.25, 0.42), (0.26, 0.91)),
+        cuffs=(((0.06, 0.82), (0.17, 0.84)),),
+        logo=(0.38, 0.27),
+        buttons_end=0.62,
+        hip_y=0.76,
+        front_opening=True,
+    ),
+    Silhouette(
+        "dress",
+        ((0.41, 0.11), (0.34, 0.11), (0.32, 0.30), (0.36, 0.46), (0.19, 0.92)),
+        cuffs=(((0.19, 0.92), (0.50, 0.92)),),
+        logo=(0.41, 0.27),
+        buttons_end=0.44,
+        hip_y=0.64,
+    ),
+    Silhouette(
+        "tanktop",
+        ((0.42, 0.10), (0.36, 0.10), (0.33, 0.25), (0.28, 0.33), (0.29, 0.86)),
+        cuffs=(((0.29, 0.86), (0.50, 0.86)),),
+        logo=(0.40, 0.30),
+        buttons_end=0.50,
+        hip_y=0.72,
+    ),
+)
+
+BASE_COLOURS: tuple[RGB, ...] = (
+    (32, 45, 92),  # navy
+    (178, 34, 42),  # crimson
+    (36, 102, 60),  # forest
+    (212, 168, 48),  # mustard
+    (128, 128, 132),  # grey
+    (42, 40, 44),  # black
+    (226, 140, 170),  # pink
+    (30, 140, 150),  # teal
+    (120, 78, 48),  # brown
+    (120, 170, 222),  # sky
+    (110, 112, 40),  # olive
+    (112, 60, 142),  # purple
+)
+TEXTURES = ("solid", "hstripes", "vstripes", "checks", "dots")
+# Logo and button colours: each group takes the ones farthest from its base colour.
+ACCENT_CANDIDATES: tuple[RGB, ...] = (
+    (246, 246, 246),
+    (18, 18, 18),
+    (224, 30, 30),
+    (250, 212, 30),
+    (30, 80, 224),
+    (30, 172, 64),
+    (246, 130, 20),
+)
+# Every (silhouette, colour, texture) once before any repeats.
+_LOOK_TABLE = tuple(itertools.product(range(len(SILHOUETTES)), range(len(BASE_COLOURS)), range(len(TEXTURES))))
+
+
+@dataclass(frozen=True)
+class GroupLook:
+    """What all items of a group share."""
+
+    silhouette: Silhouette
+    base: RGB
+    texture: str
+    secondary: RGB  # the texture's second colour
+    period: float  # texture period, fraction of the canvas
+    trim: RGB  # collar, cuff stripes, pocket seams: contrasts with the base
+    shade: RGB  # garment inside (neck hole) and outlines
+    accents: tuple[RGB, ...]
+
+
+def _rng(seed: int, purpose: int, a: int = 0, b: int = 0, c: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, purpose, a, b, c])
+
+
+def _mix(colour: RGB, towards: RGB, amount: float) -> RGB:
+    return tuple(int(round(c + (t - c) * amount)) for c, t in zip(colour, towards))  # type: ignore[return-value]
+
+
+def _luminance(colour: RGB) -> float:
+    return 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+
+
+@lru_cache(maxsize=16)
+def _look_order(seed: int) -> np.ndarray:
+    return _rng(seed, _LOOK_ORDER).permutation(len(_LOOK_TABLE))
+
+
+@lru_cache(maxsize=4096)
+def group_look(spec: SynthSpec, group: int) -> GroupLook:
+    """The global look of `group`: distinct for the first len(_LOOK_TABLE) groups."""
+    silhouette_index, colour_index, texture_index = _LOOK_TABLE[_look_order(spec.seed)[group % len(_LOOK_TABLE)]]
+    rng = _rng(spec.seed, _LOOK, group)
+    jittered = np.clip(np.array(BASE_COLOURS[colour_index]) + rng.integers(-12, 13, 3), 0, 255)
+    base: RGB = tuple(int(v) for v in jittered)  # type: ignore[assignment]
+    dark = _luminance(base) < 120
+    white, black = (255, 255, 255), (0, 0, 0)
+    accents = sorted(ACCENT_CANDIDATES, key=lambda c: -sum((x - y) ** 2 for x, y in zip(c, base)))
+    return GroupLook(
+        silhouette=SILHOUETTES[silhouette_index],
+        base=base,
+        texture=TEXTURES[texture_index],
+        secondary=_mix(base, white if dark else black, 0.45),
+        period=float(rng.uniform(0.055, 0.085)),
+        trim=_mix(base, white if dark else black, 0.65),
+        shade=_mix(base, black, 0.6),
+        accents=tuple(accents[:_ACCENT_COLOURS]),
+    )
+
+
+@lru_cache(maxsize=4096)
+def _group_details(spec: SynthSpec, group: int) -> tuple[tuple[int, ...], ...]:
+    """Option indices per item, pairwise differing in >= MIN_DETAIL_DIFFERENCES slots."""
+    rng = _rng(spec.seed, _DETAILS, group)
+    sizes = [len(options) for options in DETAIL_OPTIONS.values()]
+    chosen: list[tuple[int, ...]] = []
+    for _ in range(100_000):
+        candidate = tuple(int(rng.integers(size)) for size in sizes)
+        if all(sum(a != b for a, b in zip(candidate, other)) >= MIN_DETAIL_DIFFERENCES for other in chosen):
+            chosen.append(candidate)
+            if len(chosen) == spec.items_per_group:
+                return tuple(chosen)
+    raise RuntimeError(f"could not draw {spec.items_per_group} distinct detail sets for group {group}")
+
+
+def item_details(spec: SynthSpec, item_index: int) -> dict[str, str]:
+    """The local details of an item, one option per slot of DETAIL_OPTIONS."""
+    if not 0 <= item_index < spec.groups * spec.items_per_group:
+        raise ValueError(f"item_index out of range: {item_index}")
+    group, member = divmod(item_index, spec.items_per_group)
+    choice = _group_details(spec, group)[member]
+    return {slot: options[i] for (slot, options), i in zip(DETAIL_OPTIONS.items(), choice)}
+
+
+@lru_cache(maxsize=16)
+def _test_groups(spec: SynthSpec) -> frozenset[int]:
+    return frozenset(int(g) for g in _rng(spec.seed, _SPLIT).permutation(spec.groups)[: spec.test_group_count])
+
+
+def plan_catalog(spec: SynthSpec) -> list[PlannedImage]:
+    """Every image of the catalog, in item order, without rendering anything."""
+    test_groups = _test_groups(spec)
+    train_shop = (spec.train_views + 1) // 2
+    if spec.query_domain == "shop":  # extra shop views, never the gallery's view indices
+        query_views = [("query", "shop", spec.gallery_views + v) for v in range(spec.query_views)]
+    else:
+        query_views = [("query", "consumer", v) for v in range(spec.query_views)]
+    test_views = [("gallery", "shop", v) for v in range(spec.gallery_views)] + query_views
+    train_views = [("train", "shop", v) for v in range(train_shop)] + [
+        ("train", "consumer", v) for v in range(spec.train_views - train_shop)
+    ]
+    planned = []
+    for group in range(spec.groups):
+        group_id = f"g{group:03d}"
+        category = group_look(spec, group).silhouette.name
+        for member in range(spec.items_per_group):
+            item_id = f"{group_id}-i{member:02d}"
+            for split, domain, view in test_views if group in test_groups else train_views:
+                planned.append(
+                    PlannedImage(
+                        image_id=f"synth-{item_id}-{domain}-{view:02d}",
+                        item_id=item_id,
+                        group_id=group_id,
+                        split=split,
+                        domain=domain,
+                        category=category,
+                        item_index=group * spec.items_per_group + member,
+                        view_index=view,
+                    )
+                )
+    return planned
+
+
+# ---------------------------------------------------------------------------- garment
+
+
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return xs, ys
+
+
+def _texture(look: GroupLook, size: int) -> np.ndarray:
+    """The garment cloth over the whole canvas (the silhouette mask cuts it out later)."""
+    xs, ys = _grid(size)
+    phase_x, phase_y = (xs / look.period) % 1.0, (ys / look.period) % 1.0
+    if look.texture == "hstripes":
+        weight = (phase_y < 0.5).astype(np.float32)
+    elif look.texture == "vstripes":
+        weight = (phase_x < 0.5).astype(np.float32)
+    elif look.texture == "checks":  # gingham: three tones where bands cross
+        weight = 0.5 * ((phase_x < 0.5).astype(np.float32) + (phase_y < 0.5))
+    elif look.texture == "dots":
+        weight = (((phase_x - 0.5) ** 2 + (phase_y - 0.5) ** 2) < 0.22**2).astype(np.float32)
+    else:
+        weight = np.zeros_like(xs)
+    base, secondary = np.array(look.base, np.float32), np.array(look.secondary, np.float32)
+    cloth = base + weight[..., None] * (secondary - base)
+    # Darker towards the sides reads as a rounded body rather than a flat sticker.
+    cloth *= (1.0 - 0.2 * ((xs - 0.5) * 2) ** 2)[..., None]
+    return np.clip(cloth, 0, 255).astype(np.uint8)
+
+
+def _points(points: list[Point], size: int) -> list[Point]:
+    """Unit coordinates to canvas pixels."""
+    return [(x * size, y * size) for x, y in points]
+
+
+def _box(cx: float, cy: float, rx: float, ry: float, size: int) -> tuple[float, float, float, float]:
+    """The canvas box of half-extents (rx, ry) around the unit point (cx, cy)."""
+    return ((cx - rx) * size, (cy - ry) * size, (cx + rx) * size, (cy + ry) * size)
+
+
+def _draw_collar(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, look: GroupLook, kind: str, size: int) -> None:
+    """The neckline; parts that rise above the shoulders go into the mask too."""
+    y, half = look.silhouette.neck
+    rib = max(1, round(0.022 * size))
+    if kind == "crew":
+        neck = _box(0.5, y, half, 0.06, size)
+        draw.pieslice(neck, 0, 180, fill=look.shade)
+        draw.arc(neck, 0, 180, fill=look.trim, width=rib)
+    elif kind == "vneck":
+        v = _points([(0.5 - half, y), (0.5, y + 0.14), (0.5 + half, y)], size)
+        draw.polygon(v, fill=look.shade)
+        draw.line(v, fill=look.trim, width=rib, joint="curve")
+    elif kind == "polo":
+        draw.pieslice(_box(0.5, y, 0.7 * half, 0.035, size), 0, 180, fill=look.shade)
+        corners = ((half + 0.015, -0.005), (0.0, 0.03), (0.025, 0.11), (half + 0.035, 0.075))
+        for sign in (-1, 1):
+            flap = _points([(0.5 + sign * dx, y + dy) for dx, dy in corners], size)
+            draw.polygon(flap, fill=look.trim, outline=look.shade, width=max(1, size // 128))
+            mask.polygon(flap, fill=255)
+    elif kind == "mock":
+        band = _box(0.5, y - 0.0125, half - 0.01, 0.0425, size)
+        draw.rectangle(band, fill=look.trim)
+        mask.rectangle(band, fill=255)
+        draw.ellipse(_box(0.5, y - 0.055, half - 0.025, 0.015, size), fill=look.shade)
+    else:
+        raise ValueError(f"unknown collar {kind!r}")
+
+
+def _draw_logo(draw: ImageDraw.ImageDraw, look: GroupLook, option: str, size: int) -> None:
+    if option == "none":
+        return
+    shape, colour = option.split("-")
+    (cx, cy), r = look.silhouette.logo, 0.05
+    style = dict(fill=look.accents[int(colour)], outline=look.shade, width=max(1, size // 128))
+    if shape == "circle":
+        draw.ellipse(_box(cx, cy, r, r, size), **style)
+    elif shape == "triangle":
+        draw.polygon(_points([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], size), **style)
+    else:
+        draw.rectangle(_box(cx, cy, 0.85 * r, 0.85 * r, size), **style)
+
+
+def _draw_buttons(draw: ImageDraw.ImageDraw, look: GroupLook, option: str, size: int) -> None:
+    if option == "none":
+        return
+    count, colour = (int(v) for v in option.split("-"))
+    neck_y, _ = look.silhouette.neck
+    style = dict(fill=look.accents[colour], outline=look.shade, width=max(1, size // 128))
+    # Start below the deepest neckline (the V) so no collar hides a button.
+    for y in np.linspace(neck_y + 0.17, look.silhouette.buttons_end, count):
+        draw.ellipse(_box(0.5, float(y), 0.021, 0.021, size), **style)
+
+
+def _draw_cuffs(draw: ImageDraw.ImageDraw, look: GroupLook, count: int, size: int) -> None:
+    """Stripes parallel to each sleeve end (or hem), stepping inwards; the mask clips overhang."""
+    body_centre = np.array([0.5, 0.4])
+    for a, b in look.silhouette.cuffs:
+        for p, q in ((np.array(a), np.array(b)), (np.array([1 - a[0], a[1]]), np.array([1 - b[0], b[1]]))):
+            along = (q - p) / np.linalg.norm(q - p)
+            normal = np.array([-along[1], along[0]])
+            if normal @ (body_centre - (p + q) / 2) < 0:
+                normal = -normal
+            for i in range(count):
+                offset = normal * (0.035 + 0.05 * i)
+                stripe = [tuple(p + offset - 0.03 * along), tuple(q + offset + 0.03 * along)]
+                draw.line(_points(stripe, size), fill=look.trim, width=max(1, round(0.028 * size)))
+
+
+def _draw_pocket(draw: ImageDraw.ImageDraw, look: GroupLook, option: str, size: int) -> None:
+    sil = look.silhouette
+    if option == "chest":
+        centres = [(1 - sil.logo[0], sil.logo[1] + 0.02)]
+    elif option == "hip":
+        centres = [(0.5 - 0.12, sil.hip_y), (0.5 + 0.12, sil.hip_y)]
+    else:
+        return
+    seam = max(1, round(0.014 * size))
+    for cx, cy in centres:
+        draw.rectangle(_box(cx, cy, 0.05, 0.05, size), outline=look.trim, width=seam)
+        draw.line(_points([(cx - 0.05, cy - 0.02), (cx + 0.05, cy - 0.02)], size), fill=look.trim, width=seam)
+
+
+@lru_cache(maxsize=32)
+def _garment(spec: SynthSpec, item_index: int) -> Image.Image:
+    """The item in its canonical pose on a transparent canvas; shared by all its views."""
+    size = spec.image_size * _SUPERSAMPLE
+    look = group_look(spec, item_index // spec.items_per_group)
+    details = item_details(spec, item_index)
+    cloth = Image.fromarray(_texture(look, size))
+    mask = Image.new("L", (size, size), 0)
+    draw, mask_draw = ImageDraw.Draw(cloth), ImageDraw.Draw(mask)
+    outline = _points(look.silhouette.outline, size)
+    mask_draw.polygon(outline, fill=255)
+    # Half of this edge falls outside the mask: a thin dark rim that separates the
+    # garment from a background of similar colour.
+    draw.line(outline + outline[:1], fill=look.shade, width=max(2, size // 64))
+    if look.silhouette.front_opening:
+        neck_y, _ = look.silhouette.neck
+        opening = _points([(0.5, neck_y), (0.5, look.silhouette.hem_y)], size)
+        draw.line(opening, fill=look.shade, width=max(1, size // 96))
+    _draw_cuffs(draw, look, int(details["cuffs"]), size)
+    _draw_pocket(draw, look, details["pocket"], size)
+    _draw_collar(draw, mask_draw, look, details["collar"], size)
+    _draw_logo(draw, look, details["logo"], size)
+    _draw_buttons(draw, look, details["buttons"], size)
+    cloth.putalpha(mask)
+    return cloth
+
+
+# ------------------------------------------------------------------------------ views
+
+
+@dataclass(frozen=True)
+class _ViewParams:
+    scale: float
+    angle_deg: float
+    shift: tuple[float, float]  # fraction of the image
+    flip: bool
+    brightness: float
+    contrast: float
+    gains: tuple[float, float, float]  # colour cast
+    noise: float  # pixel sigma
+
+
+def _view_params(rng: np.random.Generator, domain: str) -> _ViewParams:
+    if domain == "shop":  # product photo: centred, upright, studio light
+        return _ViewParams(
+            scale=float(rng.uniform(0.9, 0.98)),
+            angle_deg=float(rng.uniform(-2, 2)),
+            shift=(float(rng.uniform(-0.03, 0.03)), float(rng.uniform(-0.03, 0.03))),
+            flip=False,
+            brightness=float(rng.uniform(0.96, 1.04)),
+            contrast=float(rng.uniform(0.95, 1.05)),
+            gains=(1.0, 1.0, 1.0),
+            noise=0.0,
+        )
+    # Upward shifts are small so the collar stays in frame: it is never occluded either,
+    # which keeps at least one detail visible in every consumer view.
+    return _ViewParams(
+        scale=float(rng.uniform(0.62, 1.0)),
+        angle_deg=float(rng.uniform(-10, 10)),
+        shift=(float(rng.uniform(-0.12, 0.12)), float(rng.uniform(-0.04, 0.12))),
+        flip=bool(rng.random() < 0.5),
+        brightness=float(rng.uniform(0.7, 1.2)),
+        contrast=float(rng.uniform(0.75, 1.2)),
+        gains=tuple(float(g) for g in rng.uniform(0.92, 1.08, 3)),  # type: ignore[arg-type]
+        noise=float(rng.uniform(2, 7)),
+    )
+
+
+def _shop_background(rng: np.random.Generator, size: int) -> Image.Image:
+    tint = np.array([238, 238, 238]) + rng.integers(-6, 12, 3)
+    _, ys = _grid(size)
+    # A faint studio falloff towards the floor.
+    pixels = tint[None, None, :] * (1.0 - 0.05 * ys[..., None])
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGBA")
+
+
+def _random_colour(rng: np.random.Generator) -> RGB:
+    return tuple(int(v) for v in rng.integers(20, 236, 3))  # type: ignore[return-value]
+
+
+def _consumer_background(rng: np.random.Generator, size: int) -> Image.Image:
+    xs, ys = _grid(size)
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = np.clip(0.5 + (xs - 0.5) * math.cos(angle) + (ys - 0.5) * math.sin(angle), 0, 1)[..., None]
+    start, end = np.array(_random_colour(rng), np.float32), np.array(_random_colour(rng), np.float32)
+    image = Image.fromarray((start + ramp * (end - start)).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(6, 14))):
+        x0, y0 = rng.uniform(-0.2, 1.0, 2) * size
+        w, h = rng.uniform(0.08, 0.5, 2) * size
+        colour, kind = _random_colour(rng), int(rng.integers(3))
+        if kind == 0:
+            draw.rectangle((x0, y0, x0 + w, y0 + h), fill=colour)
+        elif kind == 1:
+            draw.ellipse((x0, y0, x0 + w, y0 + h), fill=colour)
+        else:
+            draw.line((x0, y0, x0 + w, y0 + h), fill=colour, width=int(rng.integers(2, max(3, size // 24))))
+    return image.convert("RGBA")
+
+
+def _place(garment: Image.Image, view: _ViewParams, size: int) -> Image.Image:
+    """Scale, rotate, flip and shift the canonical garment about the canvas centre."""
+    theta = math.radians(view.angle_deg)
+    rotation_inverse = np.array([[math.cos(theta), math.sin(theta)], [-math.sin(theta), math.cos(theta)]])
+    flip = np.diag([-1.0 if view.flip else 1.0, 1.0])
+    output_to_input = flip @ rotation_inverse / view.scale
+    centre = np.array([size / 2, size / 2])
+    origin = centre - output_to_input @ (centre + np.array(view.shift) * size)
+    (a, b), (d, e) = output_to_input
+    affine = (a, b, origin[0], d, e, origin[1])
+    return garment.transform((size, size), Image.Transform.AFFINE, affine, resample=Image.Resampling.BILINEAR)
+
+
+def _occlude(image: Image.Image, rng: np.random.Generator, box: tuple[int, int, int, int]) -> None:
+    """One object over the left, right or bottom part of the garment, never its collar or centre line."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    ow, oh = rng.uniform(0.25, 0.4) * w, rng.uniform(0.25, 0.45) * h
+    side = int(rng.integers(3))
+    if side == 0:
+        cx, cy = x1 + rng.uniform(0, 0.15) * w, y1 + rng.uniform(0.45, 0.9) * h
+    elif side == 1:
+        cx, cy = x2 - rng.uniform(0, 0.15) * w, y1 + rng.uniform(0.45, 0.9) * h
+    else:
+        cx, cy = x1 + rng.uniform(0.25, 0.75) * w, y2 - rng.uniform(0, 0.12) * h
+    shape = (cx - ow / 2, cy - oh / 2, cx + ow / 2, cy + oh / 2)
+    draw = ImageDraw.Draw(image)
+    colour = _random_colour(rng)
+    outline = dict(fill=colour, outline=_mix(colour, (0, 0, 0), 0.5), width=2)
+    if rng.random() < 0.5:
+        draw.ellipse(shape, **outline)
+    else:
+        draw.rounded_rectangle(shape, radius=min(ow, oh) / 4, **outline)
+
+
+def _bbox(alpha: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.flatnonzero((alpha > 127).any(axis=1)), np.flatnonzero((alpha > 127).any(axis=0))
+    if rows.size == 0:
+        raise RuntimeError("garment left the frame")  # view ranges keep its centre in view
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def render_image(spec: SynthSpec, planned: PlannedImage) -> tuple[bytes, tuple[int, int, int, int]]:
+    """The JPEG of one planned image and the garment's (x1, y1, x2, y2) in it.
+
+    The bbox follows PIL's crop convention (x2, y2 exclusive), lies within
+    [0, image_size], and covers the garment including any occluded part.
+    """
+    if planned.domain not in DOMAIN_CODES:
+        raise ValueError(f"unknown domain {planned.domain!r}")
+    rng = _rng(spec.seed, _VIEW, planned.item_index, planned.view_index, DOMAIN_CODES[planned.domain])
+    size = spec.image_size * _SUPERSAMPLE
+    view = _view_params(rng, planned.domain)
+    background = _shop_background(rng, size) if planned.domain == "shop" else _consumer_background(rng, size)
+    garment = _place(_garment(spec, planned.item_index), view, size)
+    box = _bbox(np.asarray(garment.getchannel("A")))
+    image = Image.alpha_composite(background, garment).convert("RGB")
+    if planned.domain == "consumer":
+        _occlude(image, rng, box)
+    pixels = np.asarray(image.reduce(_SUPERSAMPLE), np.float32)
+    pixels = ((pixels - 128.0) * view.contrast + 128.0) * view.brightness * np.array(view.gains, np.float32)
+    if view.noise:
+        pixels += rng.normal(0.0, view.noise, pixels.shape).astype(np.float32)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=spec.jpeg_quality)
+    x1, y1, x2, y2 = box
+    # Floor the start and ceil the end so the downsampled box still covers every garment pixel.
+    bbox = (x1 // _SUPERSAMPLE, y1 // _SUPERSAMPLE, -(-x2 // _SUPERSAMPLE), -(-y2 // _SUPERSAMPLE))
+    return buffer.getvalue(), bbox

@@ -1,0 +1,139 @@
+"""Training configuration: YAML files plus `--set key=value` overrides, strictly validated.
+
+An unknown key or a wrong value is an error naming its dotted path, raised before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from mga.config import LossConfig, ModelConfig, StrictModel
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key it concerns."""
+
+
+class DataConfig(StrictModel):
+    catalog: str = Field("", description="catalog table URI (local path or s3://)")
+    image_size: int = Field(224, ge=32)
+    items_per_batch: int = Field(12, ge=2, description="P")
+    images_per_item: int = Field(4, ge=2, description="K")
+    augment: bool = True
+    shuffle_buffer_items: int = Field(256, ge=1, description="items held for the local shuffle of the stream")
+    max_pixels: int = Field(89_478_485, gt=0)
+
+
+class OptimConfig(StrictModel):
+    epochs: int = Field(130, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    milestones: tuple[int, ...] = (40, 70)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    # Mixed precision and memory layout on GPU (ignored on CPU).
+    bf16: bool = True
+    channels_last: bool = True
+
+
+class RunConfig(StrictModel):
+    name: str = "mga"
+    storage_path: str = Field("", description="checkpoints and run state (local path or s3://)")
+    output: str = Field("", description="where the final model artifact is written")
+    seed: int = 0
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    max_failures: int = Field(2, ge=0, description="worker failures survived by restoring the last checkpoint")
+    pretrained: bool = False
+    weights_file: str | None = Field(None, description="backbone weights, local or s3://, instead of the hub")
+
+
+class TrainConfig(StrictModel):
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    # Kept for the record of which benchmark a config reproduces.
+    recipe: Literal["inshop", "consumer2shop", "tiny", "custom"] = "custom"
+
+    @model_validator(mode="after")
+    def _batch_has_negatives(self) -> "TrainConfig":
+        if self.loss.triplet_weight > 0 and self.data.items_per_batch < 2:
+            raise ValueError("data.items_per_batch must be >= 2 for the triplet loss")
+        return self
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """`["optim.lr=0.001", "model.layers=[2,3,4]"]` -> nested dict; values are YAML."""
+    tree: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {assignment!r}: expected key=value")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path, or the name of a bundled config (`tiny`, `inshop`, `consumer2shop`)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+    if bundled.exists():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {name_or_path!r} not found (a YAML path, or one of: {names})")
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None, extra: dict[str, Any] | None = None) -> TrainConfig:
+    path = resolve_config_path(name_or_path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    tree = _merge(_merge(tree, extra or {}), parse_overrides(overrides or []))
+    try:
+        return TrainConfig(**tree)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: " + format_validation_error(error)) from None
+
+
+def format_validation_error(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "config"
+        problems.append(f"{where}: {item['msg']}" + (f" (got {item['input']!r})" if item["type"] != "extra_forbidden" and "input" in item and not isinstance(item["input"], dict) else ""))
+    return "; ".join(problems)

@@ -1,0 +1,12 @@
+"""What every command prints at its end: a one-screen summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def print_summary(title: str, rows: dict[str, Any]) -> None:
+    width = max((len(key) for key in rows), default=0)
+    print(f"\n== {title} ==", flush=True)
+    for key, value in rows.items():
+        print(f"  {key.ljust(width)}  {value}", flush=True)

@@ -1,0 +1,31 @@
+"""Model artifacts on local disk or S3 (the format is `mga.artifact`'s)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mga.artifact import CONFIG, INDEX, WEIGHTS, ArtifactError, unpack_artifact
+from mga.model import MGAModel
+from pipelines.storage import StorageError, resolve
+
+
+def write_artifact(uri: str, files: dict[str, bytes]) -> None:
+    """Write the artifact's files, the index last: a reader never sees a partial artifact as valid."""
+    location = resolve(uri)
+    for name in (WEIGHTS, CONFIG, INDEX):
+        location.join(name).write_bytes(files[name])
+
+
+def read_artifact_files(uri: str) -> dict[str, bytes]:
+    location = resolve(uri)
+    if not location.join(INDEX).exists():
+        raise StorageError(f"{location.uri} is not a model artifact: no {INDEX} (train writes one at the end of a run)")
+    return {name: location.join(name).read_bytes() for name in (WEIGHTS, CONFIG, INDEX)}
+
+
+def load_model(uri: str) -> tuple[MGAModel, str, dict[str, Any]]:
+    """(model, model_id, config) of the artifact at `uri`; the hash is checked, nothing is unpickled."""
+    return unpack_artifact(read_artifact_files(uri), where=resolve(uri).uri)
+
+
+__all__ = ["ArtifactError", "load_model", "read_artifact_files", "write_artifact"]

@@ -1,0 +1,297 @@
+"""The evaluation report: `report.md` and a self-contained `report.html` beside `metrics.json`.
+
+Both documents render the same sections (R@K/mAP global-only vs reranked, the effect of
+the rerank, per-category R@1, a gallery of retrievals, counts and notes), so they can
+never disagree. Figures are PNGs drawn with matplotlib's Agg renderer (no display, no
+pyplot global state) and PIL; the Markdown links them as files written next to it, the
+HTML embeds them as base64 data URIs so it can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageOps
+
+from pipelines import storage
+
+TILE = 128  # gallery thumbnail side, pixels
+FRAME = 5  # coloured frame around each thumbnail
+CAPTION = 16  # caption strip under each thumbnail
+GAP = 6
+QUERY_GAP = 24  # extra space between the query and its results
+COLOURS = {"query": (40, 90, 200), "match": (30, 160, 60), "miss": (210, 40, 40)}
+
+
+@dataclass(frozen=True)
+class GalleryExample:
+    """One query and its top reranked results, with whether each is of the query's item."""
+
+    query_id: str
+    gallery_ids: tuple[str, ...]
+    is_match: tuple[bool, ...]
+
+
+@dataclass
+class Section:
+    """A report section, rendered alike to Markdown and HTML."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)  # a bulleted list
+    header: list[str] | None = None
+    rows: list[list[str]] = field(default_factory=list)
+    figure: str | None = None  # file name of a PNG in the figures mapping
+    caption: str = ""
+
+
+def fraction(value: float) -> str:
+    """How every metric value is printed: a fraction with four decimals."""
+    return f"{value:.4f}"
+
+
+def recall_ks(metrics: Mapping[str, Any]) -> list[int]:
+    """The K of every R@K in the metrics, ascending (metrics.json stores keys sorted as text)."""
+    return sorted(int(name[2:]) for name in metrics["global"] if name.startswith("R@"))
+
+
+def metric_names(metrics: Mapping[str, Any]) -> list[str]:
+    """The metric keys of an ordering: R@K by increasing K, then mAP."""
+    return [f"R@{k}" for k in recall_ks(metrics)] + ["mAP"]
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def recall_plot(metrics: Mapping[str, Any]) -> bytes:
+    """R@K curves, global-only vs reranked, with mAP in the legend."""
+    ks = recall_ks(metrics)
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
+    for ordering, style in (("global", "o--"), ("reranked", "s-")):
+        values = [metrics[ordering][f"R@{k}"] for k in ks]
+        axes.plot(ks, values, style, label=f"{ordering} (mAP {fraction(metrics[ordering]['mAP'])})")
+    axes.set_xlabel("K")
+    axes.set_ylabel("R@K")
+    axes.set_ylim(0, 1.02)
+    axes.set_xticks(ks)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    axes.set_title(f"R@K at depth {metrics['depth']} ({metrics['queries']} queries)")
+    return _png(figure)
+
+
+def category_plot(metrics: Mapping[str, Any]) -> bytes:
+    """Per-category R@(smallest K) bars, global-only vs reranked."""
+    k = recall_ks(metrics)[0]
+    categories = list(metrics["per_category"])
+    figure = Figure(figsize=(max(6.0, 0.6 * len(categories)), 4))
+    axes = figure.subplots()
+    positions = range(len(categories))
+    width = 0.4
+    for offset, ordering in ((-width / 2, "global"), (width / 2, "reranked")):
+        values = [metrics["per_category"][name][f"{ordering}_R@{k}"] for name in categories]
+        axes.bar([p + offset for p in positions], values, width, label=ordering)
+    # "$" would start matplotlib mathtext in a category name.
+    axes.set_xticks(list(positions), [name.replace("$", r"\$") for name in categories], rotation=30, ha="right")
+    axes.set_ylabel(f"R@{k}")
+    axes.set_ylim(0, 1.02)
+    axes.legend()
+    axes.set_title(f"R@{k} per query category")
+    return _png(figure)
+
+
+def _thumbnail(data: bytes | None, colour: tuple[int, int, int], caption: str) -> Image.Image:
+    """A framed, captioned tile; an unreadable or missing image becomes a grey placeholder."""
+    tile = Image.new("RGB", (TILE + 2 * FRAME, TILE + 2 * FRAME + CAPTION), "white")
+    tile.paste(colour, (0, 0, TILE + 2 * FRAME, TILE + 2 * FRAME))
+    try:
+        picture = ImageOps.pad(Image.open(io.BytesIO(data)).convert("RGB"), (TILE, TILE), color="white")
+    except Exception:  # noqa: BLE001 - missing bytes or any decoder failure: show a placeholder
+        picture = Image.new("RGB", (TILE, TILE), (200, 200, 200))
+        ImageDraw.Draw(picture).text((8, TILE // 2 - 6), "no image", fill="black")
+    tile.paste(picture, (FRAME, FRAME))
+    ImageDraw.Draw(tile).text((2, TILE + 2 * FRAME + 2), caption[:22], fill="black")
+    return tile
+
+
+def gallery_picture(examples: Sequence[GalleryExample], images: Mapping[str, bytes]) -> bytes:
+    """One PNG, a row per example: the query (blue frame), then its top reranked results
+    framed green (same item) or red (other item)."""
+    columns = 1 + max(len(example.gallery_ids) for example in examples)
+    tile_w, tile_h = TILE + 2 * FRAME, TILE + 2 * FRAME + CAPTION
+    width = columns * (tile_w + GAP) + QUERY_GAP
+    canvas = Image.new("RGB", (width, len(examples) * (tile_h + GAP) + GAP), "white")
+    for row, example in enumerate(examples):
+        y = GAP + row * (tile_h + GAP)
+        canvas.paste(_thumbnail(images.get(example.query_id), COLOURS["query"], example.query_id), (GAP, y))
+        for rank, (gallery_id, match) in enumerate(zip(example.gallery_ids, example.is_match, strict=True), start=1):
+            x = GAP + QUERY_GAP + rank * (tile_w + GAP)
+            tile = _thumbnail(images.get(gallery_id), COLOURS["match" if match else "miss"], f"{rank}. {gallery_id}")
+            canvas.paste(tile, (x, y))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def sections(metrics: Mapping[str, Any], figures: Mapping[str, bytes]) -> list[Section]:
+    """The report's content, independent of the output format."""
+    names = metric_names(metrics)
+    summary = Section(
+        "Summary",
+        paragraphs=[
+            f"Rankings: {metrics.get('rankings', 'unknown')}, snapshot {metrics.get('rankings_snapshot', 'unknown')}: "
+            f"{metrics.get('rankings_rows', '?')} rows in {metrics.get('rankings_files', '?')} files "
+            f"(model {metrics.get('model_id') or 'unknown'}).",
+            f"Evaluation depth {metrics['depth']}; rerank of the top {metrics['rerank_top']} "
+            f"(alpha {metrics.get('alpha', 'unknown')}).",
+            f"Queries evaluated: {metrics['queries']}; excluded (no gallery image of their item): "
+            f"{metrics['excluded_queries']}.",
+            "R@K: share of queries with a gallery image of their item among the first K. "
+            "AP: (1/|P|) x sum of precision@k over the ranks k of matches, |P| = gallery images "
+            "of the item; a positive below the depth counts as not retrieved.",
+        ],
+    )
+    scores = Section(
+        "R@K and mAP",
+        header=["metric", "global only", "reranked", "change"],
+        rows=[
+            [
+                name,
+                fraction(metrics["global"][name]),
+                fraction(metrics["reranked"][name]),
+                f"{metrics['reranked'][name] - metrics['global'][name]:+.4f}",
+            ]
+            for name in names
+        ],
+        figure="recall.png",
+        caption="R@K, global-only ranking vs reranked ranking",
+    )
+    effect = metrics["rerank_effect"]
+    rerank = Section(
+        "Effect of the rerank",
+        paragraphs=[
+            "By the rank of the first match, over queries with a gallery positive: "
+            f"improved {fraction(effect['improved'])}, worsened {fraction(effect['worsened'])}, "
+            f"unchanged {fraction(effect['unchanged'])}."
+        ],
+    )
+    result = [summary, scores, rerank]
+    if metrics["per_category"]:
+        k = recall_ks(metrics)[0]
+        result.append(
+            Section(
+                f"R@{k} per category",
+                header=["category", "queries", f"global R@{k}", f"reranked R@{k}", "global mAP", "reranked mAP"],
+                rows=[
+                    [
+                        name,
+                        str(row["queries"]),
+                        fraction(row[f"global_R@{k}"]),
+                        fraction(row[f"reranked_R@{k}"]),
+                        fraction(row["global_mAP"]),
+                        fraction(row["reranked_mAP"]),
+                    ]
+                    for name, row in metrics["per_category"].items()
+                ],
+                figure="per_category.png",
+                caption=f"R@{k} per query category",
+            )
+        )
+    if "gallery.png" in figures:
+        result.append(
+            Section(
+                "Gallery of retrievals",
+                paragraphs=[
+                    "Each row: the query (blue), then its top reranked results: green = same item, red = other item."
+                ],
+                figure="gallery.png",
+                caption="query and top reranked results",
+            )
+        )
+    if metrics.get("notes"):
+        result.append(Section("Notes", items=list(metrics["notes"])))
+    return result
+
+
+def render_markdown(title: str, content: Sequence[Section]) -> str:
+    def cells(values: Sequence[str]) -> str:
+        return "| " + " | ".join(value.replace("|", "\\|") for value in values) + " |"
+
+    lines = [f"# {title}", ""]
+    for section in content:
+        lines += [f"## {section.title}", ""]
+        for paragraph in section.paragraphs:
+            lines += [paragraph, ""]
+        if section.items:
+            lines += [f"- {item}" for item in section.items] + [""]
+        if section.header:
+            lines += [cells(section.header), cells(["---"] * len(section.header))]
+            lines += [cells(row) for row in section.rows] + [""]
+        if section.figure:
+            lines += [f"![{section.caption}]({section.figure})", ""]
+    return "\n".join(lines)
+
+
+def render_html(title: str, content: Sequence[Section], figures: Mapping[str, bytes]) -> str:
+    """A standalone page: inline CSS, figures as data URIs, every text escaped."""
+    text = html.escape
+    body = [f"<h1>{text(title)}</h1>"]
+    for section in content:
+        body.append(f"<h2>{text(section.title)}</h2>")
+        body += [f"<p>{text(paragraph)}</p>" for paragraph in section.paragraphs]
+        if section.items:
+            body.append("<ul>" + "".join(f"<li>{text(item)}</li>" for item in section.items) + "</ul>")
+        if section.header:
+            head = "".join(f"<th>{text(cell)}</th>" for cell in section.header)
+            rows = "".join("<tr>" + "".join(f"<td>{text(cell)}</td>" for cell in row) + "</tr>" for row in section.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        if section.figure and section.figure in figures:
+            data = base64.b64encode(figures[section.figure]).decode("ascii")
+            body.append(
+                f'<figure><img alt="{text(section.caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{text(section.caption)}</figcaption></figure>"
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+        "th:first-child,td:first-child{text-align:left}img{max-width:100%}figcaption{color:#666;font-size:90%}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{text(title)}</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def write_report(out: storage.Location, metrics: Mapping[str, Any], gallery_png: bytes | None) -> list[str]:
+    """Write the figures, `report.md` and `report.html` into `out`; returns the URIs written.
+
+    `metrics` is the evaluate job's metrics.json content; the caller writes that file
+    itself, after this, so a reader never finds a report without its metrics.
+    """
+    figures = {"recall.png": recall_plot(metrics)}
+    if metrics["per_category"]:
+        figures["per_category.png"] = category_plot(metrics)
+    if gallery_png is not None:
+        figures["gallery.png"] = gallery_png
+    title = f"Retrieval evaluation: {metrics.get('model_id') or 'unknown model'}"
+    content = sections(metrics, figures)
+    documents = {
+        "report.md": render_markdown(title, content).encode(),
+        "report.html": render_html(title, content, figures).encode(),
+    }
+    written = []
+    for name, data in {**figures, **documents}.items():
+        target = out.join(name)
+        target.write_bytes(data)
+        written.append(target.uri)
+    return written

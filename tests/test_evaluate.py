@@ -1,0 +1,286 @@
+"""The evaluate job on small hand-built tables: both orderings, metrics.json, the report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipelines import evaluate, report, storage
+from pipelines.schemas import RANKINGS
+
+T, F = True, False
+TOPS = "tops & tees <x>"  # needs escaping in HTML
+DRESSES = "dresses"
+
+# (query_id, rank, gallery_id, score_global, is_match, |P|), depth 4, rerank top 2.
+# qa, P=2: global order gX gA1 gA2 gY = F T T F  -> first 2, AP (1/2 + 2/3)/2 = 7/12
+#          reranked      gA1 gX gA2 gY = T F T F -> first 1, AP (1 + 2/3)/2   = 5/6
+# qb, P=3 (one positive below the depth); gC and gB1 tie on score_global, gB1 sorts first:
+#          global        gB1 gC gZ gB2 = T F F T -> first 1, AP (1 + 2/4)/3   = 1/2
+#          reranked      gC gB1 gZ gB2 = F T F T -> first 2, AP (1/2 + 2/4)/3 = 1/3
+# qc, P=0: excluded.  qd, P=1, its positive is below the depth: first 0, AP 0.
+ROWS_FILE_1 = [
+    ("qa", 1, "gA1", 0.80, T, 2),
+    ("qa", 2, "gX", 0.90, F, 2),
+    ("qa", 3, "gA2", 0.70, T, 2),
+    ("qa", 4, "gY", 0.60, F, 2),
+    ("qb", 1, "gC", 0.85, F, 3),
+    ("qb", 2, "gB1", 0.85, T, 3),
+    ("qb", 3, "gZ", 0.40, F, 3),
+    ("qb", 4, "gB2", 0.30, T, 3),
+]
+ROWS_FILE_2 = [
+    ("qc", 1, "gX", 0.50, F, 0),
+    ("qc", 2, "gY", 0.40, F, 0),
+    ("qc", 3, "gZ", 0.30, F, 0),
+    ("qc", 4, "gC", 0.20, F, 0),
+    ("qd", 1, "gY", 0.50, F, 1),
+    ("qd", 2, "gX", 0.45, F, 1),
+    ("qd", 3, "gZ", 0.30, F, 1),
+]  # qd has only 3 rows: a ranking shorter than the depth
+CATEGORIES = {"qa": TOPS, "qb": DRESSES, "qc": TOPS, "qd": TOPS}
+MISSING_IMAGE = "gZ"  # not in the catalog: the gallery shows a placeholder
+
+EXPECTED = {
+    "global": {"R@1": 1 / 3, "R@10": 2 / 3, "mAP": (7 / 12 + 1 / 2 + 0) / 3},
+    "reranked": {"R@1": 1 / 3, "R@10": 2 / 3, "mAP": (5 / 6 + 1 / 3 + 0) / 3},
+}
+
+
+def rankings_table(rows: list[tuple]) -> pa.Table:
+    columns = list(zip(*rows, strict=True))
+    return pa.table(
+        {
+            "query_id": pa.array(columns[0], pa.string()),
+            "rank": pa.array(columns[1], pa.int32()),
+            "gallery_id": pa.array(columns[2], pa.string()),
+            "score_global": pa.array(columns[3], pa.float32()),
+            # Search leaves score_token null beyond the rerank top (2 here).
+            "score_token": pa.array([0.5 if rank <= 2 else None for rank in columns[1]], pa.float32()),
+            "score": pa.array([1.0 - 0.1 * rank for rank in columns[1]], pa.float32()),
+            "is_match": pa.array(columns[4], pa.bool_()),
+            "query_positives": pa.array(columns[5], pa.int32()),
+        },
+        schema=RANKINGS,
+    )
+
+
+def publish_table(uri: str, parts: list[pa.Table], manifest: dict) -> str:
+    table = storage.resolve(uri)
+    snapshot = storage.new_snapshot(table)
+    for index, part in enumerate(parts):
+        storage.write_parquet(snapshot.join(f"part-{index:05d}.parquet"), part)
+    storage.publish(table, snapshot, manifest)
+    return table.uri
+
+
+def jpeg(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def build_tables(root, features: bool = True) -> str:
+    """Catalog, features and rankings tables under `root`; returns the rankings URI."""
+    image_ids = sorted(set(CATEGORIES) | {row[2] for row in ROWS_FILE_1 + ROWS_FILE_2} - {MISSING_IMAGE})
+    catalog = publish_table(
+        str(root / "catalog"),
+        [pa.table({"image_id": image_ids, "image": [jpeg((40 * i % 255, 90, 160)) for i in range(len(image_ids))]})],
+        {"table": "catalog"},
+    )
+    features_uri = str(root / "features")
+    if features:
+        publish_table(
+            features_uri,
+            [
+                pa.table(
+                    {
+                        "image_id": list(CATEGORIES),
+                        "category": list(CATEGORIES.values()),
+                        "split": ["query"] * len(CATEGORIES),
+                    }
+                )
+            ],
+            {"table": "features", "catalog": catalog},
+        )
+    return publish_table(
+        str(root / "rankings"),
+        [rankings_table(ROWS_FILE_1), rankings_table(ROWS_FILE_2)],
+        {
+            "table": "rankings",
+            "features": features_uri,
+            "model_id": "model-test",
+            "depth": 4,
+            "rerank_top": 2,
+            "alpha": 0.5,
+            "queries": 4,
+            "gallery": 9,
+        },
+    )
+
+
+def test_score_rankings_orders_ties_by_gallery_id_and_truncates():
+    scored = evaluate.score_rankings(rankings_table(ROWS_FILE_1 + ROWS_FILE_2), depth=4, examples=8)
+    assert scored["query_id"].tolist() == ["qa", "qb", "qc", "qd"]
+    assert scored["positives"].tolist() == [2, 3, 0, 1]
+    assert scored["first_rank_global"].tolist() == [2, 1, 0, 0]
+    assert scored["first_rank_reranked"].tolist() == [1, 2, 0, 0]
+    assert scored["ap_global"][[0, 1, 3]] == pytest.approx([7 / 12, 1 / 2, 0])
+    assert scored["ap_reranked"][[0, 1, 3]] == pytest.approx([5 / 6, 1 / 3, 0])
+    assert [example.query_id for example in scored["examples"]] == ["qa", "qb", "qd"]
+    assert scored["examples"][1].gallery_ids == ("gC", "gB1", "gZ", "gB2")
+    assert scored["examples"][1].is_match == (F, T, F, T)
+
+    shallow = evaluate.score_rankings(rankings_table(ROWS_FILE_1), depth=2)
+    # qb global: gB1 gC = T F -> AP (1)/3; reranked: gC gB1 = F T -> AP (1/2)/3.
+    assert shallow["ap_global"].tolist() == pytest.approx([(1 / 2) / 2, 1 / 3])
+    assert shallow["ap_reranked"].tolist() == pytest.approx([1 / 2, (1 / 2) / 3])
+
+
+def test_score_rankings_blocks_give_the_same_answer(monkeypatch):
+    rng = np.random.default_rng(3)
+    rows = []
+    for query in range(40):
+        matches = rng.random(12) < 0.2
+        scores = rng.random(12).round(1)  # coarse scores: many ties
+        rows += [
+            (
+                f"q{query:02d}",
+                rank + 1,
+                f"g{rng.integers(0, 99):02d}-{rank}",
+                float(scores[rank]),
+                bool(matches[rank]),
+                int(matches.sum()) + 1,
+            )
+            for rank in range(12)
+        ]
+    table = rankings_table(rows)
+    whole = evaluate.score_rankings(table, depth=10)
+    monkeypatch.setattr(evaluate, "BLOCK_CELLS", 25)  # 2 queries per block at depth 10
+    blocked = evaluate.score_rankings(table, depth=10)
+    for key in ("first_rank_global", "first_rank_reranked", "ap_global", "ap_reranked"):
+        np.testing.assert_allclose(blocked[key], whole[key])
+
+
+def test_inconsistent_positives_are_rejected():
+    rows = [("qa", 1, "g1", 0.5, T, 1), ("qa", 2, "g2", 0.4, F, 2)]
+    with pytest.raises(ValueError, match="query_positives"):
+        evaluate.score_rankings(rankings_table(rows), depth=2)
+
+
+def frame_colour(png: bytes, row: int, rank: int) -> tuple[int, int, int]:
+    """The colour of the frame of result `rank` (0 = the query) in gallery row `row`."""
+    tile_w, tile_h = report.TILE + 2 * report.FRAME, report.TILE + 2 * report.FRAME + report.CAPTION
+    x = report.GAP + (report.QUERY_GAP + rank * (tile_w + report.GAP) if rank else 0)
+    y = report.GAP + row * (tile_h + report.GAP)
+    return Image.open(io.BytesIO(png)).convert("RGB").getpixel((x + 1, y + 1))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_run_end_to_end(ray_local, tmp_path):
+    rankings = build_tables(tmp_path)
+    out = tmp_path / "report"
+    metrics = evaluate.run(rankings, str(out))
+
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert {"queries", "excluded_queries", "depth", "rerank_top", "global", "reranked"} <= set(on_disk)
+    assert on_disk["queries"] == 3 and on_disk["excluded_queries"] == 1
+    assert on_disk["depth"] == 4 and on_disk["rerank_top"] == 2 and on_disk["model_id"] == "model-test"
+    for ordering, expected in EXPECTED.items():
+        values = on_disk[ordering]
+        assert set(values) == {"R@1", "R@10", "R@20", "R@30", "R@40", "R@50", "mAP"}
+        assert values["R@1"] == pytest.approx(expected["R@1"])
+        for k in (10, 20, 30, 40, 50):
+            assert values[f"R@{k}"] == pytest.approx(expected["R@10"])
+        assert values["mAP"] == pytest.approx(expected["mAP"])
+    assert on_disk["per_category"][TOPS]["queries"] == 2  # qa and qd; qc is excluded
+    assert on_disk["per_category"][TOPS]["global_R@1"] == 0.0
+    assert on_disk["per_category"][TOPS]["reranked_R@1"] == 0.5
+    assert on_disk["per_category"][DRESSES]["global_R@1"] == 1.0
+    assert on_disk["per_category"][DRESSES]["reranked_R@1"] == 0.0
+    assert on_disk["rerank_effect"]["improved"] == pytest.approx(1 / 3)  # qa: 2 -> 1
+    assert on_disk["rerank_effect"]["worsened"] == pytest.approx(1 / 3)  # qb: 1 -> 2
+    assert on_disk["rerank_effect"]["unchanged"] == pytest.approx(1 / 3)  # qd: none either way
+    assert on_disk["rankings_rows"] == 15 and on_disk["rankings_files"] == 2
+    assert any("1 of the 11 gallery picture images are not in the catalog" in note for note in on_disk["notes"])
+
+    markdown = (out / "report.md").read_text()
+    for number in ("0.3611", "0.3889", "0.3333", "0.6667", "+0.0278"):  # mAPs, R@1, R@10, mAP change
+        assert number in markdown
+    assert f"| {TOPS} | 2 | 0.0000 | 0.5000 |" in markdown
+    for figure in ("recall.png", "per_category.png", "gallery.png"):
+        assert f"]({figure})" in markdown
+        assert (out / figure).read_bytes().startswith(b"\x89PNG")
+
+    page = (out / "report.html").read_text()
+    assert "0.3611" in page and "0.3889" in page
+    assert "tops &amp; tees &lt;x&gt;" in page and TOPS not in page
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # nothing external
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == 3
+    gallery = base64.b64decode(embedded[2])
+    assert gallery == (out / "gallery.png").read_bytes()
+    # Rows qa, qb, qd. qa's reranked top: gA1 (match), gX; qb's: gC, gB1 (match).
+    assert (
+        Image.open(io.BytesIO(gallery)).size[1]
+        == 3 * (report.TILE + 2 * report.FRAME + report.CAPTION + report.GAP) + report.GAP
+    )
+    assert frame_colour(gallery, 0, 0) == report.COLOURS["query"]
+    assert frame_colour(gallery, 0, 1) == report.COLOURS["match"]
+    assert frame_colour(gallery, 0, 2) == report.COLOURS["miss"]
+    assert frame_colour(gallery, 1, 1) == report.COLOURS["miss"]
+    assert frame_colour(gallery, 1, 2) == report.COLOURS["match"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_main_with_smaller_depth_and_no_features(ray_local, tmp_path, capsys):
+    rankings = build_tables(tmp_path, features=False)
+    out = tmp_path / "shallow"
+    evaluate.main(["--rankings", rankings, "--out", str(out), "--depth", "2"])
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    # Depth 2: qa global F T / reranked T F; qb global T F / reranked F T; qd nothing.
+    assert metrics["depth"] == 2
+    assert metrics["global"]["mAP"] == pytest.approx(((1 / 2) / 2 + 1 / 3 + 0) / 3)
+    assert metrics["reranked"]["mAP"] == pytest.approx((1 / 2 + (1 / 2) / 3 + 0) / 3)
+    assert metrics["per_category"] == {}
+    assert any("Features table unavailable" in note for note in metrics["notes"])
+    assert {path.name for path in out.iterdir()} == {"metrics.json", "report.md", "report.html", "recall.png"}
+    assert "Features table unavailable" in (out / "report.md").read_text()
+    printed = capsys.readouterr().out
+    assert "15 rows in 2 files" in printed and "excluded  1 queries" in printed
+
+    with pytest.raises(ValueError, match="rankings' depth 4"):
+        evaluate.run(rankings, str(out), depth=5)
+    with pytest.raises(SystemExit):  # the command line turns it into one line on stderr
+        evaluate.main(["--rankings", rankings, "--out", str(out), "--depth", "5"])
+    assert "mga: error: depth must be between 1 and the rankings' depth 4" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.timeout(300)
+def test_run_writes_the_report_to_s3(ray_local, tmp_path, s3_env):
+    import boto3
+
+    rankings = build_tables(tmp_path)
+    prefix = f"s3://{s3_env['bucket']}/reports/run-1"
+    metrics = evaluate.run(rankings, prefix)
+
+    client = boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1")
+    listed = client.list_objects_v2(Bucket=s3_env["bucket"], Prefix="reports/run-1/")
+    # pyarrow's create_dir leaves a "reports/run-1/" marker object: skip it.
+    names = {item["Key"].rsplit("/", 1)[-1] for item in listed["Contents"]} - {""}
+    assert names == {"metrics.json", "report.md", "report.html", "recall.png", "per_category.png", "gallery.png"}
+    body = client.get_object(Bucket=s3_env["bucket"], Key="reports/run-1/metrics.json")["Body"].read()
+    assert json.loads(body)["reranked"]["mAP"] == pytest.approx(metrics["reranked"]["mAP"])

@@ -1,0 +1,670 @@
+"""`mga prepare` on small DeepFashion-format trees and CSV manifests with broken images among them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import prepare, storage
+from pipelines.schemas import CATALOG, REJECTS
+
+RAY_TIMEOUT = 300
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def jpeg(seed: int, size: tuple[int, int] = (40, 30), orientation: int | None = None, noise: bool = False) -> bytes:
+    rng = np.random.default_rng(seed)
+    if noise:
+        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    else:
+        pixels = np.empty((size[1], size[0], 3), dtype=np.uint8)
+        pixels[:] = rng.integers(0, 256, size=3, dtype=np.uint8)
+        pixels[: size[1] // 2, : size[0] // 2] = 255 - pixels[0, 0]
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels, "RGB")
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(buffer, "JPEG", quality=90, exif=exif)
+    else:
+        image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def png_rgba(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (20, 24), (seed % 256, 10, 200, 128)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def put(root, relative: str, data: bytes) -> str:
+    path = os.path.join(str(root), relative)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return path
+
+
+def deepfashion_file(path, header: str, rows: list[str], count: int | None = None) -> None:
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    # Real DeepFashion files pad columns with runs of spaces.
+    body = [re.sub(" ", "   ", row, count=1) for row in rows]
+    text = f"{len(rows) if count is None else count}\n{header}\n" + "\n".join(body) + "\n"
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def read_catalog(uri: str) -> dict[str, dict]:
+    table = storage.read_table(storage.resolve(uri))
+    assert table.schema.equals(CATALOG), table.schema
+    rows = table.to_pylist()
+    ids = [row["image_id"] for row in rows]
+    assert len(ids) == len(set(ids)), "image_id is unique"
+    return {row["image_id"]: row for row in rows}
+
+
+def read_rejects(uri: str) -> dict[str, str]:
+    table = storage.read_table(storage.resolve(uri), key="rejects_files")
+    assert table.schema.equals(REJECTS)
+    return dict(zip(table["source_path"].to_pylist(), table["reason"].to_pylist(), strict=True))
+
+
+INSHOP_HEADER = "image_name item_id evaluation_status"
+INSHOP_BBOX_HEADER = "image_name clothes_type pose_type x_1 y_1 x_2 y_2"
+D1 = "img/WOMEN/Dresses/id_00000001"
+D2 = "img/WOMEN/Dresses/id_00000002"
+M3 = "img/MEN/Denim/id_00000003"
+M4 = "img/MEN/Denim/id_00000004"
+
+
+def inshop_tree(tmp_path, image_dir: str = "img") -> tuple[str, dict]:
+    """An In-Shop root: 9 good images of 4 items and 9 listed paths that must be rejected."""
+    root = tmp_path / "inshop"
+    files = {
+        f"{D1}/01_1_front.jpg": jpeg(1),
+        f"{D1}/01_2_side.jpg": jpeg(2),
+        f"{D2}/02_1_front.jpg": jpeg(3),
+        f"{D2}/02_2_side.jpg": jpeg(4),
+        f"{D2}/02_3_back.jpg": jpeg(5, size=(40, 30), orientation=6),  # EXIF: decoded 30x40
+        f"{M3}/03_1_front.jpg": png_rgba(6),  # a PNG under .jpg: decodable, kept as it is
+        f"{M3}/03_2_side.jpg": jpeg(7),
+        f"{M4}/04_7_ok.jpg": jpeg(8),
+        f"{M3}/03_4_full.jpg": jpeg(9)[:200],  # truncated
+        f"{M4}/04_1_front.jpg": b"",  # zero bytes
+        f"{M4}/04_2_side.jpg": b"this is not an image\n",
+        f"{M4}/04_5_big.jpg": jpeg(10, size=(200, 200)),  # above --max-pixels 10000
+    }
+    files[f"{D1}/01_3_copy.jpg"] = files[f"{D1}/01_1_front.jpg"]  # identical bytes, same item: kept
+    for relative, data in files.items():
+        put(root, relative.replace("img/", image_dir + "/", 1), data)
+    outside = put(tmp_path, "outside.jpg", jpeg(11))
+    os.symlink(outside, os.path.join(str(root), image_dir, "MEN/Denim/id_00000004/04_6_link.jpg"))
+    partition = [
+        f"{D1}/01_1_front.jpg id_00000001 train",
+        f"{D1}/01_2_side.jpg id_00000001 train",
+        f"{D1}/01_3_copy.jpg id_00000001 train",
+        f"{D2}/02_1_front.jpg id_00000002 query",
+        f"{D2}/02_2_side.jpg id_00000002 gallery",
+        f"{D2}/02_3_back.jpg id_00000002 gallery",
+        f"{M3}/03_1_front.jpg id_00000003 gallery",
+        f"{M3}/03_2_side.jpg id_00000003 query",
+        f"{M3}/03_4_full.jpg id_00000003 query",
+        f"{M4}/04_1_front.jpg id_00000004 train",
+        f"{M4}/04_2_side.jpg id_00000004 train",
+        f"{M4}/04_3_back.jpg id_00000004 train",  # missing
+        f"{M4}/04_5_big.jpg id_00000004 train",
+        f"{M4}/04_6_link.jpg id_00000004 train",  # symlink escaping the root
+        f"{M4}/04_7_ok.jpg id_00000004 train",
+        "../outside.jpg id_00000004 train",
+        f"{outside} id_00000004 train",  # absolute path escaping the root
+        f"{D1}/01_1_front.jpg id_00000001 train",  # listed twice
+    ]
+    deepfashion_file(root / "Eval" / "list_eval_partition.txt", INSHOP_HEADER, partition)
+    boxes = [
+        f"{D1}/01_1_front.jpg 1 1 2 3 30 25",
+        f"{D1}/01_2_side.jpg 1 2 -5 2 100 20",  # clipped to 0 2 40 20
+        f"{D1}/01_3_copy.jpg 1 1 2 3 30 25",
+        f"{D2}/02_1_front.jpg 3 1 10 10 10 20",  # degenerate -> null
+        f"{D2}/02_3_back.jpg 3 3 1 2 25 35",  # in the EXIF-rotated 30x40 frame
+        f"{M3}/03_1_front.jpg 2 1 50 50 60 60",  # outside the image -> degenerate
+        f"{M3}/03_2_side.jpg 2 2 0 0 40 30",
+        f"{M4}/04_7_ok.jpg 2 1 5 5 15 15",
+    ]  # 02_2_side has no box
+    deepfashion_file(root / "Anno" / "list_bbox_inshop.txt", INSHOP_BBOX_HEADER, boxes)
+    return str(root), {"files": files, "outside": outside}
+
+
+EXPECTED_INSHOP = {
+    # image_id: (item, split, category, bbox, (width, height))
+    f"{D1}/01_1_front.jpg": ("id_00000001", "train", "WOMEN/Dresses", [2, 3, 30, 25], (40, 30)),
+    f"{D1}/01_2_side.jpg": ("id_00000001", "train", "WOMEN/Dresses", [0, 2, 40, 20], (40, 30)),
+    f"{D1}/01_3_copy.jpg": ("id_00000001", "train", "WOMEN/Dresses", [2, 3, 30, 25], (40, 30)),
+    f"{D2}/02_1_front.jpg": ("id_00000002", "query", "WOMEN/Dresses", None, (40, 30)),
+    f"{D2}/02_2_side.jpg": ("id_00000002", "gallery", "WOMEN/Dresses", None, (40, 30)),
+    f"{D2}/02_3_back.jpg": ("id_00000002", "gallery", "WOMEN/Dresses", [1, 2, 25, 35], (30, 40)),
+    f"{M3}/03_1_front.jpg": ("id_00000003", "gallery", "MEN/Denim", None, (20, 24)),
+    f"{M3}/03_2_side.jpg": ("id_00000003", "query", "MEN/Denim", [0, 0, 40, 30], (40, 30)),
+    f"{M4}/04_7_ok.jpg": ("id_00000004", "train", "MEN/Denim", [5, 5, 15, 15], (40, 30)),
+}
+
+
+def expected_inshop_rejects(root: str, image_dir: str, outside: str) -> dict[str, str]:
+    """source_path -> the start of the reason."""
+    images = f"{root}/{image_dir}"
+    m3, m4, d1 = (prefix.replace("img/", "", 1) for prefix in (M3, M4, D1))
+    return {
+        f"{images}/{m3}/03_4_full.jpg": "cannot decode",
+        f"{images}/{m4}/04_1_front.jpg": "empty file",
+        f"{images}/{m4}/04_2_side.jpg": "not an image",
+        f"{images}/{m4}/04_3_back.jpg": "missing file",
+        f"{images}/{m4}/04_5_big.jpg": "too large",
+        f"{images}/{m4}/04_6_link.jpg": "outside the root",
+        outside: "outside the root",  # listed as ../outside.jpg and as an absolute path
+        f"{images}/{d1}/01_1_front.jpg": "duplicate",
+    }
+
+
+def check_inshop(out: str, root: str, tree: dict, image_dir: str = "img") -> dict:
+    rows = read_catalog(out)
+    assert set(rows) == set(EXPECTED_INSHOP)
+    for image_id, (item, split, category, bbox, (width, height)) in EXPECTED_INSHOP.items():
+        row = rows[image_id]
+        data = tree["files"][image_id]
+        assert (row["item_id"], row["split"], row["domain"], row["category"]) == (item, split, "shop", category), image_id
+        assert row["bbox"] == bbox, image_id
+        assert (row["width"], row["height"]) == (width, height), image_id
+        assert row["image"] == data, image_id
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert row["source_path"] == os.path.join(root, image_id.replace("img/", image_dir + "/", 1))
+    rejects = read_rejects(out)
+    expected = expected_inshop_rejects(root, image_dir, tree["outside"])
+    assert set(rejects) == set(expected), rejects
+    for path, reason in expected.items():
+        assert rejects[path].startswith(reason), (path, rejects[path])
+    manifest = storage.read_manifest(storage.resolve(out))
+    assert manifest["input"] == 18 and manifest["rows"] == 9 and manifest["rejected"] == 9
+    assert manifest["input"] == manifest["rows"] + manifest["rejected"]
+    assert manifest["rows_per_split"] == {"train": 4, "query": 2, "gallery": 3}
+    assert manifest["items_per_split"] == {"train": 2, "query": 2, "gallery": 2}
+    assert manifest["rows_per_domain"] == {"shop": 9}
+    assert manifest["rejects_by_reason"] == {
+        "cannot decode": 1, "duplicate": 1, "empty file": 1, "missing file": 1, "not an image": 1, "outside the root": 3, "too large": 1,
+    }
+    assert manifest["bbox"] == {"kept": 5, "clipped": 1, "degenerate": 2, "none": 1}
+    assert manifest["identical_bytes"] == {"within_item": 1, "across_items": 0}
+    assert manifest["table"] == "catalog" and manifest["source"]["kind"] == "inshop"
+    assert manifest["rejects_files"] == [f"{manifest['snapshot']}/rejects.parquet"]
+    assert all(name.startswith(manifest["snapshot"] + "/part-") for name in manifest["files"])
+    return manifest
+
+
+# ------------------------------------------------------------------------------ In-Shop
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_inshop_rows_rejects_and_summary(ray_local, tmp_path, capsys):
+    root, tree = inshop_tree(tmp_path)
+    out = str(tmp_path / "catalog")
+    prepare.main(["inshop", "--root", root, "--out", out, "--max-pixels", "10000", "--min-shards", "2"])
+    manifest = check_inshop(out, root, tree)
+    printed = capsys.readouterr().out
+    assert re.search(r"input = written \+ rejected\s+18 = 9 \+ 9", printed), printed
+    assert "52,712 images of 7,982 items: train 25,882 · query 14,218 · gallery 12,612" in printed
+    assert "degenerate -> null 2" in printed
+    # rows are sorted by item inside every shard, and no item spans two shards
+    check_shards(out, manifest)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_inshop_highres_layout_maps_boxes(ray_local, tmp_path):
+    root, tree = inshop_tree(tmp_path, image_dir="img_highres")
+    # A 512x256 high-res image shown in img/ as 256x128 centred in 256x256 (offset 64 in y).
+    put(root, f"img_highres/{D1.replace('img/', '', 1)}/01_2_side.jpg", jpeg(2, size=(512, 256)))
+    bbox_path = os.path.join(root, "Anno", "list_bbox_inshop.txt")
+    with open(bbox_path) as handle:
+        text = handle.read()
+    with open(bbox_path, "w") as handle:
+        handle.write(text.replace("1 2 -5 2 100 20", "1 2 64 96 128 160"))
+    out = str(tmp_path / "catalog")
+    prepare.run("inshop", out, root=root, max_pixels=300_000)
+    rows = read_catalog(out)
+    # box 64 96 128 160 in the 256 frame: x/0.5, (y-64)/0.5
+    assert rows[f"{D1}/01_2_side.jpg"]["bbox"] == [128, 64, 256, 192]
+    assert (rows[f"{D1}/01_2_side.jpg"]["width"], rows[f"{D1}/01_2_side.jpg"]["height"]) == (512, 256)
+    assert rows[f"{D1}/01_2_side.jpg"]["source_path"] == f"{root}/img_highres/{D1[4:]}/01_2_side.jpg"
+    # 40x30 image: scale 6.4, offset y (256-192)/2 = 32 -> (2/6.4, (3-32)/6.4, 30/6.4, (25-32)/6.4)
+    assert rows[f"{D1}/01_1_front.jpg"]["bbox"] is None  # entirely above the image
+    manifest = storage.read_manifest(storage.resolve(out))
+    assert manifest["source"]["images"] == "img_highres"
+    assert manifest["input"] == manifest["rows"] + manifest["rejected"] == 18
+
+
+def test_fit_bbox():
+    assert prepare.fit_bbox(None, 10, 10) == (None, "none")
+    assert prepare.fit_bbox((1, 2, 5, 6), 10, 10) == ([1, 2, 5, 6], "kept")
+    assert prepare.fit_bbox((-3, 2, 50, 6), 10, 10) == ([0, 2, 10, 6], "clipped")
+    assert prepare.fit_bbox((5, 5, 5, 9), 10, 10) == (None, "degenerate")
+    assert prepare.fit_bbox((8, 5, 2, 9), 10, 10) == (None, "degenerate")  # x2 < x1
+    assert prepare.fit_bbox((20, 20, 30, 30), 10, 10) == (None, "degenerate")
+    # 512x256 image shown in a 256 frame at scale 0.5, offset (0, 64)
+    assert prepare.fit_bbox((0, 64, 256, 192), 512, 256, frame=256) == ([0, 0, 512, 256], "kept")
+    assert prepare.fit_bbox((64, 96, 128, 160), 512, 256, frame=256) == ([128, 64, 256, 192], "kept")
+
+
+# ------------------------------------------------------------------------------ malformed files
+
+
+def _malformed_inshop(tmp_path, partition: list[str], count: int | None = None, header: str = INSHOP_HEADER, boxes: list[str] | None = None):
+    root = tmp_path / "bad"
+    deepfashion_file(root / "Eval" / "list_eval_partition.txt", header, partition, count)
+    boxes = boxes if boxes is not None else []
+    deepfashion_file(root / "Anno" / "list_bbox_inshop.txt", INSHOP_BBOX_HEADER, boxes)
+    (root / "img").mkdir(exist_ok=True)
+    return str(root)
+
+
+GOOD = [f"{D1}/01_1_front.jpg id_00000001 train", f"{D1}/01_2_side.jpg id_00000001 query"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, line, expected",
+    [
+        ({"partition": GOOD, "count": 3}, 1, "the count line says 3 rows but the file has 2"),
+        ({"partition": GOOD + [f"{D1}/x.jpg id_00000001"]}, 5, "expected 3 columns (image_name item_id evaluation_status), found 2"),
+        ({"partition": GOOD + [f"{D1}/x.jpg id_00000001 test"]}, 5, "unknown evaluation_status 'test': expected train, query or gallery"),
+        ({"partition": GOOD, "header": "image_name evaluation_status"}, 2, "expected the header 'image_name item_id evaluation_status'"),
+        ({"partition": GOOD, "boxes": [f"{D1}/01_1_front.jpg 1 1 2 3 x 25"]}, 3, "expected an integer in column x_2, found 'x'"),
+        ({"partition": GOOD, "boxes": [f"{D1}/01_1_front.jpg 1 1 2 3 25"]}, 3, "expected 7 columns"),
+    ],
+)
+def test_malformed_inshop_files_name_file_and_line(tmp_path, kwargs, line, expected):
+    root = _malformed_inshop(tmp_path, **kwargs)
+    name = "list_bbox_inshop.txt" if "boxes" in kwargs else "list_eval_partition.txt"
+    with pytest.raises(ValueError) as error:
+        prepare.list_inshop(root)
+    message = str(error.value)
+    assert f"{name}:{line}: " in message and expected in message, message
+    assert message.startswith(root), message
+
+
+def test_malformed_count_line_and_empty_file(tmp_path):
+    root = _malformed_inshop(tmp_path, GOOD)
+    path = os.path.join(root, "Eval", "list_eval_partition.txt")
+    with open(path, "w") as handle:
+        handle.write("two\nimage_name item_id evaluation_status\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: expected the number of rows (one integer), found 'two'")):
+        prepare.list_inshop(root)
+    open(path, "w").close()
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: expected the number of rows, found an empty file")):
+        prepare.list_inshop(root)
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match=re.escape(path)):
+        prepare.list_inshop(root)
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path, capsys):
+    root = _malformed_inshop(tmp_path, GOOD, count=7)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["inshop", "--root", root, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "list_eval_partition.txt:1: the count line says 7 rows but the file has 2 rows" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ Consumer-to-Shop
+
+
+C2S_HEADER = "image_pair_name_1 image_pair_name_2 item_id evaluation_status"
+C2S_BBOX_HEADER = "image_name clothes_type source_type x_1 y_1 x_2 y_2"
+B1 = "img/CLOTHING/Blouse/id_00000001"
+B2 = "img/CLOTHING/Blouse/id_00000002"
+T3 = "img/TOPS/Tee/id_00000003"
+T4 = "img/TOPS/Tee/id_00000004"
+
+
+def consumer2shop_tree(tmp_path) -> tuple[str, dict[str, bytes]]:
+    root = tmp_path / "c2s"
+    files = {}
+    for index, relative in enumerate(
+        [f"{B1}/comsumer_01.jpg", f"{B1}/comsumer_02.jpg", f"{B1}/shop_01.jpg", f"{B1}/shop_02.jpg",
+         f"{B2}/comsumer_01.jpg", f"{B2}/shop_01.jpg",
+         f"{T3}/comsumer_01.jpg", f"{T3}/comsumer_02.jpg", f"{T3}/shop_01.jpg",
+         f"{T4}/shop_01.jpg"]
+    ):
+        files[relative] = jpeg(100 + index)
+        put(root, relative, files[relative])
+    pairs = [
+        f"{B1}/comsumer_01.jpg {B1}/shop_01.jpg id_00000001 train",
+        f"{B1}/comsumer_01.jpg {B1}/shop_02.jpg id_00000001 train",
+        f"{B1}/comsumer_02.jpg {B1}/shop_01.jpg id_00000001 train",
+        f"{B2}/comsumer_01.jpg {B2}/shop_01.jpg id_00000002 val",
+        f"{T3}/comsumer_01.jpg {T3}/shop_01.jpg id_00000003 test",
+        f"{T3}/comsumer_02.jpg {T3}/shop_01.jpg id_00000003 test",
+        f"{T4}/comsumer_01.jpg {T4}/shop_01.jpg id_00000004 test",  # the consumer image is missing
+    ]
+    deepfashion_file(root / "Eval" / "list_eval_partition.txt", C2S_HEADER, pairs)
+    boxes = [
+        f"{B1}/comsumer_01.jpg 1 2 1 1 20 20",
+        f"{B1}/shop_01.jpg 1 1 0 0 40 30",
+        f"{T3}/comsumer_01.jpg 1 2 30 20 80 80",  # clipped to 30 20 40 30
+        f"{T3}/shop_01.jpg 1 1 5 5 5 5",  # degenerate
+    ]
+    deepfashion_file(root / "Anno" / "list_bbox_consumer2shop.txt", C2S_BBOX_HEADER, boxes)
+    return str(root), files
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_consumer2shop_rows(ray_local, tmp_path, capsys):
+    root, files = consumer2shop_tree(tmp_path)
+    out = str(tmp_path / "catalog")
+    manifest = prepare.run("consumer2shop", out, root=root)
+    rows = read_catalog(out)
+    expected = {
+        f"{B1}/comsumer_01.jpg": ("id_00000001", "train", "consumer", [1, 1, 20, 20]),
+        f"{B1}/comsumer_02.jpg": ("id_00000001", "train", "consumer", None),
+        f"{B1}/shop_01.jpg": ("id_00000001", "train", "shop", [0, 0, 40, 30]),
+        f"{B1}/shop_02.jpg": ("id_00000001", "train", "shop", None),
+        f"{B2}/comsumer_01.jpg": ("id_00000002", "val", "consumer", None),
+        f"{B2}/shop_01.jpg": ("id_00000002", "val", "shop", None),
+        f"{T3}/comsumer_01.jpg": ("id_00000003", "query", "consumer", [30, 20, 40, 30]),
+        f"{T3}/comsumer_02.jpg": ("id_00000003", "query", "consumer", None),
+        f"{T3}/shop_01.jpg": ("id_00000003", "gallery", "shop", None),
+        f"{T4}/shop_01.jpg": ("id_00000004", "gallery", "shop", None),
+    }
+    assert set(rows) == set(expected)
+    for image_id, (item, split, domain, bbox) in expected.items():
+        row = rows[image_id]
+        assert (row["item_id"], row["split"], row["domain"], row["bbox"]) == (item, split, domain, bbox), image_id
+        assert row["category"] == ("CLOTHING/Blouse" if "Blouse" in image_id else "TOPS/Tee")
+        assert row["image"] == files[image_id] and row["sha256"] == hashlib.sha256(files[image_id]).hexdigest()
+        assert (row["width"], row["height"]) == (40, 30)
+    assert read_rejects(out) == {f"{root}/{T4}/comsumer_01.jpg": "missing file"}
+    assert manifest["input"] == 11 and manifest["rows"] == 10 and manifest["rejected"] == 1
+    assert manifest["rows_per_split"] == {"train": 4, "query": 2, "gallery": 2, "val": 2}
+    assert manifest["rows_per_domain"] == {"shop": 5, "consumer": 5}
+    assert manifest["items_per_split"] == {"train": 1, "query": 1, "gallery": 2, "val": 1}
+    assert manifest["bbox"] == {"kept": 2, "clipped": 1, "degenerate": 1, "none": 6}
+    assert manifest["stats"]["pairs"] == 7
+    assert "11 = 10 + 1" in capsys.readouterr().out
+
+
+def test_consumer2shop_val_choices_and_conflicts(tmp_path):
+    root, _ = consumer2shop_tree(tmp_path)
+
+    def splits(val_as):
+        listing = prepare.list_consumer2shop(root, val_as=val_as)
+        return listing, {e.image_id: e.split for e in listing.entries if e.item_id == "id_00000002"}
+
+    listing, val = splits("val")
+    assert val == {f"{B2}/comsumer_01.jpg": "val", f"{B2}/shop_01.jpg": "val"} and listing.input == 11
+    listing, val = splits("skip")
+    assert val == {} and listing.input == 9 and listing.skipped == 2
+    _, val = splits("query")
+    assert val == {f"{B2}/comsumer_01.jpg": "query", f"{B2}/shop_01.jpg": "gallery"}
+    _, val = splits("gallery")
+    assert val == {f"{B2}/comsumer_01.jpg": "val", f"{B2}/shop_01.jpg": "gallery"}
+    with pytest.raises(ValueError, match="--val-as 'bogus'"):
+        prepare.list_consumer2shop(root, val_as="bogus")
+    # A pair that names an image again under another item: the first wins, the conflict is reported.
+    path = os.path.join(root, "Eval", "list_eval_partition.txt")
+    with open(path) as handle:
+        lines = handle.read().splitlines()
+    lines.append(f"{B1}/comsumer_01.jpg {T3}/shop_01.jpg id_00000003 test")
+    lines[0] = str(len(lines) - 2)
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    listing = prepare.list_consumer2shop(root)
+    assert listing.stats["annotation_conflicts"] == 1
+    assert {e.image_id: e.item_id for e in listing.entries}[f"{B1}/comsumer_01.jpg"] == "id_00000001"
+    assert "list_eval_partition.txt:10" in listing.notes[0] and "list_eval_partition.txt:3" in listing.notes[0]
+
+
+def test_consumer2shop_malformed(tmp_path):
+    root, _ = consumer2shop_tree(tmp_path)
+    path = os.path.join(root, "Eval", "list_eval_partition.txt")
+    deepfashion_file(path, C2S_HEADER, [f"{B1}/comsumer_01.jpg {B1}/shop_01.jpg id_00000001 query"])
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: unknown evaluation_status 'query': expected train, val or test")):
+        prepare.list_consumer2shop(root)
+    deepfashion_file(path, C2S_HEADER, [f"{B1}/comsumer_01.jpg {B1}/shop_01.jpg id_00000001 train"])
+    bbox_path = os.path.join(root, "Anno", "list_bbox_consumer2shop.txt")
+    deepfashion_file(bbox_path, C2S_BBOX_HEADER, [f"{B1}/comsumer_01.jpg 1 3 1 1 20 20"])
+    with pytest.raises(ValueError, match=re.escape(f"{bbox_path}:3: unknown source_type '3': expected one of 1, 2")):
+        prepare.list_consumer2shop(root)
+    assert prepare.list_consumer2shop(root, bbox=False).input == 2
+
+
+# ------------------------------------------------------------------------------ manifest CSV
+
+
+def manifest_tree(tmp_path) -> tuple[str, dict[str, bytes]]:
+    base = tmp_path / "shop"
+    files = {f"images/sku{item}/{view}.jpg": jpeg(200 + item * 10 + view) for item in range(1, 6) for view in range(3)}
+    files["images/broken.jpg"] = jpeg(299)[:150]
+    for relative, data in files.items():
+        put(base, relative, data)
+    put(tmp_path, "elsewhere.jpg", jpeg(298))
+    return str(base), files
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_manifest_with_all_columns(ray_local, tmp_path):
+    base, files = manifest_tree(tmp_path)
+    csv_path = os.path.join(base, "catalog.csv")
+    lines = [
+        "path,item_id,split,domain,category,x1,y1,x2,y2,notes",
+        "images/sku1/0.jpg,sku1,train,shop,tops,1,2,30,20,hello",
+        f"{base}/images/sku1/1.jpg,sku1,train,consumer,tops,,,,,",  # absolute, inside the root
+        "images/sku2/0.jpg,sku2,gallery,shop,dresses,0,0,99.0,99.0,",  # floats, clipped
+        "images/sku2/1.jpg,sku2,query,consumer,dresses,5,5,5,9,",  # degenerate
+        "images/sku3/0.jpg,sku3,test,shop,,,,,,",  # test: by domain
+        "images/sku3/1.jpg,sku3,test,consumer,,,,,,",
+        "images/sku4/0.jpg,sku4,val,shop,,,,,,",
+        "images/broken.jpg,sku5,train,shop,,,,,,",
+        "images/nothere.jpg,sku5,train,shop,,,,,,",
+        "../elsewhere.jpg,sku5,train,shop,,,,,,",
+        "images/sku1/0.jpg,sku1,train,shop,tops,,,,,",  # the same path again
+        "images/./sku5/0.jpg,sku5,train,shop,,,,,,",
+    ]
+    with open(csv_path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    out = str(tmp_path / "catalog")
+    manifest = prepare.run("manifest", out, manifest=csv_path)
+    rows = read_catalog(out)
+    expected = {
+        "images/sku1/0.jpg": ("sku1", "train", "shop", "tops", [1, 2, 30, 20]),
+        "images/sku1/1.jpg": ("sku1", "train", "consumer", "tops", None),
+        "images/sku2/0.jpg": ("sku2", "gallery", "shop", "dresses", [0, 0, 40, 30]),
+        "images/sku2/1.jpg": ("sku2", "query", "consumer", "dresses", None),
+        "images/sku3/0.jpg": ("sku3", "gallery", "shop", "", None),
+        "images/sku3/1.jpg": ("sku3", "query", "consumer", "", None),
+        "images/sku4/0.jpg": ("sku4", "val", "shop", "", None),
+        "images/sku5/0.jpg": ("sku5", "train", "shop", "", None),
+    }
+    assert set(rows) == set(expected)
+    for image_id, (item, split, domain, category, bbox) in expected.items():
+        row = rows[image_id]
+        assert (row["item_id"], row["split"], row["domain"], row["category"], row["bbox"]) == (item, split, domain, category, bbox), image_id
+        assert row["image"] == files[image_id] and row["source_path"] == os.path.join(base, image_id)
+    rejects = read_rejects(out)
+    assert rejects[f"{base}/images/broken.jpg"].startswith("cannot decode")
+    assert rejects[f"{base}/images/nothere.jpg"] == "missing file"
+    assert rejects[str(tmp_path / "elsewhere.jpg")].startswith("outside the root")
+    assert rejects[f"{base}/images/sku1/0.jpg"].startswith("duplicate: images/sku1/0.jpg listed again at")
+    assert manifest["input"] == 12 == manifest["rows"] + manifest["rejected"] and manifest["rejected"] == 4
+    assert manifest["bbox"] == {"kept": 1, "clipped": 1, "degenerate": 1, "none": 5}
+    assert any("columns ignored: notes" in note for note in manifest["notes"])
+    assert manifest["source"] == {"kind": "manifest", "manifest": csv_path, "root": base, "seed": 0, "test_fraction": 0.2}
+
+
+def test_manifest_without_split_is_seeded_by_item(tmp_path):
+    base, _ = manifest_tree(tmp_path)
+    csv_path = os.path.join(base, "catalog.csv")
+    items = [f"sku{i}" for i in range(1, 6)]
+    with open(csv_path, "w") as handle:
+        handle.write("path,item_id\n")
+        for item in items:
+            for view in (2, 0, 1):  # not in path order
+                handle.write(f"images/{item}/{view}.jpg,{item}\n")
+    listing = prepare.list_manifest(csv_path, seed=3, test_fraction=0.5)
+    test_items = {item for item in items if prepare._test_item(3, item, 0.5)}
+    assert 0 < len(test_items) < len(items)  # this seed draws some of each
+    for entry in listing.entries:
+        assert entry.domain == "shop"
+        if entry.item_id in test_items:
+            assert entry.split == ("query" if entry.image_id.endswith("/0.jpg") else "gallery"), entry
+        else:
+            assert entry.split == "train"
+    again = prepare.list_manifest(csv_path, seed=3, test_fraction=0.5)
+    assert [(e.image_id, e.split) for e in again.entries] == [(e.image_id, e.split) for e in listing.entries]
+    assert {e.split for e in prepare.list_manifest(csv_path, test_fraction=0.0).entries} == {"train"}
+    assert {e.split for e in prepare.list_manifest(csv_path, test_fraction=1.0).entries} == {"query", "gallery"}
+    # with a domain column: shop -> gallery, consumer -> query
+    with open(csv_path, "w") as handle:
+        handle.write("path,item_id,domain\nimages/sku1/0.jpg,sku1,consumer\nimages/sku1/1.jpg,sku1,shop\nimages/sku1/2.jpg,sku1,shop\n")
+    listing = prepare.list_manifest(csv_path, test_fraction=1.0)
+    assert [(e.image_id, e.split) for e in listing.entries] == [
+        ("images/sku1/0.jpg", "query"), ("images/sku1/1.jpg", "gallery"), ("images/sku1/2.jpg", "gallery")
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("path,sku\nimages/sku1/0.jpg,sku1\n", ":1: missing column item_id"),
+        ("path,item_id,split\nimages/sku1/0.jpg,sku1,train\nimages/sku1/1.jpg,sku1,holdout\n", ":3: unknown split 'holdout'"),
+        ("path,item_id,domain\nimages/sku1/0.jpg,sku1,street\n", ":2: unknown domain 'street'"),
+        ("path,item_id,x1,y1,x2,y2\nimages/sku1/0.jpg,sku1,1,2,,4\n", ":2: a box needs all of x1,y1,x2,y2 or none; x2 empty"),
+        ("path,item_id,x1,y1,x2,y2\nimages/sku1/0.jpg,sku1,1,2,a,4\n", ":2: expected a number in column x2, found 'a'"),
+        ("path,item_id,x1,y1\nimages/sku1/0.jpg,sku1,1,2\n", ":1: box columns need all of x1,y1,x2,y2"),
+        ("path,item_id\nimages/sku1/0.jpg,\n", ":2: empty item_id"),
+        ("path,item_id\nimages/sku1/0.jpg,sku1,extra\n", ":2: expected 2 columns, found more"),
+    ],
+)
+def test_manifest_malformed(tmp_path, text, expected):
+    base, _ = manifest_tree(tmp_path)
+    csv_path = os.path.join(base, "catalog.csv")
+    with open(csv_path, "w") as handle:
+        handle.write(text)
+    with pytest.raises(ValueError) as error:
+        prepare.list_manifest(csv_path)
+    assert str(error.value).startswith(csv_path + expected), str(error.value)
+
+
+# ------------------------------------------------------------------------------ shards
+
+
+def check_shards(out: str, manifest: dict, target_bytes: int | None = None) -> list[list[str]]:
+    table = storage.resolve(out)
+    item_files: dict[str, str] = {}
+    per_file = []
+    for path in storage.table_files(table):
+        rows = pq.read_table(path, filesystem=table.fs, columns=["item_id", "image_id", "image"]).to_pylist()
+        keys = [(row["item_id"], row["image_id"]) for row in rows]
+        assert keys == sorted(keys), f"{path} is not sorted by item"
+        for item in {row["item_id"] for row in rows}:
+            assert item not in item_files, f"{item} is split across {item_files.get(item)} and {path}"
+            item_files[item] = path
+        if target_bytes is not None and len({row["item_id"] for row in rows}) > 1:
+            assert sum(len(row["image"]) for row in rows) <= target_bytes, path
+        per_file.append(sorted({row["item_id"] for row in rows}))
+    # the files, in name order, hold the items in order
+    flattened = [item for items in per_file for item in items]
+    assert flattened == sorted(flattened)
+    assert sum(shard["rows"] for shard in manifest["shards"]) == manifest["rows"]
+    return per_file
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_tiny_shards_never_split_an_item(ray_local, tmp_path):
+    base = tmp_path / "many"
+    base.mkdir()
+    sizes = {}
+    with open(base / "list.csv", "w") as handle:
+        handle.write("path,item_id,split\n")
+        for item in range(12):
+            for view in range(1 + item % 4):
+                relative = f"i{item:02d}/{view}.jpg"
+                data = jpeg(1000 + item * 10 + view, size=(48, 48), noise=True)
+                put(base, relative, data)
+                sizes[item] = sizes.get(item, 0) + len(data)
+                handle.write(f"{relative},item{item:02d},train\n")
+    shard_mb = 16_000 / 2**20  # about two or three items per shard
+    out = str(tmp_path / "catalog")
+    manifest = prepare.run("manifest", out, manifest=str(base / "list.csv"), shard_mb=shard_mb, min_shards=1)
+    per_file = check_shards(out, manifest, target_bytes=16_000)
+    assert len(per_file) >= 4, per_file
+    assert manifest["rows"] == sum(1 + item % 4 for item in range(12)) and manifest["rejected"] == 0
+    assert len(manifest["files"]) == len(per_file) == len(manifest["shards"])
+
+
+def test_plan_tasks_balances_whole_items():
+    entries = [
+        prepare.Entry(image_id=f"{item}/{view}", source="", item_id=f"item{item:02d}", split="train", domain="shop", category="", size=1000)
+        for item in range(10) for view in range(item % 3 + 1)
+    ]
+    tasks = prepare.plan_tasks(entries, target_bytes=10**9, min_tasks=4)
+    assert 4 <= len(tasks) <= 5
+    items = [[e.item_id for e in task] for task in tasks]
+    assert [i for task in items for i in task] == sorted(e.item_id for e in entries)
+    assert all(len(set(task) & set(other)) == 0 for n, task in enumerate(items) for other in items[n + 1:])
+    # the byte target forces more tasks than min_tasks
+    assert len(prepare.plan_tasks(entries, target_bytes=2_500, min_tasks=1)) >= 8
+
+
+# ------------------------------------------------------------------------------ S3
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_s3_round_trip(ray_local, s3_env, tmp_path):
+    import boto3
+
+    root, tree = inshop_tree(tmp_path)
+    out = f"s3://{s3_env['bucket']}/catalog"
+    prepare.main(["inshop", "--root", root, "--out", out, "--max-pixels", "10000", "--shard-mb", "0.001"])
+    manifest = check_inshop(out, root, tree)
+    assert manifest == storage.read_manifest(storage.resolve(out))
+    per_file = check_shards(out, manifest)
+    assert len(per_file) == 4  # 4 items, one per shard at this size
+
+    # A manifest CSV in the bucket naming images in the bucket, one of them missing.
+    client = boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1")
+    bucket = s3_env["bucket"]
+    images = {f"photos/a/{n}.jpg": jpeg(500 + n) for n in range(3)}
+    for key, data in images.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+    csv_text = (
+        "path,item_id,split,domain\n"
+        "a/0.jpg,A,query,consumer\n"  # relative to the CSV's prefix
+        f"s3://{bucket}/photos/a/1.jpg,A,gallery,shop\n"
+        "a/2.jpg,A,gallery,shop\n"
+        "a/9.jpg,A,gallery,shop\n"
+        "../x.jpg,A,gallery,shop\n"
+    )
+    client.put_object(Bucket=bucket, Key="photos/list.csv", Body=csv_text.encode())
+    out2 = f"s3://{bucket}/shop-catalog"
+    result = prepare.run("manifest", out2, manifest=f"s3://{bucket}/photos/list.csv")
+    rows = read_catalog(out2)
+    assert set(rows) == {"a/0.jpg", f"s3://{bucket}/photos/a/1.jpg", "a/2.jpg"}
+    assert rows["a/0.jpg"]["image"] == images["photos/a/0.jpg"] and rows["a/0.jpg"]["split"] == "query"
+    assert rows["a/0.jpg"]["source_path"] == f"s3://{bucket}/photos/a/0.jpg"
+    rejects = read_rejects(out2)
+    assert rejects[f"s3://{bucket}/photos/a/9.jpg"] == "missing file"
+    assert rejects[f"s3://{bucket}/x.jpg"].startswith("outside the root")
+    assert result["input"] == 5 == result["rows"] + result["rejected"]

@@ -16,7 +16,7 @@ from pipelines import embed, evaluate, search, synth, train
 from pipelines.config import load_config
 from pipelines.console import print_summary
 
-DEMO_SPEC = SynthSpec(seed=0, groups=24, items_per_group=4, test_fraction=0.5, train_views=6, gallery_views=2, query_views=2, image_size=128)
+DEMO_SPEC = SynthSpec(seed=0, groups=32, items_per_group=4, test_fraction=0.5, train_views=6, gallery_views=2, query_views=2, image_size=128)
 
 
 def run(workdir: str = "mga_demo", config: str = "tiny", overrides: list[str] | None = None, seed: int = 0) -> dict[str, Any]:

@@ -502,6 +502,12 @@ def list_manifest(manifest: str, root: str | None = None, seed: int = 0, test_fr
                 entry.split = "query" if entry.domain == "consumer" else "gallery"
             else:
                 entry.split = "query" if index == 0 else "gallery"
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    for entry in listing.entries:
+        splits_of[entry.item_id].add("train" if entry.split == "train" else "val" if entry.split == "val" else "test")
+    mixed = sorted(item for item, splits in splits_of.items() if len(splits) > 1)
+    if mixed:
+        listing.notes.append(f"{len(mixed)} items have images in more than one of train/val/test, e.g. {', '.join(mixed[:3])}")
     if not has_split:
         items = {e.item_id for e in listing.entries}
         listing.stats["test_items"] = len(by_item)
@@ -725,7 +731,15 @@ def _run_tasks(snapshot: Location, tasks: list[list[Entry]], target_bytes: int, 
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         done += pending.pop(ready[0])
-        results.append(ray.get(ready[0]))
+        try:
+            results.append(ray.get(ready[0]))
+        except ray.exceptions.RayTaskError as error:
+            for ref in pending:
+                ray.cancel(ref)
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, (OSError, StorageError)):
+                raise StorageError(f"writing shards into {snapshot.uri}: {cause}") from error
+            raise
         now = time.time()
         if now - last >= 5 or not pending:
             last = now

@@ -40,40 +40,35 @@ from pipelines.storage import resolve
 STATE_FILE = "state.pt"
 
 
-class ItemGroups:
-    """Ray Data UDF: a block of catalog rows -> one row per item with K prepared images."""
+def item_groups(batch: pa.Table, images_per_item: int, image_size: int, augment: bool, max_pixels: int) -> dict[str, np.ndarray]:
+    """Ray Data task: a block of catalog rows -> one row per item with K prepared images.
 
-    def __init__(self, images_per_item: int, image_size: int, augment: bool, max_pixels: int) -> None:
-        self.images_per_item = images_per_item
-        self.image_size = image_size
-        self.augment = augment
-        self.max_pixels = max_pixels
-        self.rng = np.random.default_rng()
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        rows_by_item: dict[str, list[int]] = {}
-        for row, item_id in enumerate(batch.column("item_id").to_pylist()):
-            rows_by_item.setdefault(item_id, []).append(row)
-        images, bboxes = batch.column("image"), batch.column("bbox").to_pylist()
-        item_ids, groups = [], []
-        for item_id, rows in rows_by_item.items():
-            picks = self.rng.choice(rows, size=self.images_per_item, replace=len(rows) < self.images_per_item)
-            prepared = []
-            for row in picks:
-                try:
-                    prepared.append(preprocess(images[int(row)].as_py(), bboxes[int(row)], self.image_size, self.rng if self.augment else None, self.max_pixels))
-                except ImageDecodeError:
-                    continue  # prepare already rejected undecodable images; a later corruption only thins the group
-            if prepared:
-                while len(prepared) < self.images_per_item:
-                    prepared.append(prepared[int(self.rng.integers(len(prepared)))])
-                item_ids.append(item_id)
-                groups.append(np.stack(prepared))
-        size = self.image_size
-        return {
-            "item_id": np.array(item_ids, dtype=object),
-            "images": np.stack(groups) if groups else np.zeros((0, self.images_per_item, 3, size, size), np.uint8),
-        }
+    A plain function, not an actor class: Ray reuses task worker processes across epochs,
+    while an actor pool would be started again, imports and all, for every epoch.
+    """
+    rng = np.random.default_rng()
+    rows_by_item: dict[str, list[int]] = {}
+    for row, item_id in enumerate(batch.column("item_id").to_pylist()):
+        rows_by_item.setdefault(item_id, []).append(row)
+    images, bboxes = batch.column("image"), batch.column("bbox").to_pylist()
+    item_ids, groups = [], []
+    for item_id, rows in rows_by_item.items():
+        picks = rng.choice(rows, size=images_per_item, replace=len(rows) < images_per_item)
+        prepared = []
+        for row in picks:
+            try:
+                prepared.append(preprocess(images[int(row)].as_py(), bboxes[int(row)], image_size, rng if augment else None, max_pixels))
+            except ImageDecodeError:
+                continue  # prepare already rejected undecodable images; a later corruption only thins the group
+        if prepared:
+            while len(prepared) < images_per_item:
+                prepared.append(prepared[int(rng.integers(len(prepared)))])
+            item_ids.append(item_id)
+            groups.append(np.stack(prepared))
+    return {
+        "item_id": np.array(item_ids, dtype=object),
+        "images": np.stack(groups) if groups else np.zeros((0, images_per_item, 3, image_size, image_size), np.uint8),
+    }
 
 
 def _all_workers_have(flag: bool, device: torch.device) -> bool:
@@ -137,8 +132,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 yield from zip(batch["item_id"], batch["images"])
 
         batches = pk_batches(groups(), P, K, sampler_rng)
+        data_wait = 0.0
         while True:
+            waited = time.perf_counter()
             batch = next(batches, None)
+            data_wait += time.perf_counter() - waited
             if not _all_workers_have(batch is not None, device):
                 break
             item_ids, images = batch
@@ -157,12 +155,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics = {key: value / max(steps, 1) for key, value in totals.items()}
-        metrics.update(epoch=epoch + 1, lr=lr, steps=steps, images_per_s=steps * P * K * world / max(elapsed, 1e-9), epoch_s=elapsed)
+        metrics.update(epoch=epoch + 1, lr=lr, steps=steps, images_per_s=steps * P * K * world / max(elapsed, 1e-9), epoch_s=elapsed, data_wait_s=data_wait)
         if rank == 0:
             print(
                 f"[train] epoch {epoch + 1}/{config.optim.epochs} loss {metrics['loss']:.4f} "
                 f"(identity {metrics['identity']:.4f}, triplet {metrics['triplet']:.4f}) lr {lr:.2e} "
-                f"{metrics['images_per_s']:.1f} img/s, {steps} steps",
+                f"{metrics['images_per_s']:.1f} img/s, {steps} steps, {elapsed:.1f} s ({data_wait:.1f} s waiting for data)",
                 flush=True,
             )
         last = epoch + 1 == config.optim.epochs
@@ -214,8 +212,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"{config.data.catalog}: {len(items)} train items, fewer than data.items_per_batch={config.data.items_per_batch}")
     dataset = catalog_dataset(config.data.catalog, ["item_id", "image", "bbox"], splits=("train",))
     dataset = dataset.map_batches(
-        ItemGroups,
-        fn_constructor_kwargs=dict(
+        item_groups,
+        fn_kwargs=dict(
             images_per_item=config.data.images_per_item,
             image_size=config.data.image_size,
             augment=config.data.augment,
@@ -223,7 +221,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
         ),
         batch_size=256,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, (os.cpu_count() or 2) // 2)),
         num_cpus=0.5,
     )
     storage = config.run.storage_path or tempfile.mkdtemp(prefix="mga-runs-")

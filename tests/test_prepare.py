@@ -593,7 +593,6 @@ def check_shards(out: str, manifest: dict, target_bytes: int | None = None) -> l
 def test_tiny_shards_never_split_an_item(ray_local, tmp_path):
     base = tmp_path / "many"
     base.mkdir()
-    sizes = {}
     with open(base / "list.csv", "w") as handle:
         handle.write("path,item_id,split\n")
         for item in range(12):
@@ -601,7 +600,6 @@ def test_tiny_shards_never_split_an_item(ray_local, tmp_path):
                 relative = f"i{item:02d}/{view}.jpg"
                 data = jpeg(1000 + item * 10 + view, size=(48, 48), noise=True)
                 put(base, relative, data)
-                sizes[item] = sizes.get(item, 0) + len(data)
                 handle.write(f"{relative},item{item:02d},train\n")
     shard_mb = 16_000 / 2**20  # about two or three items per shard
     out = str(tmp_path / "catalog")

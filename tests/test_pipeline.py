@@ -1,0 +1,135 @@
+"""The pipeline end to end on a real local Ray: synth -> train (2 workers) -> embed -> search -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from mga.synthetic import SynthSpec
+from pipelines import embed, evaluate, search, synth, train
+from pipelines.config import load_config
+from pipelines.model_store import load_model
+from pipelines.schemas import RANKINGS, features_schema
+from pipelines.storage import read_manifest, read_table, resolve
+
+SPEC = SynthSpec(seed=3, groups=4, items_per_group=3, test_fraction=0.5, train_views=4, gallery_views=2, query_views=2, image_size=64)
+TRAIN_OVERRIDES = [
+    "data.image_size=64",
+    "data.items_per_batch=3",
+    "data.images_per_item=2",
+    "optim.epochs=1",
+    "scaling.num_workers=2",
+    "scaling.cpus_per_worker=1",
+    "model.global_dim=32",
+    "model.token_dim=16",
+    "model.num_tokens=4",
+    "model.heads=2",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    paths = {name: str(root / name) for name in ("catalog", "model", "runs", "features", "rankings", "report")}
+    synth.run(paths["catalog"], SPEC)
+    config = load_config("tiny", TRAIN_OVERRIDES, extra={"data": {"catalog": paths["catalog"]}, "run": {"output": paths["model"], "storage_path": paths["runs"], "name": "t"}})
+    result = train.run(config)
+    return paths, result
+
+
+@pytest.mark.timeout(600)
+def test_ray_train_with_two_workers_writes_a_loadable_artifact(trained):
+    paths, result = trained
+    model, model_id, config = load_model(paths["model"])
+    assert model_id == result["model_id"] and result["epochs"] == 1
+    assert config["image_size"] == 64 and config["train"]["items"] == 6
+    assert np.isfinite(result["metrics"]["loss"]) and result["metrics"]["steps"] >= 1
+
+
+@pytest.mark.timeout(600)
+def test_embed_search_evaluate_tables_follow_the_schemas(trained):
+    paths, result = trained
+    manifest = embed.run(paths["model"], paths["catalog"], paths["features"])
+    features = read_table(resolve(paths["features"]))
+    assert features.schema == features_schema(32, [4 * 16, 4 * 16])
+    assert features.num_rows == manifest["rows"] == read_manifest(resolve(paths["catalog"]))["rows"]
+    assert set(features.column("model_id").to_pylist()) == {result["model_id"]}
+    global_feature = np.stack(features.column("global").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(global_feature, axis=1), 1.0, atol=1e-5)
+    tokens = np.stack(features.column("tokens_1").to_numpy(zero_copy_only=False)).reshape(-1, 4, 16)
+    np.testing.assert_allclose(np.linalg.norm(tokens, axis=2), 1.0, atol=1e-5)
+    assert {key: manifest[key] for key in ("global_dim", "num_tokens", "token_dim", "layers", "token_dtype")} == {
+        "global_dim": 32, "num_tokens": 4, "token_dim": 16, "layers": [3, 4], "token_dtype": "float32"}
+
+    search.run(paths["features"], paths["rankings"], rerank_top=3)
+    rankings = read_table(resolve(paths["rankings"]))
+    assert rankings.schema == RANKINGS
+    gallery = features.filter(pc.field("split") == "gallery")
+    items = dict(zip(features.column("image_id").to_pylist(), features.column("item_id").to_pylist()))
+    frame = rankings.to_pandas()
+    assert frame.query_id.nunique() == 12 and len(frame) == 12 * gallery.num_rows
+    for query_id, rows in frame.groupby("query_id"):
+        rows = rows.sort_values("rank")
+        assert rows["rank"].tolist() == list(range(1, gallery.num_rows + 1))
+        head, tail = rows[rows["rank"] <= 3], rows[rows["rank"] > 3]
+        assert head.score_token.notna().all() and tail.score_token.isna().all()
+        assert (np.diff(head.score.to_numpy()) <= 1e-6).all() and (np.diff(tail.score_global.to_numpy()) <= 1e-6).all()
+        assert head.score.min() >= tail.score.max()
+        assert (rows.is_match == [items[g] == items[query_id] for g in rows.gallery_id]).all()
+        assert (rows.query_positives == 2).all()
+
+    metrics = evaluate.run(paths["rankings"], paths["report"])
+    saved = json.loads((resolve(paths["report"]).join("metrics.json")).read_bytes())
+    assert saved["queries"] == 12 and saved["excluded_queries"] == 0
+    for ordering in ("global", "reranked"):
+        assert set(saved[ordering]) == {"R@1", "R@10", "R@20", "R@30", "R@40", "R@50", "mAP"}
+        assert all(0.0 <= value <= 1.0 for value in saved[ordering].values())
+    # With 6 gallery images, every query has its match within 10.
+    assert saved["global"]["R@10"] == 1.0 and metrics["reranked"]["R@10"] == 1.0
+
+
+@pytest.mark.timeout(600)
+def test_search_ranking_does_not_depend_on_worker_count(trained, tmp_path):
+    paths, _ = trained
+    if not resolve(paths["features"]).join("_manifest.json").exists():
+        embed.run(paths["model"], paths["catalog"], paths["features"])
+    one = search.run(paths["features"], str(tmp_path / "one"), rerank_top=4, workers=1, query_batch=5, rerank_chunk=3)
+    two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=4, workers=2, query_batch=2, rerank_chunk=3)
+    tables = [read_table(resolve(str(tmp_path / name))).sort_by([("query_id", "ascending"), ("rank", "ascending")]) for name in ("one", "two")]
+    assert tables[0].equals(tables[1]) and one["rerank_top"] == two["rerank_top"] == 4
+
+
+@pytest.mark.timeout(600)
+def test_incremental_embed_carries_unchanged_rows(trained, tmp_path):
+    paths, _ = trained
+    out = str(tmp_path / "features")
+    images = read_manifest(resolve(paths["catalog"]))["rows"]
+    first = embed.run(paths["model"], paths["catalog"], out, incremental=True)
+    assert first["incremental"] == {"new": images, "changed": 0, "unchanged": 0, "deleted": 0}
+    before = read_table(resolve(out)).sort_by("image_id")
+    second = embed.run(paths["model"], paths["catalog"], out, incremental=True)
+    assert second["incremental"] == {"new": 0, "changed": 0, "unchanged": images, "deleted": 0} and second["embedded"] == 0
+    after = read_table(resolve(out)).sort_by("image_id")
+    assert after.num_rows == images and after.column("global").equals(before.column("global"))
+    assert after.column("image_id").to_pylist() == before.column("image_id").to_pylist()
+
+
+def _mga(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_cli_refuses_bad_configs_and_inputs_with_one_line(tmp_path):
+    unknown = _mga("train", "--set", "optim.epochz=3", "--catalog", str(tmp_path), "--output", str(tmp_path / "m"))
+    assert unknown.returncode == 2 and "optim.epochz" in unknown.stderr and "Traceback" not in unknown.stderr
+    negative = _mga("train", "--set", "data.image_size=-4", "--catalog", str(tmp_path), "--output", str(tmp_path / "m"))
+    assert negative.returncode == 2 and "data.image_size" in negative.stderr
+    missing = _mga("embed", "--model", str(tmp_path / "nope"), "--catalog", str(tmp_path / "nothing"), "--out", str(tmp_path / "f"))
+    assert missing.returncode == 2 and "nothing" in missing.stderr and "_manifest.json" in missing.stderr
+    assert not (tmp_path / "f").exists()

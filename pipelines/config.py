@@ -54,8 +54,17 @@ class RunConfig(StrictModel):
     seed: int = 0
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     max_failures: int = Field(2, ge=0, description="worker failures survived by restoring the last checkpoint")
-    pretrained: bool = False
-    weights_file: str | None = Field(None, description="backbone weights, local or s3://, instead of the hub")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept: the best ones by run.best_metric with validation, else the latest; the latest is always kept")
+    # Backbone weights. run.weights_file wins over run.pretrained; with neither, random init.
+    pretrained: bool = Field(False, description="ImageNet weights of model.backbone from the timm / Hugging Face hub")
+    weights_file: str | None = Field(None, description="backbone weights file (a timm state dict, .safetensors or .pth), local or s3://")
+    # Validation on held-out items: the catalog's `val` split, else its query/gallery splits.
+    validate_every: int = Field(0, ge=0, description="epochs between validations (0 = off); a multiple of checkpoint_every; the last epoch is always validated")
+    validation_queries: int = Field(500, ge=1, description="at most this many validation queries (a seeded sample)")
+    validation_gallery: int = Field(5000, ge=1, description="at most this many gallery images: every positive of the sampled queries, then seeded distractors")
+    validation_rerank_top: int = Field(50, ge=1, description="the global top-N reranked by the fused score S")
+    best_metric: Literal["val_mAP", "val_R@1", "val_global_mAP", "val_global_R@1"] = Field("val_mAP", description="what the best checkpoint is chosen by")
+    artifact_from: Literal["last", "best"] = Field("last", description="the checkpoint the final artifact is written from")
 
 
 class TrainConfig(StrictModel):
@@ -72,6 +81,19 @@ class TrainConfig(StrictModel):
     def _batch_has_negatives(self) -> "TrainConfig":
         if self.loss.triplet_weight > 0 and self.data.items_per_batch < 2:
             raise ValueError("data.items_per_batch must be >= 2 for the triplet loss")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_fits_checkpoints(self) -> "TrainConfig":
+        run = self.run
+        if run.validate_every and run.validate_every % run.checkpoint_every:
+            # Ray Train keeps metrics only with a checkpoint: a validation between two is lost.
+            raise ValueError(
+                f"run.validate_every={run.validate_every} must be a multiple of run.checkpoint_every={run.checkpoint_every} "
+                "(validation metrics are kept with checkpoints)"
+            )
+        if run.artifact_from == "best" and not run.validate_every:
+            raise ValueError("run.artifact_from=best needs validation: set run.validate_every > 0")
         return self
 
 

@@ -5,6 +5,47 @@ and K images per item are decoded, cropped and augmented in Ray Data tasks; the 
 assemble batches of P distinct items from that stream (`mga.sampling.pk_batches`). No
 step holds the whole dataset on one node, and no image bytes are shuffled globally:
 the order comes from shuffled files and a local shuffle buffer of item groups.
+
+Checkpoints, resume and failures. Every `run.checkpoint_every` epochs (and after the last)
+the workers report a checkpoint to Ray Train: model, optimizer, LR scheduler, epoch, and
+each worker's sampler RNG. Ray Train keeps it under `run.storage_path/run.name`
+(`RunConfig(storage_path, name)`), local or S3. Re-running the same command with the same
+`run.name` and storage path resumes from the latest checkpoint (Ray Train V2 has no
+`resume_from_checkpoint`: `ray.train.get_checkpoint()` returns it); the first epoch line
+after a resume says so, and the artifact records where the run was resumed. A worker that
+dies mid-run (a lost node, an OOM kill) makes Ray Train restart the worker group and
+restore the same latest checkpoint, up to `run.max_failures` times
+(`FailureConfig(max_failures)`).
+
+Validation. With `run.validate_every = N > 0`, rank 0 measures R@1 and mAP on held-out
+items every N epochs and after the last: the catalog's `val` split when it has one, else
+its query/gallery splits (the held-out test items: choosing a checkpoint on them is
+optimistic, and the epoch line says which one it used). It samples at most
+`run.validation_queries` queries and `run.validation_gallery` gallery images (every
+positive of those queries, then seeded distractors), ranks the gallery by the global
+feature, reranks the top `run.validation_rerank_top` by the fused score S
+(`MGAModel.score_candidates`), and computes `mga.metrics.RetrievalMetrics` on both
+orderings: `val_R@1`, `val_mAP` (reranked) and `val_global_R@1`, `val_global_mAP`.
+Ray Train keeps metrics only with a checkpoint, so validation epochs are checkpoint
+epochs; `CheckpointConfig(checkpoint_score_attribute=run.best_metric, order max)` keeps
+the best `run.keep_checkpoints` checkpoints (plus always the latest, for resuming).
+The artifact is written from the last checkpoint, or the best with
+`run.artifact_from=best`.
+
+Backbone weights: `run.weights_file` (a timm state dict, local or s3://; every worker
+reads it itself, S3 included), else the timm / Hugging Face hub with `run.pretrained=true`,
+else random initialisation. The driver builds the backbone with the chosen weights once
+before anything starts, so a missing file, an unreachable hub or a file that does not fit
+the backbone is one clear error, not a traceback from inside a Ray worker.
+
+Test hooks (for tests/test_train.py only): the environment variable `MGA_TRAIN_TEST_HOOKS`
+on the driver holds JSON that travels to the workers: `{"fail_after_epoch": N}` makes
+rank 0 raise after reporting epoch N (an interruption); `{"events": PATH}` makes every
+worker append a JSON line `{"event": "start", "rank", "epoch", "pid"}` to PATH when it
+starts an epoch, and rank 0 one with `"event": "report"` and the metrics after each report;
+`{"block": {"rank": R, "epoch": E, "pid_file": PATH}}` makes rank R, at the start of
+epoch E, write its process id to PATH and wait (at most 300 s) to be killed, unless PATH
+exists already (so the replacement worker carries on).
 """
 
 from __future__ import annotations
@@ -12,13 +53,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.train
 import ray.train.torch
@@ -26,49 +69,26 @@ import torch
 import torch.distributed as dist
 
 from mga.artifact import pack_artifact
-from mga.model import MGAModel
+from mga.metrics import RetrievalMetrics
+from mga.model import Embedding, MGAModel
 from mga.objective import MGAObjective
 from mga.sampling import pk_batches
-from mga.transforms import ImageDecodeError, preprocess
-from pipelines.catalog import catalog_dataset, train_item_ids
+from mga.transforms import preprocess
+from pipelines.catalog import catalog_dataset, open_catalog, train_item_ids
 from pipelines.config import TrainConfig, load_config
 from pipelines.console import print_summary
+from pipelines.decode import item_groups
 from pipelines.model_store import write_artifact
 from pipelines.runtime import init_ray
-from pipelines.storage import resolve
+from pipelines.storage import read_table, resolve
 
 STATE_FILE = "state.pt"
+SAMPLER_FILE = "sampler-rank{rank}.json"
+HOOKS_ENV = "MGA_TRAIN_TEST_HOOKS"
 
 
-def item_groups(batch: pa.Table, images_per_item: int, image_size: int, augment: bool, max_pixels: int) -> dict[str, np.ndarray]:
-    """Ray Data task: a block of catalog rows -> one row per item with K prepared images.
-
-    A plain function, not an actor class: Ray reuses task worker processes across epochs,
-    while an actor pool would be started again, imports and all, for every epoch.
-    """
-    rng = np.random.default_rng()
-    rows_by_item: dict[str, list[int]] = {}
-    for row, item_id in enumerate(batch.column("item_id").to_pylist()):
-        rows_by_item.setdefault(item_id, []).append(row)
-    images, bboxes = batch.column("image"), batch.column("bbox").to_pylist()
-    item_ids, groups = [], []
-    for item_id, rows in rows_by_item.items():
-        picks = rng.choice(rows, size=images_per_item, replace=len(rows) < images_per_item)
-        prepared = []
-        for row in picks:
-            try:
-                prepared.append(preprocess(images[int(row)].as_py(), bboxes[int(row)], image_size, rng if augment else None, max_pixels))
-            except ImageDecodeError:
-                continue  # prepare already rejected undecodable images; a later corruption only thins the group
-        if prepared:
-            while len(prepared) < images_per_item:
-                prepared.append(prepared[int(rng.integers(len(prepared)))])
-            item_ids.append(item_id)
-            groups.append(np.stack(prepared))
-    return {
-        "item_id": np.array(item_ids, dtype=object),
-        "images": np.stack(groups) if groups else np.zeros((0, images_per_item, 3, image_size, image_size), np.uint8),
-    }
+class TrainingFailed(RuntimeError):
+    """The Ray Train run failed (more worker failures than run.max_failures, or an error in the loop)."""
 
 
 def _all_workers_have(flag: bool, device: torch.device) -> bool:
@@ -84,10 +104,260 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if hasattr(module, "module") else module
 
 
+# --------------------------------------------------------------------------- weights
+
+
+def describe_weights(config: TrainConfig) -> str:
+    if config.run.weights_file:
+        return f"file {config.run.weights_file}"
+    if config.run.pretrained:
+        return f"timm hub ({config.model.backbone})"
+    return "random init"
+
+
+_LOCAL_WEIGHTS: dict[str, str] = {}
+
+
+def local_weights_file(uri: str | None) -> str | None:
+    """A local path for the weights file at `uri`: S3 files are fetched once per process.
+
+    Every Ray Train worker calls this itself, so an S3 weights file works on any node;
+    a local path must exist on every node that runs a worker.
+    """
+    if not uri:
+        return None
+    if uri in _LOCAL_WEIGHTS:
+        return _LOCAL_WEIGHTS[uri]
+    location = resolve(uri)
+    if not location.exists():
+        raise FileNotFoundError(f"run.weights_file: {location.uri} does not exist")
+    path = location.path
+    if location.is_s3:
+        local = Path(tempfile.mkdtemp(prefix="mga-weights-")) / Path(location.path).name
+        local.write_bytes(location.read_bytes())
+        path = str(local)
+    _LOCAL_WEIGHTS[uri] = path
+    return path
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0].rstrip('.') if text else ''}".rstrip(": ")
+
+
+def check_backbone_weights(config: TrainConfig) -> None:
+    """Build the backbone once in the driver with the weights the workers will load.
+
+    Raises ValueError (one line, naming the setting) when the weights cannot be had or do
+    not fit; with the hub, this also fills the local Hugging Face cache that workers on
+    this node then read.
+    """
+    if not (config.run.weights_file or config.run.pretrained):
+        return
+    from mga.backbone import Backbone
+
+    if config.run.weights_file:
+        path = local_weights_file(config.run.weights_file)
+        try:
+            Backbone(config.model.backbone, config.model.layers, config.model.global_dim, weights_file=path)
+        except Exception as error:  # noqa: BLE001 - timm/torch raise many kinds; all mean "this file does not fit"
+            raise ValueError(
+                f"run.weights_file: {config.run.weights_file} cannot be loaded into {config.model.backbone} ({_first_line(error)})"
+            ) from None
+        return
+    try:
+        Backbone(config.model.backbone, config.model.layers, config.model.global_dim, pretrained=True)
+    except Exception as error:  # noqa: BLE001 - hub, network and format errors alike
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0") else ""
+        raise ValueError(
+            f"run.pretrained=true: cannot get pretrained weights for {config.model.backbone} from the timm / Hugging Face hub"
+            f"{offline}: {_first_line(error)}. Set run.weights_file=<local path or s3:// URI of a timm weights file>, "
+            "or run.pretrained=false to start from random initialisation"
+        ) from None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def select_validation(catalog: str, max_queries: int, max_gallery: int, seed: int) -> dict[str, Any] | None:
+    """Held-out queries and gallery for validation (ids only, no images), or None if there are none.
+
+    The catalog's `val` split when present: its consumer images query its shop images; if it
+    has only consumer images (Consumer-to-Shop prepared with `--val-as gallery`), they query
+    the gallery split; if it has only one domain, the first image of each item queries the
+    item's other images (one-image items stay as distractors). Without a `val` split, the query/gallery splits (test items).
+    Queries without a gallery positive are dropped; at most `max_queries` are sampled
+    (seeded), and the gallery holds every positive of those plus seeded distractors up to
+    `max_gallery` images.
+    """
+    location, _ = open_catalog(catalog)
+    table = read_table(location, columns=["image_id", "item_id", "split", "domain"], filter=pc.field("split").isin(["val", "query", "gallery"]))
+    rows = sorted(table.to_pylist(), key=lambda row: row["image_id"])
+    val = [row for row in rows if row["split"] == "val"]
+    if val:
+        consumer = [row for row in val if row["domain"] == "consumer"]
+        shop = [row for row in val if row["domain"] != "consumer"]
+        if consumer and shop:
+            queries, gallery, source = consumer, shop, "val split: consumer queries, shop gallery"
+        elif consumer:
+            queries, gallery = consumer, [row for row in rows if row["split"] == "gallery"]
+            source = "val split consumer queries against the gallery split"
+        else:
+            per_item = Counter(row["item_id"] for row in val)
+            first: dict[str, dict] = {}
+            for row in val:
+                if per_item[row["item_id"]] > 1:  # an item with one image stays a distractor
+                    first.setdefault(row["item_id"], row)
+            query_ids = {row["image_id"] for row in first.values()}
+            queries = list(first.values())
+            gallery = [row for row in val if row["image_id"] not in query_ids]
+            source = "val split: each item's first image queries its others"
+    else:
+        queries = [row for row in rows if row["split"] == "query"]
+        gallery = [row for row in rows if row["split"] == "gallery"]
+        source = "query/gallery splits: held-out test items, no val split (selection on them is optimistic)"
+    in_gallery = Counter(row["item_id"] for row in gallery)
+    queries = [row for row in queries if in_gallery[row["item_id"]]]
+    if not queries:
+        return None
+    rng = np.random.default_rng([seed, 7])
+    if len(queries) > max_queries:
+        queries = [queries[i] for i in sorted(rng.choice(len(queries), size=max_queries, replace=False))]
+    query_items = {row["item_id"] for row in queries}
+    positives = [row for row in gallery if row["item_id"] in query_items]
+    others = [row for row in gallery if row["item_id"] not in query_items]
+    room = min(max(max_gallery - len(positives), 0), len(others))
+    distractors = [others[i] for i in sorted(rng.choice(len(others), size=room, replace=False))] if room else []
+    gallery = sorted(positives + distractors, key=lambda row: row["image_id"])
+    return {
+        "source": source,
+        "queries": [[row["image_id"], row["item_id"]] for row in queries],
+        "gallery": [[row["image_id"], row["item_id"]] for row in gallery],
+    }
+
+
+class Validator:
+    """R@K / mAP of the current model on the validation selection (runs on rank 0).
+
+    The selected rows' encoded images are read once (a filtered scan of the catalog) and
+    kept; they are decoded again at each validation, which keeps memory at the size of
+    the JPEGs rather than of decoded pixels.
+    """
+
+    def __init__(self, catalog: str, selection: dict[str, Any], image_size: int, max_pixels: int) -> None:
+        self.catalog, self.selection = catalog, selection
+        self.image_size, self.max_pixels = image_size, max_pixels
+        self._images: dict[str, tuple[bytes, Any]] | None = None
+        codes: dict[str, int] = {}
+        self.query_items = np.array([codes.setdefault(item, len(codes)) for _, item in selection["queries"]])
+        self.gallery_items = np.array([codes.setdefault(item, len(codes)) for _, item in selection["gallery"]])
+
+    def _load(self) -> dict[str, tuple[bytes, Any]]:
+        if self._images is None:
+            ids = [image_id for image_id, _ in self.selection["queries"] + self.selection["gallery"]]
+            location, _ = open_catalog(self.catalog)
+            table = read_table(location, columns=["image_id", "image", "bbox"], filter=pc.field("image_id").isin(ids))
+            self._images = dict(zip(table.column("image_id").to_pylist(), zip(table.column("image").to_pylist(), table.column("bbox").to_pylist())))
+            missing = set(ids) - set(self._images)
+            if missing:
+                raise ValueError(f"{self.catalog}: {len(missing)} validation images vanished from the catalog, e.g. {sorted(missing)[0]}")
+        return self._images
+
+    def _embed(self, model: MGAModel, ids: list[str], device: torch.device, autocast, batch_size: int) -> Embedding:
+        images = self._load()
+        globals_, tokens = [], []
+        for start in range(0, len(ids), batch_size):
+            pixels = np.stack([preprocess(*images[image_id], self.image_size, None, self.max_pixels) for image_id in ids[start:start + batch_size]])
+            with autocast:
+                embedding = model.embed(torch.from_numpy(pixels).to(device))
+            globals_.append(embedding.global_feature.float())
+            tokens.append([layer.float() for layer in embedding.tokens])
+        return Embedding(torch.cat(globals_), [torch.cat(layer) for layer in zip(*tokens)])
+
+    @torch.no_grad()
+    def __call__(self, model: MGAModel, device: torch.device, autocast, batch_size: int, rerank_top: int, query_block: int = 32) -> dict[str, float]:
+        started = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            gallery = self._embed(model, [image_id for image_id, _ in self.selection["gallery"]], device, autocast, batch_size)
+            queries = self._embed(model, [image_id for image_id, _ in self.selection["queries"]], device, autocast, batch_size)
+            top_n = min(rerank_top, len(gallery))
+            global_metrics, reranked_metrics = RetrievalMetrics(), RetrievalMetrics()
+            for start in range(0, len(queries), query_block):
+                rows = torch.arange(start, min(start + query_block, len(queries)), device=device)
+                block = queries.index(rows)
+                order = torch.sort(block.global_feature @ gallery.global_feature.t(), dim=1, descending=True, stable=True).indices
+                top = order[:, :top_n]
+                with autocast:
+                    fused = model.score_candidates(block, gallery.index(top.reshape(-1))).score.float()
+                reranked = torch.cat([top.gather(1, torch.sort(fused, dim=1, descending=True, stable=True).indices), order[:, top_n:]], dim=1)
+                items = self.query_items[start:start + len(rows), None]
+                positives = (self.gallery_items[None, :] == items).sum(axis=1)
+                global_metrics.update(self.gallery_items[order.cpu().numpy()] == items, positives)
+                reranked_metrics.update(self.gallery_items[reranked.cpu().numpy()] == items, positives)
+        finally:
+            model.train(was_training)
+        plain, reranked_result = global_metrics.result(), reranked_metrics.result()
+        return {
+            "val_R@1": reranked_result["R@1"],
+            "val_R@10": reranked_result["R@10"],
+            "val_mAP": reranked_result["mAP"],
+            "val_global_R@1": plain["R@1"],
+            "val_global_R@10": plain["R@10"],
+            "val_global_mAP": plain["mAP"],
+            "val_queries": reranked_result["queries"],
+            "val_gallery": len(gallery),
+            "val_s": time.perf_counter() - started,
+        }
+
+
+# --------------------------------------------------------------------------- test hooks
+
+
+def _wait_for_reports() -> None:
+    """Until Ray Train has registered every checkpoint reported so far.
+
+    The controller collects reports asynchronously: a worker that dies right after
+    `ray.train.report` may take its last checkpoint with it, and the run then resumes
+    from the one before. The hooks wait, so that a test knows which checkpoint is the latest.
+    """
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
+
+
+def _hook_epoch_start(hooks: dict[str, Any], rank: int, epoch: int) -> None:
+    if hooks.get("events"):
+        with open(hooks["events"], "a") as log:
+            log.write(json.dumps({"event": "start", "rank": rank, "epoch": epoch, "pid": os.getpid()}) + "\n")
+    block = hooks.get("block")
+    if block and block["rank"] == rank and block["epoch"] == epoch and not os.path.exists(block["pid_file"]):
+        _wait_for_reports()
+        staging = f"{block['pid_file']}.{os.getpid()}.tmp"
+        Path(staging).write_text(str(os.getpid()))
+        os.replace(staging, block["pid_file"])
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            time.sleep(0.2)
+        raise RuntimeError("test hook: this worker was meant to be killed")
+
+
+def _hook_epoch_end(hooks: dict[str, Any], rank: int, epoch: int, metrics: dict[str, Any]) -> None:
+    if rank == 0 and hooks.get("events"):
+        with open(hooks["events"], "a") as log:
+            log.write(json.dumps({"event": "report", "rank": rank, "epoch": epoch, "pid": os.getpid(), "metrics": metrics}) + "\n")
+    if rank == 0 and hooks.get("fail_after_epoch") == epoch:
+        _wait_for_reports()
+        raise RuntimeError(f"test hook: run interrupted after epoch {epoch}")
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     config = TrainConfig(**loop_config["config"])
     class_index: dict[str, int] = loop_config["class_index"]
+    hooks: dict[str, Any] = loop_config.get("hooks") or {}
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.run.seed)
@@ -95,23 +365,32 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
 
-    model = MGAModel(config.model, pretrained=config.run.pretrained, weights_file=loop_config.get("weights_file"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # the checkpoint has every weight: no hub, no weights file
+        model = MGAModel(config.model)
+    else:
+        model = MGAModel(config.model, pretrained=config.run.pretrained, weights_file=local_weights_file(config.run.weights_file))
     objective = MGAObjective(model, len(class_index), config.loss)
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.optim.milestones), gamma=config.optim.gamma)
     sampler_rng = np.random.default_rng([config.run.seed, rank])
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
+    start_epoch, starts = 0, [0]
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+            sampler_file = Path(directory) / SAMPLER_FILE.format(rank=rank)
+            sampler_state = json.loads(sampler_file.read_text()) if sampler_file.exists() else None
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        sampler_rng.bit_generator.state = state["sampler"][rank % len(state["sampler"])]
         start_epoch = state["epoch"] + 1
+        if sampler_state is not None:
+            sampler_rng.bit_generator.state = sampler_state
+        else:  # more workers than when the checkpoint was written: a fresh stream per rank and epoch
+            sampler_rng = np.random.default_rng([config.run.seed, rank, start_epoch])
+        starts = list(state.get("starts", [0])) + [start_epoch]
         if rank == 0:
-            print(f"[train] resumed from checkpoint after epoch {start_epoch}", flush=True)
+            print(f"[train] resumed from the checkpoint after epoch {start_epoch} (run {config.run.name}, start {len(starts)})", flush=True)
     if on_gpu and config.scaling.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
     objective = ray.train.torch.prepare_model(
@@ -120,8 +399,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     P, K = config.data.items_per_batch, config.data.images_per_item
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and config.scaling.bf16 else torch.autocast("cpu", enabled=False)
+    validation = loop_config.get("validation")
+    validator = Validator(config.data.catalog, validation, config.data.image_size, config.data.max_pixels) if validation and rank == 0 else None
 
     for epoch in range(start_epoch, config.optim.epochs):
+        _hook_epoch_start(hooks, rank, epoch + 1)
         objective.train()
         started = time.perf_counter()
         totals = {"loss": 0.0, "identity": 0.0, "triplet": 0.0}
@@ -154,49 +436,112 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        metrics = {key: value / max(steps, 1) for key, value in totals.items()}
+        metrics: dict[str, Any] = {key: value / max(steps, 1) for key, value in totals.items()}
         metrics.update(epoch=epoch + 1, lr=lr, steps=steps, images_per_s=steps * P * K * world / max(elapsed, 1e-9), epoch_s=elapsed, data_wait_s=data_wait)
+        last = epoch + 1 == config.optim.epochs
+        checkpointing = (epoch + 1) % config.run.checkpoint_every == 0 or last
+        validating = bool(validation) and checkpointing and ((epoch + 1) % config.run.validate_every == 0 or last)
+        if validator is not None and validating:
+            metrics.update(validator(_unwrap(objective).model, device, autocast, max(P * K, 32), config.run.validation_rerank_top))
+        elif validation and checkpointing:
+            # Every checkpoint carries the score key (NaN: not validated), so Ray Train
+            # ranks it below every validated one instead of logging a missing-key error.
+            metrics[config.run.best_metric] = float("nan")
         if rank == 0:
-            print(
+            line = (
                 f"[train] epoch {epoch + 1}/{config.optim.epochs} loss {metrics['loss']:.4f} "
                 f"(identity {metrics['identity']:.4f}, triplet {metrics['triplet']:.4f}) lr {lr:.2e} "
-                f"{metrics['images_per_s']:.1f} img/s, {steps} steps, {elapsed:.1f} s ({data_wait:.1f} s waiting for data)",
-                flush=True,
+                f"{metrics['images_per_s']:.1f} img/s, {steps} steps, {elapsed:.1f} s ({data_wait:.1f} s waiting for data)"
             )
-        last = epoch + 1 == config.optim.epochs
-        if (epoch + 1) % config.run.checkpoint_every == 0 or last:
+            if "val_s" in metrics:
+                line += (
+                    f" | val [{validation['source']}; {metrics['val_queries']} queries x {metrics['val_gallery']} gallery]"
+                    f" R@1 {metrics['val_R@1']:.3f} mAP {metrics['val_mAP']:.3f}"
+                    f" (global R@1 {metrics['val_global_R@1']:.3f} mAP {metrics['val_global_mAP']:.3f}) {metrics['val_s']:.1f} s"
+                )
+            if epoch == start_epoch and start_epoch > 0:
+                line += f" | resumed from the checkpoint of epoch {start_epoch}"
+            print(line, flush=True)
+        if checkpointing:
             with tempfile.TemporaryDirectory() as directory:
-                checkpoint = None
+                # Every worker saves its own sampler state; Ray Train merges the workers'
+                # files into one checkpoint directory. Rank 0 adds the model and optimizer.
+                (Path(directory) / SAMPLER_FILE.format(rank=rank)).write_text(json.dumps(sampler_rng.bit_generator.state))
                 if rank == 0:
                     torch.save(
                         {
                             "objective": _unwrap(objective).state_dict(),
                             "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(),
-                            "sampler": [sampler_rng.bit_generator.state],
                             "epoch": epoch,
+                            "starts": starts,
                         },
                         Path(directory) / STATE_FILE,
                     )
-                    checkpoint = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report(metrics, checkpoint=checkpoint)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
+        _hook_epoch_end(hooks, rank, epoch + 1, metrics)
 
 
-def _weights_file(config: TrainConfig) -> str | None:
-    """A local copy of the backbone weights file (S3 files are fetched once, by the driver)."""
-    uri = config.run.weights_file
-    if not uri:
+# --------------------------------------------------------------------------- the driver
+
+
+def _test_hooks() -> dict[str, Any]:
+    raw = os.environ.get(HOOKS_ENV, "").strip()
+    return json.loads(raw) if raw else {}
+
+
+def _previous_run(run_path: str, fs) -> Any | None:
+    """The Ray Train result of an earlier run with this storage path and name, if it has a checkpoint."""
+    try:
+        previous = ray.train.Result.from_path(run_path, storage_filesystem=fs)
+    except Exception:  # noqa: BLE001 - no earlier run (or not a Ray Train run directory)
         return None
-    location = resolve(uri)
-    if not location.exists():
-        raise FileNotFoundError(f"run.weights_file: {location.uri} does not exist")
-    if not location.is_s3:
-        return location.path
-    local = Path(tempfile.mkdtemp(prefix="mga-weights-")) / Path(location.path).name
-    local.write_bytes(location.read_bytes())
-    return str(local)
+    return previous if previous.checkpoint is not None and "epoch" in (previous.metrics or {}) else None
+
+
+def _latest_epoch(run_path: str, fs) -> int | None:
+    """The epoch of the latest checkpoint of an earlier run with this name, if any."""
+    previous = _previous_run(run_path, fs)
+    return int(previous.metrics["epoch"]) if previous is not None else None
+
+
+DECODE_TASK_CPUS = 0.5
+
+
+def _check_local_cpus(config: TrainConfig) -> None:
+    """On a local Ray instance, refuse a worker group that leaves no CPU for the decode tasks.
+
+    Ray Train reserves its workers' CPUs for the whole run; the Ray Data tasks that decode
+    the images need DECODE_TASK_CPUS each beside them, or the stream never starts and the
+    run waits forever. (A cluster may autoscale, so there this is left to Ray.)
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    total = float(ray.cluster_resources().get("CPU", 0))
+    workers = config.scaling.num_workers * config.scaling.cpus_per_worker
+    if workers + DECODE_TASK_CPUS > total:
+        raise ValueError(
+            f"scaling: {config.scaling.num_workers} workers x {config.scaling.cpus_per_worker:g} CPUs take {workers:g} of the "
+            f"{total:g} CPUs of the local Ray instance, leaving less than {DECODE_TASK_CPUS} for the tasks that decode images: "
+            "lower scaling.cpus_per_worker or scaling.num_workers (or give Ray more CPUs with MGA_RAY_CPUS)"
+        )
+
+
+def _pick_checkpoint(result, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """(checkpoint, its metrics): the latest, or the best validated one by run.best_metric."""
+    if config.run.artifact_from == "last":
+        return result.checkpoint, dict(result.metrics or {})
+    scored = [
+        (float(metrics[config.run.best_metric]), int(metrics.get("epoch", 0)), checkpoint, metrics)
+        for checkpoint, metrics in (result.best_checkpoints or [])
+        if np.isfinite(float(metrics.get(config.run.best_metric, float("nan"))))
+    ]
+    if not scored:
+        raise TrainingFailed(f"run.artifact_from=best: run {config.run.name} has no validated checkpoint")
+    _, _, checkpoint, metrics = max(scored, key=lambda entry: (entry[0], entry[1]))
+    return checkpoint, dict(metrics)
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
@@ -206,59 +551,117 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if not config.run.output:
         raise ValueError("run.output: no artifact URI given (set it in the config or with --output)")
     started = time.time()
-    init_ray()
+    storage = config.run.storage_path or tempfile.mkdtemp(prefix="mga-runs-")
+    storage_location = resolve(storage)
+    run_location = storage_location.join(config.run.name)
+    previous = _previous_run(run_location.path, storage_location.fs)
+    if previous is None:
+        # Before Ray starts: a missing weights file or an unreachable hub is one line.
+        # (A resumed run takes every weight from its checkpoint.)
+        check_backbone_weights(config)
     items = train_item_ids(config.data.catalog)
     if len(items) < config.data.items_per_batch:
         raise ValueError(f"{config.data.catalog}: {len(items)} train items, fewer than data.items_per_batch={config.data.items_per_batch}")
-    dataset = catalog_dataset(config.data.catalog, ["item_id", "image", "bbox"], splits=("train",))
-    dataset = dataset.map_batches(
-        item_groups,
-        fn_kwargs=dict(
-            images_per_item=config.data.images_per_item,
-            image_size=config.data.image_size,
-            augment=config.data.augment,
-            max_pixels=config.data.max_pixels,
-        ),
-        batch_size=256,
-        batch_format="pyarrow",
-        num_cpus=0.5,
-    )
-    storage = config.run.storage_path or tempfile.mkdtemp(prefix="mga-runs-")
-    storage_location = resolve(storage)
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "class_index": {item: index for index, item in enumerate(items)},
-            "weights_file": _weights_file(config),
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if config.scaling.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.run.name,
-            storage_path=storage_location.path,
-            storage_filesystem=storage_location.fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": dataset},
-    )
-    result = trainer.fit()
+    validation = None
+    if config.run.validate_every:
+        validation = select_validation(config.data.catalog, config.run.validation_queries, config.run.validation_gallery, config.run.seed)
+        if validation is None:
+            raise ValueError(f"run.validate_every: {config.data.catalog} has no held-out query with a gallery match (no val split, no query/gallery splits); set run.validate_every=0")
+        print(f"[train] validation on the {validation['source']}: {len(validation['queries'])} queries x {len(validation['gallery'])} gallery images", flush=True)
+    resuming_after = int(previous.metrics["epoch"]) if previous is not None else None
+    if previous is not None and resuming_after >= config.optim.epochs:
+        # Nothing left to train: the artifact comes straight from the stored checkpoints
+        # (e.g. again with run.artifact_from=best), without starting a worker group.
+        print(
+            f"[train] run {config.run.name} is already trained to epoch {resuming_after} (optim.epochs={config.optim.epochs}) "
+            f"in {run_location.uri}: writing the artifact from its checkpoints, nothing to train",
+            flush=True,
+        )
+        result = previous
+    else:
+        if resuming_after is not None:
+            print(f"[train] run {config.run.name} has a checkpoint after epoch {resuming_after} in {run_location.uri}: resuming from it", flush=True)
+        init_ray()
+        _check_local_cpus(config)
+        dataset = catalog_dataset(config.data.catalog, ["item_id", "image", "bbox"], splits=("train",))
+        dataset = dataset.map_batches(
+            item_groups,
+            fn_kwargs=dict(
+                images_per_item=config.data.images_per_item,
+                image_size=config.data.image_size,
+                augment=config.data.augment,
+                max_pixels=config.data.max_pixels,
+            ),
+            batch_size=64,  # rows per decode task: small enough that several run at once and the first batch comes early
+            batch_format="pyarrow",
+            num_cpus=DECODE_TASK_CPUS,
+        )
+        if validation:
+            checkpoint_config = ray.train.CheckpointConfig(
+                num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute=config.run.best_metric, checkpoint_score_order="max"
+            )
+        else:
+            checkpoint_config = ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints)
+        trainer = ray.train.torch.TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "config": config.model_dump(mode="json"),
+                "class_index": {item: index for index, item in enumerate(items)},
+                "validation": validation,
+                "hooks": _test_hooks(),
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=config.scaling.num_workers,
+                use_gpu=config.scaling.use_gpu,
+                resources_per_worker={"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if config.scaling.use_gpu else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=config.run.name,
+                storage_path=storage_location.path,
+                storage_filesystem=storage_location.fs,
+                failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+                checkpoint_config=checkpoint_config,
+            ),
+            datasets={"train": dataset},
+        )
+        try:
+            result = trainer.fit()
+        except Exception as error:  # noqa: BLE001 - Ray wraps the worker's error; the cause is in the log above
+            latest = _latest_epoch(run_location.path, storage_location.fs)
+            where = f"the checkpoint after epoch {latest}" if latest is not None else "the start (no checkpoint yet)"
+            message = (
+                f"training run {config.run.name} failed ({_first_line(error)}); re-running the same command "
+                f"resumes from {where} in {run_location.uri}"
+            )
+            print(f"[train] {message}", file=sys.stderr, flush=True)
+            raise TrainingFailed(message) from error
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {config.run.name} produced no checkpoint")
-    with result.checkpoint.as_directory() as directory:
+        raise TrainingFailed(f"training run {config.run.name} produced no checkpoint")
+    checkpoint, chosen_metrics = _pick_checkpoint(result, config)
+    with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
     model = MGAModel(config.model)
     model.load_state_dict({name[len("model."):]: value for name, value in state["objective"].items() if name.startswith("model.")})
-    metrics = result.metrics or {}
+    metrics = dict(result.metrics or {})
+    last_epoch = int(metrics.get("epoch", state["epoch"] + 1))
+    epochs = state["epoch"] + 1
+    val = {key: chosen_metrics[key] for key in sorted(chosen_metrics) if key.startswith("val_") and np.isfinite(float(chosen_metrics[key]))}
     files = pack_artifact(
         model,
         {
             "image_size": config.data.image_size,
-            "train": {"run": config.run.name, "epochs": state["epoch"] + 1, "catalog": config.data.catalog, "items": len(items)},
+            "train": {
+                "run": config.run.name,
+                "epochs": epochs,
+                "last_epoch": last_epoch,
+                "checkpoint": config.run.artifact_from,
+                "resumed_after_epochs": list(state.get("starts", [0]))[1:],
+                "catalog": config.data.catalog,
+                "items": len(items),
+                "weights": describe_weights(config),
+                "validation": {"source": validation["source"], **val} if validation else None,
+                "config": config.model_dump(mode="json"),
+            },
             "recipe": config.recipe,
         },
     )
@@ -267,16 +670,34 @@ def run(config: TrainConfig) -> dict[str, Any]:
     summary = {
         "catalog": config.data.catalog,
         "train items": len(items),
-        "epochs": state["epoch"] + 1,
+        "epochs": f"{last_epoch}" + (f" (resumed after epoch {', '.join(map(str, state.get('starts', [0])[1:]))})" if len(state.get("starts", [0])) > 1 else ""),
         "final loss": round(float(metrics.get("loss", float("nan"))), 4),
         "images/s (last epoch)": round(float(metrics.get("images_per_s", float("nan"))), 1),
         "workers": f"{config.scaling.num_workers} x {'GPU' if config.scaling.use_gpu else 'CPU'}",
-        "checkpoints": f"{storage_location.uri}/{config.run.name}",
-        "model artifact": f"{resolve(config.run.output).uri} (model_id {model_id})",
-        "wall time": f"{time.time() - started:.0f} s",
+        "backbone weights": describe_weights(config),
     }
+    if validation:
+        summary["validation"] = validation["source"]
+        if val:
+            summary[f"val R@1 / mAP (epoch {epochs})"] = f"{val.get('val_R@1', float('nan')):.3f} / {val.get('val_mAP', float('nan')):.3f}"
+    summary.update(
+        {
+            "checkpoints": f"{run_location.uri} (kept: {config.run.keep_checkpoints}" + (f" best by {config.run.best_metric}, and the latest)" if validation else " latest)"),
+            "model artifact": f"{resolve(config.run.output).uri} (model_id {model_id}, from the {config.run.artifact_from} checkpoint: epoch {epochs})",
+            "wall time": f"{time.time() - started:.0f} s",
+        }
+    )
     print_summary("mga train", summary)
-    return {"model_id": model_id, "metrics": metrics, "epochs": state["epoch"] + 1, "output": config.run.output}
+    return {
+        "model_id": model_id,
+        "metrics": metrics,
+        "checkpoint_metrics": chosen_metrics,
+        "epochs": epochs,
+        "last_epoch": last_epoch,
+        "resumed_after_epochs": list(state.get("starts", [0]))[1:],
+        "output": config.run.output,
+        "run_path": run_location.uri,
+    }
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,413 @@
+"""Training at production grade: overrides, backbone weights, validation and the best
+checkpoint, resume after an interruption, a killed worker, and a job through the Jobs API.
+
+Everything runs on a real local Ray (the `ray_local` fixture), except the Jobs API test,
+which starts its own Ray head in a subprocess and stops only that head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from mga.synthetic import SynthSpec
+from pipelines import synth, train
+from pipelines.config import ConfigError, TrainConfig, load_config
+from pipelines.model_store import load_model
+from pipelines.storage import resolve
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = SynthSpec(seed=5, groups=4, items_per_group=3, test_fraction=0.5, train_views=4, gallery_views=2, query_views=2, image_size=64)
+TINY = [
+    "data.image_size=64",
+    "data.items_per_batch=3",
+    "data.images_per_item=2",
+    "scaling.cpus_per_worker=1",
+    "model.global_dim=32",
+    "model.token_dim=16",
+    "model.num_tokens=4",
+    "model.heads=2",
+]
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("train-catalog") / "catalog")
+    synth.run(path, SPEC)
+    return path
+
+
+def _config(catalog: str, root: Path, name: str, *overrides: str) -> TrainConfig:
+    return load_config(
+        "tiny",
+        TINY + list(overrides),
+        extra={"data": {"catalog": catalog}, "run": {"output": str(root / f"model-{name}"), "storage_path": str(root / "runs"), "name": name}},
+    )
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _leaves(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _leaves(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", annotation
+
+
+def _other_value(key: str, annotation, value):
+    """A valid value different from `value`, for any leaf of TrainConfig."""
+    special = {"model.token_dim": 128, "model.heads": 8, "run.checkpoint_every": 5, "optim.weight_decay": 0.01}
+    if key in special:
+        return special[key]
+    if typing.get_origin(annotation) is typing.Literal:
+        return next(option for option in typing.get_args(annotation) if option != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 + 0.01
+    if isinstance(value, tuple):
+        return [item + 1 for item in value]
+    return "s3://bucket/some/value" if value in (None, "") else f"{value}-x"
+
+
+@pytest.mark.timeout(60)
+def test_every_config_value_can_be_overridden_from_the_command_line():
+    base = load_config("tiny")
+    leaves = list(_leaves(TrainConfig))
+    assert len(leaves) > 40 and ("run.validate_every", int) in leaves
+    for key, annotation in leaves:
+        node = base
+        for part in key.split("."):
+            node = getattr(node, part)
+        new = _other_value(key, annotation, node)
+        # Through the CLI's own parser: `--config tiny --set key=value`.
+        args = argparse_namespace("--set", f"{key}={json.dumps(new)}")
+        changed = train.config_from_args(args)
+        got = changed
+        for part in key.split("."):
+            got = getattr(got, part)
+        assert got == (tuple(new) if isinstance(new, list) else new) != node, key
+    for name in ("tiny", "inshop", "consumer2shop"):
+        assert load_config(name).run.validate_every % load_config(name).run.checkpoint_every == 0
+
+
+def argparse_namespace(*argv: str):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    train.build_parser(parser)
+    return parser.parse_args(["--config", "tiny", *argv])
+
+
+@pytest.mark.timeout(60)
+def test_validation_settings_are_checked_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"run.validate_every=3 must be a multiple of run.checkpoint_every=2"):
+        load_config("tiny", ["run.checkpoint_every=2", "run.validate_every=3"])
+    with pytest.raises(ConfigError, match=r"run.artifact_from=best needs validation"):
+        load_config("tiny", ["run.validate_every=0", "run.artifact_from=best"])
+    with pytest.raises(ConfigError, match=r"run.best_metric"):
+        load_config("tiny", ["run.best_metric=loss"])
+
+
+# --------------------------------------------------------------------------- backbone weights
+
+
+@pytest.mark.timeout(240)
+def test_pretrained_without_a_hub_is_one_clear_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    env.pop("RAY_ADDRESS", None)
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", "--config", "tiny", "--set", "run.pretrained=true",
+         "--catalog", str(tmp_path / "catalog"), "--output", str(tmp_path / "model")],
+        capture_output=True, text=True, timeout=200, env=env, cwd=REPO,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "run.pretrained=true" in lines[0] and "run.weights_file" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    # It failed in the driver, before a Ray instance was started.
+    assert "Started a local Ray instance" not in done.stdout + done.stderr, time.time() - started
+
+
+@pytest.mark.timeout(120)
+def test_weights_file_local_or_s3_is_loaded_and_a_bad_one_is_refused(tmp_path, s3_env):
+    import boto3
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from mga.model import MGAModel
+
+    reference = timm.create_model("tf_efficientnetv2_b0")
+    weights = tmp_path / "b0.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in reference.state_dict().items()}, str(weights))
+    boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1").upload_file(str(weights), s3_env["bucket"], "weights/b0.safetensors")
+
+    for uri in (str(weights), f"s3://{s3_env['bucket']}/weights/b0.safetensors"):
+        config = load_config("tiny", TINY + [f"run.weights_file={uri}"])
+        train.check_backbone_weights(config)  # the driver's check passes
+        path = train.local_weights_file(uri)
+        assert Path(path).read_bytes() == weights.read_bytes()
+        model = MGAModel(config.model, weights_file=path)
+        torch.testing.assert_close(model.backbone.body.conv_stem.weight, reference.conv_stem.weight)
+    assert train.describe_weights(config).startswith("file s3://")
+
+    missing = load_config("tiny", TINY + [f"run.weights_file={tmp_path / 'nope.safetensors'}"])
+    with pytest.raises(FileNotFoundError, match="run.weights_file: .*nope.safetensors does not exist"):
+        train.check_backbone_weights(missing)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"conv_stem.weight": torch.zeros(3, 3, 3, 3)}, str(wrong))
+    with pytest.raises(ValueError, match=r"run.weights_file: .*wrong.safetensors cannot be loaded into tf_efficientnetv2_b0"):
+        train.check_backbone_weights(load_config("tiny", TINY + [f"run.weights_file={wrong}"]))
+
+
+# --------------------------------------------------------------------------- validation, best checkpoint, resume
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.timeout(420)
+def test_interrupted_run_resumes_and_the_best_checkpoint_is_kept(ray_local, catalog, tmp_path, monkeypatch):
+    events = tmp_path / "events.jsonl"
+    settings = ["optim.epochs=3", "scaling.num_workers=1", "run.checkpoint_every=1", "run.validate_every=1",
+                "run.keep_checkpoints=1", "run.max_failures=0"]
+    config = _config(catalog, tmp_path, "resume", *settings)
+
+    # 1. Interrupted after epoch 2 (rank 0 raises once its checkpoint is reported).
+    monkeypatch.setenv(train.HOOKS_ENV, json.dumps({"fail_after_epoch": 2, "events": str(events)}))
+    with pytest.raises(train.TrainingFailed, match=r"resumes from the checkpoint after epoch 2"):
+        train.run(config)
+    assert not resolve(config.run.output).join("artifact.json").exists()
+
+    # 2. The same command again: it resumes after epoch 2 and runs epoch 3 only.
+    monkeypatch.setenv(train.HOOKS_ENV, json.dumps({"events": str(events)}))
+    result = train.run(config)
+    starts = [event["epoch"] for event in _events(events) if event["event"] == "start"]
+    assert starts == [1, 2, 3]
+    assert result["epochs"] == 3 and result["resumed_after_epochs"] == [2]
+    _, model_id, saved = load_model(config.run.output)
+    assert model_id == result["model_id"]
+    assert saved["train"]["epochs"] == 3 and saved["train"]["config"]["optim"]["epochs"] == 3
+    assert saved["train"]["resumed_after_epochs"] == [2] and saved["train"]["checkpoint"] == "last"
+    for key in ("val_R@1", "val_mAP", "val_global_R@1", "val_global_mAP"):
+        assert 0.0 <= result["metrics"][key] <= 1.0 and key in saved["train"]["validation"]
+    assert result["metrics"]["val_queries"] == 12 and "query/gallery" in saved["train"]["validation"]["source"]
+
+    # 3. Ray Train kept the best checkpoint by val_mAP and the latest (keep_checkpoints=1).
+    val_map = {event["epoch"]: event["metrics"]["val_mAP"] for event in _events(events) if event["event"] == "report"}
+    assert sorted(val_map) == [1, 2, 3]
+    best = max(val_map, key=lambda epoch: (val_map[epoch], epoch))
+    import ray.train
+
+    kept = ray.train.Result.from_path(result["run_path"]).best_checkpoints
+    assert sorted(int(metrics["epoch"]) for _, metrics in kept) == sorted({best, 3})
+
+    # 4. run.artifact_from=best: the same run, nothing left to train, the artifact from the best.
+    best_config = _config(catalog, tmp_path, "resume", *settings, "run.artifact_from=best", f"run.output={tmp_path / 'model-best'}")
+    chosen = train.run(best_config)
+    _, _, saved_best = load_model(best_config.run.output)
+    assert chosen["epochs"] == best and saved_best["train"]["epochs"] == best and saved_best["train"]["checkpoint"] == "best"
+    assert saved_best["train"]["validation"]["val_mAP"] == pytest.approx(val_map[best])
+    assert [event["epoch"] for event in _events(events) if event["event"] == "start"] == [1, 2, 3]  # no epoch re-run
+
+
+# --------------------------------------------------------------------------- fault tolerance
+
+
+def _is_train_worker(pid: int) -> bool:
+    try:
+        return "RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(420)
+def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(ray_local, catalog, tmp_path, monkeypatch):
+    events, pid_file = tmp_path / "events.jsonl", tmp_path / "rank1.pid"
+    config = _config(catalog, tmp_path, "killed", "optim.epochs=3", "scaling.num_workers=2", "run.checkpoint_every=1",
+                     "run.validate_every=0", "run.max_failures=1")
+    # Rank 1 writes its pid at the start of epoch 2 and waits there to be killed.
+    monkeypatch.setenv(train.HOOKS_ENV, json.dumps({"events": str(events), "block": {"rank": 1, "epoch": 2, "pid_file": str(pid_file)}}))
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = train.run(config)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = error
+
+    runner = threading.Thread(target=fit, daemon=True)
+    runner.start()
+    deadline = time.time() + 300
+    while not pid_file.exists() and runner.is_alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), f"rank 1 never reached epoch 2: {outcome}"
+    pid = int(pid_file.read_text())
+    assert _is_train_worker(pid), f"pid {pid} is not a Ray Train worker"
+    os.kill(pid, signal.SIGKILL)
+    runner.join(timeout=300)
+    assert not runner.is_alive() and "error" not in outcome, outcome
+
+    result = outcome["result"]
+    assert result["epochs"] == 3 and result["resumed_after_epochs"] == [1]
+    _, _, saved = load_model(config.run.output)
+    assert saved["train"]["epochs"] == 3 and saved["train"]["resumed_after_epochs"] == [1]
+    starts = [(event["rank"], event["epoch"], event["pid"]) for event in _events(events) if event["event"] == "start"]
+    by_rank = {rank: [(epoch, pid_) for r, epoch, pid_ in starts if r == rank] for rank in (0, 1)}
+    # Each rank ran epoch 1 once (no restart from scratch); rank 1 started epoch 2 in the
+    # killed process and again in its replacement, which then finished the run.
+    # Rank 0 may or may not have logged its start of epoch 2 before the group was torn down.
+    assert [epoch for epoch, _ in by_rank[1]] == [1, 2, 2, 3] and [epoch for epoch, _ in by_rank[0]] in ([1, 2, 2, 3], [1, 2, 3])
+    assert by_rank[1][1][1] == pid and by_rank[1][2][1] != pid and by_rank[1][3][1] == by_rank[1][2][1]
+
+
+# --------------------------------------------------------------------------- Jobs API
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.timeout(480)
+def test_a_training_job_submitted_through_the_jobs_api(catalog, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    (gcs, dashboard, client_server, agent_http, agent_grpc, runtime_env_agent, metrics, node_manager, object_manager) = _free_ports(9)
+    # A short private temp dir: the head's address file goes there, not to /tmp/ray, so no
+    # other `ray.init()` on this machine can find (and join) this head by accident.
+    temp_dir = tempfile.mkdtemp(prefix="mgaray-", dir="/tmp")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    head_log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client_server}",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
+         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=head_log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline, client = time.time() + 180, None
+        while client is None:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the Ray head's job server did not come up: " + (tmp_path / "head.log").read_text()[-3000:]
+            try:
+                client = JobSubmissionClient(address)
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(1)
+
+        runtime_env = yaml.safe_load((REPO / "ray_job.yaml").read_text())
+        runtime_env["working_dir"] = str(REPO)
+        # This machine's environment already has every dependency (the head runs from the
+        # repo's venv) and no network: skip ray_job.yaml's pip step, keep the rest as is.
+        runtime_env.pop("pip")
+        output, runs = tmp_path / "model", tmp_path / "runs"
+        overrides = " ".join(f"--set {item}" for item in TINY + ["optim.epochs=1", "scaling.num_workers=1", "run.name=job"])
+        job_id = client.submit_job(
+            entrypoint=f"{sys.executable} -m pipelines.train --config pipelines/configs/tiny.yaml {overrides} "
+            f"--catalog {catalog} --output {output} --storage-path {runs}",
+            runtime_env=runtime_env,
+        )
+        deadline = time.time() + 360
+        while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.time() < deadline, f"job {job_id} still {status}: " + client.get_job_logs(job_id)[-3000:]
+            time.sleep(2)
+        logs = client.get_job_logs(job_id)
+        assert status == JobStatus.SUCCEEDED, logs[-5000:]
+        assert "[train] epoch 1/1" in logs and "== mga train ==" in logs
+        model, model_id, saved = load_model(str(output))
+        assert saved["train"]["epochs"] == 1 and model_id in logs and model.config.global_dim == 32
+    finally:
+        # Stop this head only: its whole process group (never `ray stop`, which would end
+        # every Ray instance on the machine).
+        # SIGTERM lets `ray start --block` stop its processes; SIGKILL then ends whatever of
+        # the group is left (the raylet's workers and agents are in the same group).
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        head_log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- smaller pieces
+
+
+@pytest.mark.timeout(60)
+def test_validation_selection_prefers_the_val_split_and_caps_queries_and_gallery(monkeypatch):
+    import pyarrow as pa
+
+    def catalog(rows):
+        table = pa.Table.from_pylist([dict(zip(("image_id", "item_id", "split", "domain"), row)) for row in rows])
+        monkeypatch.setattr(train, "open_catalog", lambda uri: (None, {}))
+        monkeypatch.setattr(train, "read_table", lambda location, columns, filter: table.filter(filter).select(columns))
+
+    test_rows = [(f"t{i}{v}", f"t{i}", "query" if v < 2 else "gallery", "consumer" if v < 2 else "shop") for i in range(6) for v in range(4)]
+    val_rows = [(f"v{i}{v}", f"v{i}", "val", "consumer" if v == 0 else "shop") for i in range(5) for v in range(3)]
+    catalog(test_rows + val_rows)
+    chosen = train.select_validation("c", max_queries=3, max_gallery=8, seed=0)
+    assert chosen["source"].startswith("val split: consumer queries")
+    assert len(chosen["queries"]) == 3 and {image_id[0] for image_id, _ in chosen["queries"] + chosen["gallery"]} == {"v"}
+    query_items = {item for _, item in chosen["queries"]}
+    gallery_items = [item for _, item in chosen["gallery"]]
+    # Every positive of the sampled queries is in the gallery, then distractors up to the cap.
+    assert all(gallery_items.count(item) == 2 for item in query_items) and len(gallery_items) == 8
+    assert chosen == train.select_validation("c", max_queries=3, max_gallery=8, seed=0)  # seeded
+
+    catalog(test_rows)  # no val split: the held-out query/gallery items, and it says so
+    chosen = train.select_validation("c", max_queries=100, max_gallery=100, seed=0)
+    assert "query/gallery" in chosen["source"] and "optimistic" in chosen["source"]
+    assert len(chosen["queries"]) == 12 and len(chosen["gallery"]) == 12
+
+    catalog([(f"s{i}{v}", f"s{i}", "val", "shop") for i in range(3) for v in range(3)] + [("lone", "x", "val", "shop")])
+    chosen = train.select_validation("c", max_queries=100, max_gallery=100, seed=0)  # one domain: first image queries
+    assert chosen["source"].endswith("first image queries its others")
+    assert [image_id for image_id, _ in chosen["queries"]] == ["s00", "s10", "s20"] and len(chosen["gallery"]) == 7
+
+    catalog([("q", "a", "train", "shop")])
+    assert train.select_validation("c", 10, 10, 0) is None
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_group_that_starves_the_decode_tasks_is_refused(ray_local, catalog, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = _config(catalog, tmp_path, "starved", "scaling.num_workers=2", "scaling.cpus_per_worker=2", "run.validate_every=0")
+    with pytest.raises(ValueError, match=r"scaling: 2 workers x 2 CPUs take 4 of the 4 CPUs of the local Ray instance"):
+        train.run(config)

@@ -15,10 +15,14 @@ def run_command(action: Callable[[], Any]) -> Any:
     from mga.artifact import ArtifactError
     from mga.transforms import ImageDecodeError
     from pipelines.config import ConfigError, format_validation_error
+    from pipelines.console import JobFailed
     from pipelines.storage import StorageError
 
     try:
         return action()
+    except JobFailed as error:
+        print(f"mga: failed: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except ValidationError as error:
         message = format_validation_error(error)
     except (ConfigError, StorageError, ArtifactError, ImageDecodeError, FileNotFoundError, ValueError) as error:

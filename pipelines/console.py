@@ -10,3 +10,7 @@ def print_summary(title: str, rows: dict[str, Any]) -> None:
     print(f"\n== {title} ==", flush=True)
     for key, value in rows.items():
         print(f"  {key.ljust(width)}  {value}", flush=True)
+
+
+class JobFailed(RuntimeError):
+    """A job that ran and failed (as opposed to bad input): one line, exit code 1."""

@@ -72,12 +72,11 @@ from mga.artifact import pack_artifact
 from mga.metrics import RetrievalMetrics
 from mga.model import Embedding, MGAModel
 from mga.objective import MGAObjective
-from mga.sampling import pk_batches
 from mga.transforms import preprocess
-from pipelines.catalog import catalog_dataset, open_catalog, train_item_ids
+from pipelines.catalog import open_catalog, train_item_ids
 from pipelines.config import TrainConfig, load_config
-from pipelines.console import print_summary
-from pipelines.decode import item_groups
+from pipelines.console import JobFailed, print_summary
+from pipelines.stream import DECODE_TASK_CPUS, pk_stream, train_stream
 from pipelines.model_store import write_artifact
 from pipelines.runtime import init_ray
 from pipelines.storage import read_table, resolve
@@ -87,7 +86,7 @@ SAMPLER_FILE = "sampler-rank{rank}.json"
 HOOKS_ENV = "MGA_TRAIN_TEST_HOOKS"
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(JobFailed):
     """The Ray Train run failed (more worker failures than run.max_failures, or an error in the loop)."""
 
 
@@ -409,11 +408,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         totals = {"loss": 0.0, "identity": 0.0, "triplet": 0.0}
         steps = 0
 
-        def groups():
-            for batch in shard.iter_batches(batch_size=P, batch_format="numpy", local_shuffle_buffer_size=config.data.shuffle_buffer_items):
-                yield from zip(batch["item_id"], batch["images"])
-
-        batches = pk_batches(groups(), P, K, sampler_rng)
+        batches = pk_stream(shard, P, K, config.data.shuffle_buffer_items, sampler_rng)
         data_wait = 0.0
         while True:
             waited = time.perf_counter()
@@ -507,9 +502,6 @@ def _latest_epoch(run_path: str, fs) -> int | None:
     return int(previous.metrics["epoch"]) if previous is not None else None
 
 
-DECODE_TASK_CPUS = 0.5
-
-
 def _check_local_cpus(config: TrainConfig) -> None:
     """On a local Ray instance, refuse a worker group that leaves no CPU for the decode tasks.
 
@@ -583,19 +575,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             print(f"[train] run {config.run.name} has a checkpoint after epoch {resuming_after} in {run_location.uri}: resuming from it", flush=True)
         init_ray()
         _check_local_cpus(config)
-        dataset = catalog_dataset(config.data.catalog, ["item_id", "image", "bbox"], splits=("train",))
-        dataset = dataset.map_batches(
-            item_groups,
-            fn_kwargs=dict(
-                images_per_item=config.data.images_per_item,
-                image_size=config.data.image_size,
-                augment=config.data.augment,
-                max_pixels=config.data.max_pixels,
-            ),
-            batch_size=64,  # rows per decode task: small enough that several run at once and the first batch comes early
-            batch_format="pyarrow",
-            num_cpus=DECODE_TASK_CPUS,
-        )
+        dataset = train_stream(config.data.catalog, config.data.images_per_item, config.data.image_size, config.data.augment, config.data.max_pixels)
         if validation:
             checkpoint_config = ray.train.CheckpointConfig(
                 num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute=config.run.best_metric, checkpoint_score_order="max"

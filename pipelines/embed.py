@@ -2,8 +2,24 @@
 
 Decoding and preprocessing run as Ray Data CPU tasks; the model runs in an actor pool
 (one GPU per actor where there are GPUs, bf16 there); rows stream to Parquet, so memory
-does not grow with the catalog. The table is published atomically (pipelines.storage).
-Images that cannot be decoded are set aside in the snapshot's rejects file with a reason.
+does not grow with the catalog. The table is published atomically (pipelines.storage):
+a job that fails or is killed leaves the previous snapshot as readers saw it, and its
+own half-written snapshot is deleted (or, after a SIGKILL, removed by the next publish).
+Before publishing, the job checks that every requested image is in the new snapshot or
+its rejects exactly once (a retried task or a restarted actor cannot duplicate a row).
+
+Images that cannot be decoded are set aside in the snapshot's rejects file with a reason;
+so is an image whose decoding raises anything unexpected: one bad file never fails a
+catalog-scale job.
+
+GPUs: `--use-gpu auto` (default) asks for one GPU per actor when the cluster has GPUs up
+when the job starts, and runs on CPU otherwise; `--use-gpu yes` asks for GPUs even when
+none are up, so an autoscaling cluster scales its GPU worker group up from zero (the job
+waits for it); `--use-gpu no` stays on CPU. `--gpus-per-actor 0.5` packs two actors on a GPU.
+
+Token dtype: `--token-dtype float16` halves the token columns (Parquet FLOAT16 logical
+type; pyarrow reads it as halffloat, DuckDB >= 1.1 as FLOAT). Search computes in float32
+either way; tests/test_retrieval.py measures the ranking cost of float16 tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +39,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from mga.artifact import unpack_artifact
+from mga.artifact import ArtifactError, unpack_artifact
 from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 from pipelines.catalog import open_catalog, table_dataset
 from pipelines.console import print_summary
@@ -32,11 +48,13 @@ from pipelines.runtime import init_ray
 from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, features_schema
 from pipelines.storage import (
     Location,
+    StorageError,
     TableNotFound,
+    credentials_hint,
+    discard_snapshot,
     list_files,
     new_snapshot,
     publish,
-    read_manifest,
     read_table,
     resolve,
     table_files,
@@ -46,6 +64,26 @@ from pipelines.storage import (
 # Columns that decide whether a stored row is still valid for a catalog row.
 CHANGE_KEY = ("sha256", "item_id", "split", "domain", "category")
 TOKEN_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+USE_GPU = ("auto", "yes", "no")
+
+
+def actor_gpus(use_gpu: str, gpus_up: int, gpus_per_actor: float = 1.0) -> float:
+    """GPUs each model actor asks Ray for: `auto` follows the GPUs up at start, `yes` asks
+    even when none are up (an autoscaler then adds GPU nodes), `no` never asks."""
+    if use_gpu not in USE_GPU:
+        raise ValueError(f"--use-gpu must be one of {', '.join(USE_GPU)}, got {use_gpu!r}")
+    if not gpus_per_actor > 0:
+        raise ValueError(f"--gpus-per-actor must be positive, got {gpus_per_actor}")
+    if use_gpu == "yes" or (use_gpu == "auto" and gpus_up > 0):
+        return float(gpus_per_actor)
+    return 0.0
+
+
+def default_actors(gpus: float, gpus_up: int) -> int:
+    """One actor per GPU that is up (at least one), or one on CPU."""
+    if gpus > 0:
+        return max(1, int(gpus_up / gpus))
+    return 1
 
 
 @ray.remote(num_cpus=0)
@@ -73,9 +111,13 @@ def prepare_batch(batch: pa.Table, image_size: int, max_pixels: int, reject_log:
             kept.append(row)
         except ImageDecodeError as error:
             rejected.append((batch.column("image_id")[row].as_py(), batch.column("source_path")[row].as_py(), str(error)))
+        except Exception as error:  # noqa: BLE001 - one odd file must not fail the job; it is reported
+            reason = f"cannot decode: unexpected {type(error).__name__}: {error}"
+            rejected.append((batch.column("image_id")[row].as_py(), batch.column("source_path")[row].as_py(), reason))
     if rejected:
         ray.get(reject_log.add.remote(rejected))
-    output = {name: np.array(batch.column(name).take(kept).to_pylist(), dtype=object) for name in IDENTITY_COLUMNS}
+    rows = pa.array(kept, pa.int64())  # typed: a batch whose rows were all rejected takes nothing
+    output = {name: np.array(batch.column(name).take(rows).to_pylist(), dtype=object) for name in IDENTITY_COLUMNS}
     output["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, image_size, image_size), np.uint8)
     return output
 
@@ -89,9 +131,9 @@ def fixed_size_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListA
 class Embedder:
     """Actor: the model, loaded once from the artifact bytes in the object store."""
 
-    def __init__(self, artifact: list, token_dtype: str, threads: int) -> None:
+    def __init__(self, artifact: list, token_dtype: str, threads: int, use_gpu: bool = True) -> None:
         model, self.model_id, _ = unpack_artifact(ray.get(artifact[0]))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.model = model.to(self.device).eval()
@@ -100,6 +142,8 @@ class Embedder:
         self.schema = features_schema(config.global_dim, [config.num_tokens * config.token_dim] * len(config.layers), TOKEN_DTYPES[token_dtype])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if len(batch["pixels"]) == 0:  # every image of the batch was rejected
+            return self.schema.empty_table()
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             embedding = self.model.embed(pixels)
@@ -112,6 +156,44 @@ class Embedder:
             columns[f"tokens_{layer}"] = fixed_size_list(tokens.float().cpu().numpy().astype(numpy_dtype), TOKEN_DTYPES[self.token_dtype])
         columns["embedded_at"] = pa.array([datetime.now(timezone.utc)] * rows, pa.timestamp("us", tz="UTC"))
         return pa.table(columns, schema=self.schema)
+
+
+def io_failure(error: BaseException) -> OSError | None:
+    """The I/O error (S3 outage, missing file) at the root of a failed Ray Data job, if any."""
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and not isinstance(current, ray.exceptions.RayError):
+            return current
+        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
+
+
+def execute(write: Any, reading: str, writing: str) -> None:
+    """Run a Ray Data job; a storage failure inside it becomes one StorageError line naming the URIs."""
+    try:
+        write()
+    except Exception as error:  # noqa: BLE001
+        cause = io_failure(error)
+        if cause is None:
+            raise
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise StorageError(f"reading {reading} / writing {writing} failed (retries exhausted): {first_line}{credentials_hint(reading)}") from error
+
+
+def load_artifact(files: dict[str, bytes], where: str) -> tuple[Any, str, dict[str, Any]]:
+    """unpack_artifact, with whatever a corrupt or hostile artifact raises (safetensors, JSON,
+    config errors) reported as an ArtifactError naming it: a one-line error, never a traceback."""
+    try:
+        return unpack_artifact(files, where=where)
+    except ArtifactError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise ArtifactError(f"{where}: not a loadable model artifact ({type(error).__name__}: {error})") from error
 
 
 @dataclass
@@ -142,6 +224,43 @@ def plan_incremental(out: Location, catalog: Location, model_id: str) -> Increme
     return IncrementalPlan(new | changed, unchanged, counts)
 
 
+def carry_over(table: Location, files: list[str], carry_ids: set[str], snapshot: Location, schema: pa.Schema) -> int:
+    """Copy the stored rows in `carry_ids` into `snapshot`, one output file per input file,
+    a record batch at a time (memory stays bounded by a row group), cast to `schema`
+    (a change of --token-dtype converts the carried tokens too). Returns the rows copied."""
+    wanted = pa.array(sorted(carry_ids), pa.string())
+    copied = 0
+    for number, path in enumerate(files):
+        source = pq.ParquetFile(path, filesystem=table.fs)
+        target = snapshot.join(f"carried-{number:05d}.parquet")
+        with pq.ParquetWriter(target.path, schema, filesystem=snapshot.fs, compression="zstd") as writer:
+            for batch in source.iter_batches(batch_size=4096):
+                kept = batch.filter(pc.is_in(batch.column("image_id"), value_set=wanted))
+                if kept.num_rows:
+                    writer.write_table(pa.Table.from_batches([kept]).select(schema.names).cast(schema))
+                    copied += kept.num_rows
+    return copied
+
+
+def check_exactly_once(snapshot: Location, data_files: list[str], rejects: list[tuple[str, str, str]], expected: set[str]) -> int:
+    """Every expected image is in the snapshot or its rejects exactly once, nothing else is; returns the rows written."""
+    ids: list[str] = []
+    for path in data_files:
+        ids += pq.read_table(path, columns=["image_id"], filesystem=snapshot.fs).column("image_id").to_pylist()
+    written = set(ids)
+    rejected = {row[0] for row in rejects}
+    problems = []
+    if len(written) != len(ids):
+        problems.append(f"{len(ids) - len(written)} duplicate rows")
+    if written & rejected:
+        problems.append(f"{len(written & rejected)} images both written and rejected")
+    if written | rejected != expected:
+        problems.append(f"{len(expected - written - rejected)} images missing, {len((written | rejected) - expected)} unexpected")
+    if problems:
+        raise RuntimeError(f"embed: the new snapshot {snapshot.uri} is inconsistent ({'; '.join(problems)}); it was not published")
+    return len(ids)
+
+
 def run(
     model: str,
     catalog: str,
@@ -151,89 +270,112 @@ def run(
     actors: int | None = None,
     token_dtype: str = "float32",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    use_gpu: str = "auto",
+    gpus_per_actor: float = 1.0,
 ) -> dict[str, Any]:
     if token_dtype not in TOKEN_DTYPES:
         raise ValueError(f"--token-dtype must be one of {sorted(TOKEN_DTYPES)}, got {token_dtype!r}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    if actors is not None and actors < 1:
+        raise ValueError(f"--actors must be positive, got {actors}")
+    if max_pixels < 1:
+        raise ValueError(f"--max-pixels must be positive, got {max_pixels}")
+    actor_gpus(use_gpu, 0, gpus_per_actor)  # validate before anything runs
     started = time.time()
-    catalog_location, catalog_manifest = open_catalog(catalog)
+    catalog_location, _ = open_catalog(catalog)
     files = read_artifact_files(model)
-    model_object, model_id, model_config = unpack_artifact(files, where=resolve(model).uri)
+    model_object, model_id, model_config = load_artifact(files, resolve(model).uri)
     image_size = int(model_config["image_size"])
     table = resolve(out)
 
     init_ray()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = actors or max(1, gpus)
+    gpus_up = int(ray.cluster_resources().get("GPU", 0))
+    gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
+    actors = actors or default_actors(gpus, gpus_up)
     threads = max(1, (os.cpu_count() or 1) // actors)
     plan = plan_incremental(table, catalog_location, model_id) if incremental else IncrementalPlan(None, set(), {})
     to_embed, carry_ids, counts = plan.embed_ids, plan.carry_ids, plan.counts
     carry_files = table_files(table) if carry_ids else []
+    # What must come out: each requested image_id once, as a row or a reject.
+    requested_ids = to_embed if to_embed is not None else set(read_table(catalog_location, columns=["image_id"]).column("image_id").to_pylist())
+    requested = len(requested_ids)
+    config = model_object.config
+    schema = features_schema(config.global_dim, [config.num_tokens * config.token_dim] * len(config.layers), TOKEN_DTYPES[token_dtype])
 
     snapshot = new_snapshot(table)
-    reject_log = RejectLog.remote()
-    columns = [*IDENTITY_COLUMNS, "image", "bbox", "source_path"]
-    if to_embed is None or to_embed:
-        dataset = table_dataset(catalog_location, columns, None if to_embed is None else ("image_id", to_embed))
-        dataset = dataset.map_batches(
-            prepare_batch,
-            fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "reject_log": reject_log},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            num_cpus=0.5,
+    try:
+        reject_log = RejectLog.remote()
+        columns = [*IDENTITY_COLUMNS, "image", "bbox", "source_path"]
+        if to_embed is None or to_embed:
+
+            def job() -> None:
+                dataset = table_dataset(catalog_location, columns, None if to_embed is None else ("image_id", to_embed))
+                dataset = dataset.map_batches(
+                    prepare_batch,
+                    fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "reject_log": reject_log},
+                    batch_size=batch_size,
+                    batch_format="pyarrow",
+                    num_cpus=0.5,
+                )
+                # Ray Data restarts a dead actor and retries its batches (max_restarts=-1 and
+                # max_task_retries=-1 are its defaults for actor pools); check_exactly_once
+                # below proves nothing was lost or written twice.
+                dataset = dataset.map_batches(
+                    Embedder,
+                    fn_constructor_kwargs={"artifact": [ray.put(files)], "token_dtype": token_dtype, "threads": threads, "use_gpu": gpus > 0},
+                    batch_size=batch_size,
+                    batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=actors),
+                    num_gpus=gpus,
+                    num_cpus=1,
+                )
+                dataset.write_parquet(snapshot.path, filesystem=snapshot.fs)
+
+            execute(job, catalog_location.uri, table.uri)
+        carried = carry_over(table, carry_files, carry_ids, snapshot, schema) if carry_ids else 0
+        if carried != len(carry_ids):
+            raise RuntimeError(f"embed: {len(carry_ids)} rows to carry over from {table.uri}, found {carried}")
+        data_files = list_files(snapshot, ".parquet")
+        rejects = ray.get(reject_log.all.remote())
+        if not data_files:  # everything rejected: an empty table with the schema, so readers still work
+            empty = snapshot.join("part-empty.parquet")
+            write_parquet(empty, schema.empty_table())
+            data_files = [empty.path]
+        total = check_exactly_once(snapshot, data_files, rejects, requested_ids | carry_ids)
+        embedded = total - len(carry_ids)
+        rejects_files = []
+        if rejects:
+            rejects_location = snapshot.join("_rejects.parquet")
+            write_parquet(rejects_location, pa.table({"source_path": [r[1] for r in rejects], "reason": [r[2] for r in rejects]}, schema=REJECTS))
+            rejects_files = [rejects_location.path]
+        manifest = publish(
+            table,
+            snapshot,
+            {
+                "table": "features",
+                "catalog": catalog_location.uri,
+                "model": resolve(model).uri,
+                "model_id": model_id,
+                "global_dim": config.global_dim,
+                "num_tokens": config.num_tokens,
+                "token_dim": config.token_dim,
+                "layers": list(config.layers),
+                "token_dtype": token_dtype,
+                "image_size": image_size,
+                "config": config.model_dump(mode="json"),
+                "rows": embedded + len(carry_ids),
+                "embedded": embedded,
+                "carried": len(carry_ids),
+                "rejected": len(rejects),
+                "rejects_files": [posixpath.relpath(path, table.path) for path in rejects_files],
+                **({"incremental": counts} if incremental else {}),
+            },
+            files=data_files,
         )
-        dataset = dataset.map_batches(
-            Embedder,
-            fn_constructor_kwargs={"artifact": [ray.put(files)], "token_dtype": token_dtype, "threads": threads},
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=1 if gpus else 0,
-            num_cpus=1,
-        )
-        dataset.write_parquet(snapshot.path, filesystem=snapshot.fs)
-    if carry_ids:
-        previous = pa.concat_tables(
-            pq.read_table(path, filesystem=table.fs, filters=pc.field("image_id").isin(sorted(carry_ids))) for path in carry_files
-        )
-        write_parquet(snapshot.join("carried.parquet"), previous.cast(pq.read_schema(carry_files[0], filesystem=table.fs)))
-    data_files = list_files(snapshot, ".parquet")
-    embedded = sum(pq.read_metadata(path, filesystem=table.fs).num_rows for path in data_files) - len(carry_ids)
-    rejects = ray.get(reject_log.all.remote())
-    rejects_files = []
-    if rejects:
-        rejects_location = snapshot.join("_rejects.parquet")
-        write_parquet(rejects_location, pa.table({"source_path": [r[1] for r in rejects], "reason": [r[2] for r in rejects]}, schema=REJECTS))
-        rejects_files = [rejects_location.path]
-    requested = catalog_manifest.get("rows", 0) if to_embed is None else len(to_embed)
-    if embedded + len(rejects) != requested:
-        raise RuntimeError(f"embed lost rows: {requested} requested, {embedded} embedded + {len(rejects)} rejected")
-    config = model_object.config
-    manifest = publish(
-        table,
-        snapshot,
-        {
-            "table": "features",
-            "catalog": catalog_location.uri,
-            "model": resolve(model).uri,
-            "model_id": model_id,
-            "global_dim": config.global_dim,
-            "num_tokens": config.num_tokens,
-            "token_dim": config.token_dim,
-            "layers": list(config.layers),
-            "token_dtype": token_dtype,
-            "image_size": image_size,
-            "config": config.model_dump(mode="json"),
-            "rows": embedded + len(carry_ids),
-            "embedded": embedded,
-            "carried": len(carry_ids),
-            "rejected": len(rejects),
-            "rejects_files": [posixpath.relpath(path, table.path) for path in rejects_files],
-            **({"incremental": counts} if incremental else {}),
-        },
-        files=data_files,
-    )
+    except BaseException:
+        discard_snapshot(snapshot)
+        raise
     rows = {
         "read": f"{catalog_location.uri} ({requested} images to embed)",
         "model": f"{resolve(model).uri} (model_id {model_id})",
@@ -244,7 +386,7 @@ def run(
     }
     if incremental:
         rows["incremental"] = ", ".join(f"{key} {value}" for key, value in counts.items())
-    rows["actors"] = f"{actors} x {'GPU' if gpus else 'CPU'}"
+    rows["actors"] = f"{actors} x " + (f"{gpus:g} GPU" if gpus else "CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)"
     rows["wall time"] = f"{time.time() - started:.1f} s"
     print_summary("mga embed", rows)
     return manifest
@@ -257,12 +399,23 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--incremental", action="store_true", help="embed only new or changed images, carry the rest over")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
-    parser.add_argument("--token-dtype", default="float32", choices=sorted(TOKEN_DTYPES))
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--token-dtype", default="float32", choices=sorted(TOKEN_DTYPES), help="dtype of the token columns (float16 halves them)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject images with more pixels than this")
+    parser.add_argument(
+        "--use-gpu",
+        default="auto",
+        choices=USE_GPU,
+        help="auto: GPUs if the cluster has some up at start; yes: ask for them even if none are up "
+        "(an autoscaling cluster scales its GPU group from zero); no: CPU only",
+    )
+    parser.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per model actor when GPUs are used (0.5 packs two per GPU)")
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:
-    return run(args.model, args.catalog, args.out, args.incremental, args.batch_size, args.actors, args.token_dtype, args.max_pixels)
+    return run(
+        args.model, args.catalog, args.out, args.incremental, args.batch_size, args.actors, args.token_dtype, args.max_pixels,
+        use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,13 @@ shortlists its queries and reranks the top N with the model's ATA head, scoring 
 chunk's query-candidate pairs as one batch. Every rerank call has the same shape (the
 last chunk is padded), so a query's ranking does not depend on how queries were batched
 or how many workers ran.
+
+The rankings are published atomically (pipelines.storage): a search that fails or is
+killed leaves the previous rankings as readers saw them; re-running it gives the same rows.
+`--index ivf|hnsw` shortlists approximately; the recall@100 of the shortlist against exact
+search (on up to 1000 queries) is measured and recorded in the manifest and the summary.
+`--use-gpu` and `--gpus-per-actor` work as for `mga embed` (`yes` scales a GPU group up
+from zero on an autoscaling cluster); faiss moves the index to the GPUs an actor sees.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -29,10 +37,11 @@ from mga.model import Embedding
 from mga.similarity import TOKEN_SIMILARITY_MIN, fuse_similarity
 from pipelines.catalog import table_dataset
 from pipelines.console import print_summary
+from pipelines.embed import USE_GPU, actor_gpus, default_actors, execute, load_artifact
 from pipelines.model_store import read_artifact_files
 from pipelines.runtime import init_ray
 from pipelines.schemas import RANKINGS
-from pipelines.storage import new_snapshot, publish, read_manifest, read_table, resolve
+from pipelines.storage import discard_snapshot, list_files, new_snapshot, publish, read_manifest, read_table, resolve
 
 INDEX_KINDS = ("exact", "ivf", "hnsw")
 
@@ -82,14 +91,14 @@ def shortlist_recall(index: faiss.Index, gallery: np.ndarray, queries: np.ndarra
 class Searcher:
     """Actor: shortlist and rerank blocks of queries against the shared gallery."""
 
-    def __init__(self, gallery: list, index: list, artifact: list, depth: int, rerank_top: int, rerank_chunk: int, threads: int, token_names: list[str]) -> None:
+    def __init__(self, gallery: list, index: list, artifact: list, depth: int, rerank_top: int, rerank_chunk: int, threads: int, token_names: list[str], use_gpu: bool = True) -> None:
         self.gallery = ray.get(gallery[0])
         self.index = faiss.deserialize_index(ray.get(index[0]))
-        if faiss.get_num_gpus() > 0:
+        if use_gpu and faiss.get_num_gpus() > 0:
             self.index = faiss.index_cpu_to_all_gpus(self.index)
         faiss.omp_set_num_threads(threads)
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.model_id, _ = unpack_artifact(ray.get(artifact[0]))
         self.model = model.to(self.device).eval()
         self.alpha = model.config.alpha
@@ -181,7 +190,12 @@ def run(
     query_batch: int = 64,
     rerank_chunk: int = 8,
     model: str | None = None,
+    use_gpu: str = "auto",
+    gpus_per_actor: float = 1.0,
 ) -> dict[str, Any]:
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be positive, got {workers}")
+    actor_gpus(use_gpu, 0, gpus_per_actor)  # validate before anything runs
     for name, value in (("--rerank-top", rerank_top), ("--query-batch", query_batch), ("--rerank-chunk", rerank_chunk)):
         if value < 0 or (value == 0 and name != "--rerank-top"):
             raise ValueError(f"{name} must be {'non-negative' if name == '--rerank-top' else 'positive'}, got {value}")
@@ -194,7 +208,7 @@ def run(
     manifest = read_manifest(features_location)
     model_uri = model or manifest["model"]
     files = read_artifact_files(model_uri)
-    _, model_id, model_config = unpack_artifact(files, where=resolve(model_uri).uri)
+    _, model_id, model_config = load_artifact(files, resolve(model_uri).uri)
     if model_id != manifest["model_id"]:
         raise ValueError(f"{features_location.uri} was embedded with model_id {manifest['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
     gallery = load_gallery(features_location, manifest)
@@ -210,60 +224,80 @@ def run(
     if index != "exact":
         sample = column_matrix(queries_table.slice(0, 1000), "global")
         recall = shortlist_recall(faiss_index, gallery["global"], sample, min(100, gallery_size))
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    workers = workers or max(1, gpus)
+    gpus_up = int(ray.cluster_resources().get("GPU", 0))
+    gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
+    workers = workers or default_actors(gpus, gpus_up)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    snapshot = new_snapshot(resolve(out))
-    dataset = table_dataset(features_location, ["image_id", "item_id", "global", *token_columns(manifest)], ("split", ["query"]))
-    dataset = dataset.map_batches(
-        Searcher,
-        fn_constructor_kwargs=dict(
-            gallery=[ray.put(gallery)],
-            index=[ray.put(faiss.serialize_index(faiss_index))],
-            artifact=[ray.put(files)],
-            depth=depth,
-            rerank_top=rerank_top,
-            rerank_chunk=rerank_chunk,
-            threads=threads,
-            token_names=token_columns(manifest),
-        ),
-        batch_size=query_batch,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_gpus=1 if gpus else 0,
-        num_cpus=1,
-    )
-    dataset.write_parquet(snapshot.path, filesystem=snapshot.fs)
     table = resolve(out)
-    result = publish(
-        table,
-        snapshot,
-        {
-            "table": "rankings",
-            "features": features_location.uri,
-            "catalog": manifest.get("catalog"),
-            "model_id": model_id,
-            "alpha": model_config["model"]["alpha"],
-            "depth": depth,
-            "rerank_top": min(rerank_top, depth),
-            "index": index,
-            "shortlist_recall_at_100": recall,
-            "queries": queries_table.num_rows,
-            "gallery": gallery_size,
-        },
-    )
+    snapshot = new_snapshot(table)
+    try:
+        _search(features_location, manifest, snapshot, gallery, faiss_index, files, depth, rerank_top, workers, threads, gpus, query_batch, rerank_chunk)
+        rows = sum(pq.read_metadata(path, filesystem=snapshot.fs).num_rows for path in list_files(snapshot, ".parquet"))
+        # Every query once, `depth` rows each (fewer where an approximate index finds fewer).
+        if rows > queries_table.num_rows * depth or (index == "exact" and rows != queries_table.num_rows * depth):
+            raise RuntimeError(f"search: {rows} rankings rows for {queries_table.num_rows} queries at depth {depth}: not published")
+        result = publish(
+            table,
+            snapshot,
+            {
+                "table": "rankings",
+                "features": features_location.uri,
+                "catalog": manifest.get("catalog"),
+                "model_id": model_id,
+                "alpha": model_config["model"]["alpha"],
+                "depth": depth,
+                "rerank_top": min(rerank_top, depth),
+                "index": index,
+                "shortlist_recall_at_100": recall,
+                "queries": queries_table.num_rows,
+                "gallery": gallery_size,
+                "rows": rows,
+            },
+        )
+    except BaseException:
+        discard_snapshot(snapshot)
+        raise
     print_summary(
         "mga search",
         {
             "read": f"{features_location.uri} ({queries_table.num_rows} queries, {gallery_size} gallery images, model_id {model_id})",
             "shortlist": f"faiss {index}" + (f", recall@100 vs exact {recall:.3f}" if recall is not None else "") + f", depth {depth}",
             "rerank": f"top {min(rerank_top, depth)} per query by ATA (alpha {model_config['model']['alpha']})",
-            "wrote": f"{table.uri} (snapshot {result['snapshot']}, {queries_table.num_rows * depth} rows at most)",
-            "workers": f"{workers} x {'GPU' if gpus else 'CPU'}",
+            "wrote": f"{table.uri} (snapshot {result['snapshot']}, {rows} rows)",
+            "workers": f"{workers} x " + (f"{gpus:g} GPU" if gpus else "CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",
             "wall time": f"{time.time() - started:.1f} s",
         },
     )
     return result
+
+
+def _search(features_location, manifest, snapshot, gallery, faiss_index, files, depth, rerank_top, workers, threads, gpus, query_batch, rerank_chunk) -> None:
+    """Stream the query rows through the Searcher pool into `snapshot` (not yet published)."""
+
+    def job() -> None:
+        dataset = table_dataset(features_location, ["image_id", "item_id", "global", *token_columns(manifest)], ("split", ["query"]))
+        dataset = dataset.map_batches(
+            Searcher,
+            fn_constructor_kwargs=dict(
+                gallery=[ray.put(gallery)],
+                index=[ray.put(faiss.serialize_index(faiss_index))],
+                artifact=[ray.put(files)],
+                depth=depth,
+                rerank_top=rerank_top,
+                rerank_chunk=rerank_chunk,
+                threads=threads,
+                token_names=token_columns(manifest),
+                use_gpu=gpus > 0,
+            ),
+            batch_size=query_batch,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=gpus,
+            num_cpus=1,
+        )
+        dataset.write_parquet(snapshot.path, filesystem=snapshot.fs)
+
+    execute(job, features_location.uri, snapshot.uri)
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -276,10 +310,21 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-batch", type=int, default=64)
     parser.add_argument("--rerank-chunk", type=int, default=8, help="queries whose candidates are scored in one ATA batch")
     parser.add_argument("--model", default=None, help="model artifact (default: the one the features were embedded with)")
+    parser.add_argument(
+        "--use-gpu",
+        default="auto",
+        choices=USE_GPU,
+        help="auto: GPUs if the cluster has some up at start; yes: ask for them even if none are up "
+        "(an autoscaling cluster scales its GPU group from zero); no: CPU only",
+    )
+    parser.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per search actor when GPUs are used")
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:
-    return run(args.features, args.out, args.depth, args.rerank_top, args.index, args.workers, args.query_batch, args.rerank_chunk, args.model)
+    return run(
+        args.features, args.out, args.depth, args.rerank_top, args.index, args.workers, args.query_batch, args.rerank_chunk, args.model,
+        use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

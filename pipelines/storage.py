@@ -9,7 +9,10 @@ immutable snapshots and one `_manifest.json`:
 A writer fills a fresh snapshot directory and then publishes the manifest with a single
 atomic operation (a rename on local disk, one PUT on S3), so a reader that goes through
 the manifest never sees a half-written table. The previous snapshot is kept for readers
-still holding the old manifest; older ones are deleted.
+still holding the old manifest; older ones are deleted (see _delete_old_snapshots).
+
+A failed writer deletes its own snapshot (discard_snapshot); a killed one leaves it, unlisted
+in any manifest, for a later publish to remove.
 """
 
 from __future__ import annotations
@@ -32,16 +35,33 @@ MANIFEST = "_manifest.json"
 SNAPSHOT_PREFIX = "v-"
 TABLE_FORMAT = "mga-table/1"
 
-# Environment variables that carry S3 settings to every Ray worker.
+# S3 settings a local Ray instance forwards to its workers in their runtime env
+# (pipelines.runtime.init_ray). Credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# AWS_SESSION_TOKEN) are deliberately NOT listed: Ray writes a runtime env verbatim into its
+# logs (runtime_env_agent.log), and a local instance's workers inherit the driver's
+# environment anyway, credentials included. On a cluster, credentials come from the pods'
+# secrets or roles (cluster/README.md), never from this list.
 S3_ENV_VARS = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_PROFILE",
+    # Retry and timeout settings of pyarrow's S3 client (see s3_filesystem).
+    "MGA_S3_MAX_ATTEMPTS",
+    "MGA_S3_CONNECT_TIMEOUT",
+    "MGA_S3_REQUEST_TIMEOUT",
+)
+
+# Where the AWS SDK's default chain finds credentials without asking a metadata service.
+_CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
 )
 
 
@@ -71,36 +91,72 @@ class Location:
         return Location(self.fs, path, uri)
 
     def exists(self) -> bool:
-        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+        try:
+            return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+        except OSError as error:
+            raise StorageError(f"cannot read {self.uri}: {error}{credentials_hint(self.uri)}") from error
 
     def read_bytes(self) -> bytes:
         try:
             with self.fs.open_input_stream(self.path) as stream:
                 return stream.read()
         except (FileNotFoundError, OSError) as error:
-            raise StorageError(f"cannot read {self.uri}: {error}") from error
+            raise StorageError(f"cannot read {self.uri}: {error}{credentials_hint(self.uri)}") from error
 
     def write_bytes(self, data: bytes) -> None:
-        parent = posixpath.dirname(self.path)
-        if parent:
-            self.fs.create_dir(parent, recursive=True)
-        with self.fs.open_output_stream(self.path) as stream:
-            stream.write(data)
+        try:
+            parent = posixpath.dirname(self.path)
+            if parent:
+                self.fs.create_dir(parent, recursive=True)
+            with self.fs.open_output_stream(self.path) as stream:
+                stream.write(data)
+        except OSError as error:
+            raise StorageError(f"cannot write {self.uri}: {error}{credentials_hint(self.uri)}") from error
 
 
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def credentials_hint(uri: str) -> str:
+    """For errors on s3:// URIs: a note when no AWS credentials are configured, else ""."""
+    if not uri.startswith("s3://") or any(os.environ.get(name) for name in _CREDENTIAL_VARS):
+        return ""
+    if os.path.exists(os.path.expanduser("~/.aws/credentials")) or os.path.exists(os.path.expanduser("~/.aws/config")):
+        return ""
+    return (
+        " (no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+        "or run where an instance or pod role provides them)"
+    )
+
+
+def _env_number(name: str, default: float, kind: type = float) -> Any:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise StorageError(f"${name}={text!r}: expected a positive number") from None
+    if value <= 0:
+        raise StorageError(f"${name}={text!r}: expected a positive number")
+    return value
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """pyarrow's S3 client configured from the usual AWS variables.
 
-    pyarrow ignores AWS_ENDPOINT_URL, so the endpoint is passed explicitly.
+    pyarrow ignores AWS_ENDPOINT_URL, so the endpoint is passed explicitly. Every request
+    is retried (AWS "standard" strategy, exponential backoff) up to $MGA_S3_MAX_ATTEMPTS
+    times (default 5), connecting gives up after $MGA_S3_CONNECT_TIMEOUT seconds (10) and
+    a request after $MGA_S3_REQUEST_TIMEOUT seconds (60): an endpoint that stops answering
+    for less than that is waited out; one that stays down fails the job with an error
+    naming the URI, and nothing is published.
     """
     kwargs: dict[str, Any] = {
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
-        "connect_timeout": 10,
-        "request_timeout": 60,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_env_number("MGA_S3_MAX_ATTEMPTS", 5, int)),
+        "connect_timeout": _env_number("MGA_S3_CONNECT_TIMEOUT", 10.0),
+        "request_timeout": _env_number("MGA_S3_REQUEST_TIMEOUT", 60.0),
     }
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
@@ -132,7 +188,10 @@ def resolve(uri: str) -> Location:
 
 def list_files(location: Location, suffix: str = "") -> list[str]:
     """Paths of the files below `location`, sorted, hidden (`_` or `.`) names skipped."""
-    infos = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True, allow_not_found=True))
+    try:
+        infos = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True, allow_not_found=True))
+    except OSError as error:
+        raise StorageError(f"cannot list {location.uri}: {error}{credentials_hint(location.uri)}") from error
     files = []
     for info in infos:
         if info.type != pafs.FileType.File or not info.path.endswith(suffix):
@@ -148,8 +207,19 @@ def new_snapshot(table: Location) -> Location:
     """A fresh, empty snapshot directory under `table` to write a new version into."""
     name = f"{SNAPSHOT_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     snapshot = table.join(name)
-    table.fs.create_dir(snapshot.path, recursive=True)
+    try:
+        table.fs.create_dir(snapshot.path, recursive=True)
+    except OSError as error:
+        raise StorageError(f"cannot write {table.uri}: {error}{credentials_hint(table.uri)}") from error
     return snapshot
+
+
+def discard_snapshot(snapshot: Location) -> None:
+    """Delete an unpublished snapshot (a failed job's); readers never saw it. Best effort."""
+    try:
+        snapshot.fs.delete_dir(snapshot.path)
+    except OSError:
+        pass
 
 
 def read_manifest(table: Location) -> dict[str, Any]:
@@ -157,7 +227,7 @@ def read_manifest(table: Location) -> dict[str, Any]:
     if not manifest.exists():
         raise TableNotFound(
             f"{table.uri} has no {MANIFEST}: it is not a published table "
-            "(wrong path, or the job that writes it has not finished)"
+            f"(wrong path, or the job that writes it has not finished){credentials_hint(table.uri)}"
         )
     try:
         return json.loads(manifest.read_bytes())
@@ -193,12 +263,17 @@ def publish(table: Location, snapshot: Location, manifest: dict[str, Any], files
 
 
 def _delete_old_snapshots(table: Location, keep: set[str | None]) -> None:
-    """Delete published snapshots older than the previous one; in-flight ones are younger."""
-    current = max(name for name in keep if name)
+    """Delete snapshots older than the oldest one kept (the previous published one).
+
+    Snapshot names sort by the time their writer started, so a snapshot younger than the
+    previous published one may belong to a writer still at work (a second job on the same
+    table) and is left alone; a killed job's leftover is removed by a later publish.
+    """
+    oldest_kept = min(name for name in keep if name)
     infos = table.fs.get_file_info(pafs.FileSelector(table.path, recursive=False, allow_not_found=True))
     for info in infos:
         name = posixpath.basename(info.path)
-        if info.type == pafs.FileType.Directory and name.startswith(SNAPSHOT_PREFIX) and name not in keep and name < current:
+        if info.type == pafs.FileType.Directory and name.startswith(SNAPSHOT_PREFIX) and name not in keep and name < oldest_kept:
             table.fs.delete_dir(info.path)
 
 
@@ -213,16 +288,22 @@ def read_table(table: Location, columns: list[str] | None = None, key: str = "fi
     files = table_files(table, key)
     if not files:
         raise StorageError(f"{table.uri}: the published snapshot lists no files under {key!r}")
-    dataset = pads.dataset(files, filesystem=table.fs, format="parquet")
-    return dataset.to_table(columns=columns, filter=filter)
+    try:
+        dataset = pads.dataset(files, filesystem=table.fs, format="parquet")
+        return dataset.to_table(columns=columns, filter=filter)
+    except OSError as error:  # e.g. a snapshot deleted under an old manifest, an S3 outage
+        raise StorageError(f"cannot read {table.uri}: {error}{credentials_hint(table.uri)}") from error
 
 
 def write_parquet(location: Location, table: pa.Table, row_group_size: int | None = None) -> None:
     """Write one Parquet file (creating parent directories)."""
-    parent = posixpath.dirname(location.path)
-    if parent:
-        location.fs.create_dir(parent, recursive=True)
-    pq.write_table(table, location.path, filesystem=location.fs, row_group_size=row_group_size, compression="zstd")
+    try:
+        parent = posixpath.dirname(location.path)
+        if parent:
+            location.fs.create_dir(parent, recursive=True)
+        pq.write_table(table, location.path, filesystem=location.fs, row_group_size=row_group_size, compression="zstd")
+    except OSError as error:
+        raise StorageError(f"cannot write {location.uri}: {error}{credentials_hint(location.uri)}") from error
 
 
 def write_json(location: Location, payload: dict[str, Any]) -> None:

@@ -1,0 +1,607 @@
+"""Reliability: bad images, faults (a killed actor, an S3 outage, killed jobs), bad arguments,
+and security (no unpickling, no path escapes, no credentials in outputs or logs).
+
+Every fault is real: actors and jobs are SIGKILLed, the S3 endpoint (a moto server of this
+module's own) is frozen with SIGSTOP, the bad images are real files. Figures go to stdout
+(`pytest -s`); the summary of what was injected and survived is in each test's print.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+import ray._private.state  # the GCS actor table: the state API needs the dashboard, not started locally
+import torch
+from PIL import Image
+
+from mga.artifact import CONFIG, INDEX, WEIGHTS, artifact_id, pack_artifact, unpack_artifact
+from mga.config import ModelConfig
+from mga.model import MGAModel
+from mga.synthetic import SynthSpec
+from pipelines import embed, prepare, search, synth
+from pipelines.model_store import read_artifact_files, write_artifact
+from pipelines.schemas import CATALOG
+from pipelines.storage import MANIFEST, TableNotFound, list_files, new_snapshot, publish, read_manifest, read_table, resolve, write_parquet
+
+MODEL = ModelConfig(backbone="tf_efficientnetv2_b0", layers=(3, 4), global_dim=32, token_dim=16, num_tokens=4, heads=2)
+SPEC = SynthSpec(seed=9, groups=4, items_per_group=3, test_fraction=0.5, train_views=2, gallery_views=2, query_views=2, image_size=64)
+IMAGES = 4 * 3 // 2 * (2 + 2 + 2)  # 36
+COPIES = 4  # the killed-actor test's catalog: 144 images, at 128 px: seconds of model time on one CPU
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = "a-distinctive-secret-7f3c9e1b5d"
+
+
+# ------------------------------------------------------------------------------ images
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def picture(size=(40, 30), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(size[0] * 31 + size[1])
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB").convert(mode)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(side: int = 100_000) -> bytes:
+    """A 100 kB-free PNG whose header declares side x side pixels (10^10 at the default)."""
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + png_chunk(b"IEND", b"")
+
+
+def exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: 40x30 stored, 30x40 shown
+    return encode(picture((40, 30)), "JPEG", exif=exif)
+
+
+def corrupt_exif() -> bytes:
+    good = encode(picture((30, 20)), "JPEG")
+    payload = b"Exif\0\0MM\x00\x2a\x00\x00\x00\x08\xff\xff" + b"\x00" * 20
+    return good[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + good[2:]
+
+
+def palette_png(transparent: bool) -> bytes:
+    image = picture((24, 24)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    return encode(image, "PNG", **({"transparency": 0} if transparent else {}))
+
+
+# name -> (bytes, expected): "ok" (decoded, width x height after EXIF) or a reason's start
+CORPUS: dict[str, tuple[bytes, str]] = {
+    "truncated.jpg": (encode(picture((64, 48)), "JPEG", quality=95)[:600], "cannot decode"),
+    "zero.jpg": (b"", "empty file"),
+    "text.jpg": (b"this is not an image, it is a text file\n" * 4, "not an image"),
+    "bomb.png": (bomb_png(), "decompression bomb"),
+    "bomb-below-pil-limit.png": (bomb_png(10_000), "cannot decode: Image size"),  # 10^8 pixels: over the limit, under PIL's 2x
+    "cmyk.jpg": (encode(picture((30, 20), "CMYK"), "JPEG"), "ok 30x20"),
+    "gray16.png": (encode(Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16)), "PNG"), "ok 30x20"),
+    "rgba.png": (encode(picture((30, 20), "RGBA"), "PNG"), "ok 30x20"),
+    "palette.png": (palette_png(False), "ok 24x24"),
+    "palette-transparent.png": (palette_png(True), "ok 24x24"),
+    "one-pixel.png": (encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), "ok 1x1"),
+    "exif-rotated.jpg": (exif_rotated(), "ok 30x40"),
+    "corrupt-exif.jpg": (corrupt_exif(), "ok 30x20"),
+    "grayscale.jpg": (encode(picture((30, 20), "L"), "JPEG"), "ok 30x20"),
+    "png-named.jpg": (encode(picture((30, 20)), "PNG"), "ok 30x20"),
+    "float.tiff": (encode(Image.fromarray(np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)), "TIFF"), "ok 30x20"),
+    "animated.gif": (encode(Image.new("P", (30, 20), 1), "GIF", save_all=True, append_images=[Image.new("P", (30, 20), 2)]), "ok 30x20"),
+    "fine.webp": (encode(picture((30, 20)), "WEBP"), "ok 30x20"),
+}
+
+
+def write_random_model(uri: str, seed: int = 0, image_size: int = 64) -> str:
+    torch.manual_seed(seed)
+    files = pack_artifact(MGAModel(MODEL), {"image_size": image_size})
+    write_artifact(uri, files)
+    return json.loads(files["artifact.json"])["model_id"]
+
+
+def publish_rows(uri: str, rows: list[dict], files: int = 1) -> None:
+    """A catalog table written by hand (bypassing prepare), in `files` shards, published like any other."""
+    location = resolve(uri)
+    snapshot = new_snapshot(location)
+    per_file = -(-len(rows) // files)
+    for number, start in enumerate(range(0, len(rows), per_file)):
+        write_parquet(snapshot.join(f"part-{number:05d}.parquet"), pa.Table.from_pylist(rows[start:start + per_file], schema=CATALOG))
+    publish(location, snapshot, {"table": "catalog", "rows": len(rows), "input": len(rows), "rejected": 0, "rejects_files": []})
+
+
+def features_matrix(table: pa.Table) -> dict[str, np.ndarray]:
+    rows = table.to_pylist()
+    return {row["image_id"]: np.array(row["global"] + row["tokens_0"] + row["tokens_1"], np.float32) for row in rows}
+
+
+@pytest.fixture(scope="module")
+def base(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    paths = {name: str(root / name) for name in ("catalog", "big", "model", "features")}
+    synth.run(paths["catalog"], SPEC, images_per_shard=12)
+    paths["model_id"] = write_random_model(paths["model"])
+    embed.run(paths["model"], paths["catalog"], paths["features"], batch_size=16)
+    # A bigger catalog for the faults: every image COPIES times under new ids (same bytes, same features).
+    rows = read_table(resolve(paths["catalog"])).to_pylist()
+    publish_rows(paths["big"], [dict(row, image_id=f"{row['image_id']}#{copy}") for copy in range(COPIES) for row in rows], files=12)
+    paths["root"] = str(root)
+    paths["reference"] = features_matrix(read_table(resolve(paths["features"])))
+    return paths
+
+
+def assert_matches_reference(table: pa.Table, reference: dict[str, np.ndarray]) -> None:
+    ids = table.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate rows"
+    for image_id, vector in features_matrix(table).items():
+        np.testing.assert_allclose(vector, reference[image_id], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ bad images
+
+
+@pytest.mark.timeout(600)
+def test_bad_image_corpus_through_prepare_and_embed(base, tmp_path):
+    root = tmp_path / "shop"
+    root.mkdir()
+    for name, (data, _) in CORPUS.items():
+        (root / name).write_bytes(data)
+    (tmp_path / "outside.jpg").write_bytes(CORPUS["cmyk.jpg"][0])
+    os.symlink(tmp_path / "outside.jpg", root / "link-out.jpg")
+    (root / "folder.jpg").mkdir()
+    listed = list(CORPUS) + ["../outside.jpg", str(tmp_path / "outside.jpg"), "link-out.jpg", "missing.jpg", "folder.jpg", "cmyk.jpg"]
+    expected = {name: want for name, (_, want) in CORPUS.items()}
+    expected.update({"../outside.jpg": "outside the root", str(tmp_path / "outside.jpg"): "outside the root",
+                     "link-out.jpg": "outside the root", "missing.jpg": "missing file", "folder.jpg": "not a file"})
+    csv = root / "catalog.csv"
+    csv.write_text("path,item_id,split\n" + "".join(f"{path},item-{i % 3},train\n" for i, path in enumerate(listed)))
+
+    manifest = prepare.run("manifest", str(tmp_path / "catalog"), manifest=str(csv), min_shards=1)
+    catalog = read_table(resolve(str(tmp_path / "catalog")))
+    rejects = read_table(resolve(str(tmp_path / "catalog")), key="rejects_files").to_pylist()
+    assert manifest["input"] == len(listed) == manifest["rows"] + manifest["rejected"] == catalog.num_rows + len(rejects)
+    sizes = {row["image_id"]: f"ok {row['width']}x{row['height']}" for row in catalog.to_pylist()}
+    outcome = {}
+    for name, want in expected.items():
+        source = os.path.normpath(os.path.join(root, name))  # what prepare read (absolute names stay)
+        reasons = [r["reason"] for r in rejects if r["source_path"] == source]
+        got = sizes.get(name) if want.startswith("ok") else next((r for r in reasons if r.startswith(want)), reasons[0] if reasons else None)
+        outcome[name] = got
+        assert got is not None and got.startswith(want), f"{name}: expected {want!r}, got {got!r}"
+    reasons = {r["source_path"]: r["reason"] for r in rejects}
+    # The second listing of cmyk.jpg is a duplicate: kept once, the repeat rejected with a reason.
+    assert sum(1 for reason in reasons.values() if reason.startswith("duplicate")) == 1
+    for row in catalog.to_pylist():
+        assert hashlib.sha256(row["image"]).hexdigest() == row["sha256"]
+
+    # Embed's own reject path: a catalog written by hand with bad bytes beside the good rows.
+    good = catalog.to_pylist()
+    bad = [dict(good[0], image_id=f"bad/{name}", image=data, sha256=hashlib.sha256(data).hexdigest(), source_path=f"hand/{name}")
+           for name, (data, want) in CORPUS.items() if not want.startswith("ok")]
+    bad.append(dict(good[0], image_id="bad/null", image=None, sha256="", source_path="hand/null"))
+    hand = str(tmp_path / "hand")
+    publish_rows(hand, good + bad)
+    out = str(tmp_path / "features")
+    result = embed.run(base["model"], hand, out, batch_size=8)
+    features = read_table(resolve(out))
+    embed_rejects = read_table(resolve(out), key="rejects_files").to_pylist()
+    assert result["rows"] == features.num_rows == len(good) and result["rejected"] == len(embed_rejects) == len(bad)
+    assert result["rows"] + result["rejected"] == len(good) + len(bad)
+    by_path = {r["source_path"]: r["reason"] for r in embed_rejects}
+    for row in bad:
+        name = row["source_path"].split("/", 1)[1]
+        want = "empty file" if name == "null" else CORPUS[name][1]
+        assert by_path[row["source_path"]].startswith(want), (name, by_path[row["source_path"]])
+    vectors = np.stack(features.column("global").to_numpy(zero_copy_only=False))
+    assert np.isfinite(vectors).all()
+    print(f"\nbad inputs: prepare read {manifest['input']} listed paths ({len(CORPUS)} crafted files, 5 path/escape cases, 1 duplicate): "
+          f"{manifest['rows']} written + {manifest['rejected']} rejected; embed of a hand-written catalog with {len(bad)} bad rows: "
+          f"{result['rows']} embedded + {result['rejected']} rejected = {len(good) + len(bad)}; rows lost 0")
+    print("  outcomes: " + "; ".join(f"{name}: {got}" for name, got in outcome.items()))
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+@pytest.mark.timeout(600)
+def test_embed_survives_a_killed_actor(base, tmp_path):
+    def live_embedders() -> list[dict]:
+        # The GCS actor table (the state API needs the dashboard, which the local instance does not start).
+        return [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE" and "Embedder" in a["ActorClassName"]]
+
+    out = str(tmp_path / "features")
+    model = str(tmp_path / "model-128")  # 4x the pixels of the base model: a longer window to kill in
+    write_random_model(model, image_size=128)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(manifest=embed.run(model, base["big"], out, batch_size=4)))
+    worker.start()
+    killed = None
+    deadline = time.time() + 300
+    while worker.is_alive() and time.time() < deadline:
+        actors = live_embedders()
+        if actors:  # the model is loaded and batches are flowing: kill it
+            time.sleep(0.2)
+            killed = actors[0]
+            os.kill(killed["Pid"], signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    worker.join(timeout=300)
+    assert killed is not None, f"no Embedder actor found while embed ran: {[a['ActorClassName'] for a in ray._private.state.actors().values()]}"
+    manifest = result["manifest"]
+    table = read_table(resolve(out))
+    assert manifest["rows"] == table.num_rows == COPIES * IMAGES and manifest["rejected"] == 0
+    ids = table.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate rows"
+    vectors = features_matrix(table)  # the copies of an image, embedded before and after the kill, agree
+    for image_id, vector in vectors.items():
+        np.testing.assert_allclose(vector, vectors[image_id.split("#")[0] + "#0"], atol=1e-4)
+    actors = ray._private.state.actors()
+    after = actors.get(killed["ActorID"], {})
+    others = [a for a in actors.values() if "Embedder" in a["ActorClassName"] and a["ActorID"] != killed["ActorID"] and a["StartTime"] >= killed["StartTime"]]
+    print(f"\nfault: Embedder actor (pid {killed['Pid']}) SIGKILLed 0.2 s into its work on {COPIES * IMAGES} images; "
+          f"job finished: {table.num_rows} rows, each image once, the {COPIES} copies of every image equal; "
+          f"killed actor now {after.get('State')} with {after.get('NumRestarts')} restarts, {len(others)} replacement actor(s)")
+    assert after.get("NumRestarts", 0) >= 1 or others  # Ray restarted it, or Ray Data replaced it
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def own_s3(tmp_path):
+    """A moto server of this test's own (so it can be frozen), with its request log."""
+    port = _free_port()
+    log = open(tmp_path / "moto.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield {"endpoint": f"http://127.0.0.1:{port}", "process": process, "log": tmp_path / "moto.log"}
+    os.kill(process.pid, signal.SIGCONT)
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+def _upload(endpoint: str, bucket: str, local: str, prefix: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key=SECRET)
+    client.create_bucket(Bucket=bucket)
+    for directory, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(directory, name)
+            client.upload_file(path, bucket, f"{prefix}/{os.path.relpath(path, local)}")
+
+
+def _job_env(endpoint: str, ray_tmp: str, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="AKIATESTING", AWS_SECRET_ACCESS_KEY=SECRET, AWS_REGION="us-east-1",
+               MGA_RAY_CPUS="4", PYTHONPATH=REPO, RAY_TMPDIR=ray_tmp, **extra)
+    return env
+
+
+@pytest.fixture()
+def ray_tmp():
+    """A short Ray temp dir of the job's own (Unix socket paths must stay under 108 bytes)."""
+    path = tempfile.mkdtemp(prefix="mga-ray-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _embed_through_outage(base, own_s3, ray_tmp, out: str, freeze_s: float | None, **env_extra) -> dict:
+    """`mga embed` reading its catalog from `own_s3`, which is frozen (SIGSTOP) at the first request
+    a Ray worker makes (after the driver's own reads) for `freeze_s` seconds, or for good (None)."""
+    _upload(own_s3["endpoint"], "shop", base["catalog"], "catalog")
+    env = _job_env(own_s3["endpoint"], ray_tmp, **env_extra)
+    started = time.time()
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "embed", "--model", base["model"], "--catalog", "s3://shop/catalog", "--out", out, "--batch-size", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True,
+    )
+    output: dict = {}
+    reader = threading.Thread(target=lambda: output.update(zip(("stdout", "stderr"), job.communicate())))
+    reader.start()
+    frozen_at = None
+    visible_while_frozen = []
+    try:
+        deadline = time.time() + 300
+        while job.poll() is None and time.time() < deadline and frozen_at is None:
+            if os.path.isdir(out) and any(name.startswith("v-") for name in os.listdir(out)):
+                # The driver is done with S3 (plan, ids); freeze at the next request.
+                seen = own_s3["log"].read_text().count("\n")
+                while job.poll() is None and own_s3["log"].read_text().count("\n") == seen and time.time() < deadline:
+                    time.sleep(0.02)
+                os.kill(own_s3["process"].pid, signal.SIGSTOP)
+                frozen_at = time.time()
+                if freeze_s is not None:
+                    time.sleep(freeze_s)
+                    visible_while_frozen.append(os.path.exists(os.path.join(out, MANIFEST)))
+                    os.kill(own_s3["process"].pid, signal.SIGCONT)
+            time.sleep(0.05)
+        reader.join(timeout=300)
+    finally:
+        os.kill(own_s3["process"].pid, signal.SIGCONT)
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert frozen_at is not None, "the job never reached the read phase: " + output.get("stderr", "")[-3000:]
+    assert visible_while_frozen in ([], [False])  # nothing published while stuck
+    return {"code": job.returncode, "frozen_at": frozen_at, "ended": time.time(), "started": started, **output}
+
+
+def _secret_leaks(own_s3, output: dict, directories: list[str]) -> tuple[list[str], int]:
+    """Where the secret key appears: stdout/stderr, every file under `directories`, every object on the endpoint."""
+    import boto3
+
+    leaks = [name for name in ("stdout", "stderr") if SECRET in output.get(name, "")]
+    scanned = 0
+    for directory in directories:
+        for folder, _, names in os.walk(directory):
+            for name in names:
+                path = os.path.join(folder, name)
+                if os.path.islink(path) or not os.path.isfile(path):
+                    continue
+                scanned += 1
+                with open(path, "rb") as handle:
+                    if SECRET.encode() in handle.read():
+                        leaks.append(path)
+    client = boto3.client("s3", endpoint_url=own_s3["endpoint"], region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="k")
+    for item in client.list_objects_v2(Bucket="shop").get("Contents", []):
+        scanned += 1
+        if SECRET.encode() in client.get_object(Bucket="shop", Key=item["Key"])["Body"].read():
+            leaks.append(f"s3://shop/{item['Key']}")
+    return leaks, scanned
+
+
+@pytest.mark.timeout(600)
+def test_s3_outage_during_embed_is_waited_out_and_leaks_no_secret(base, own_s3, ray_tmp, tmp_path):
+    """The S3 endpoint freezes for 8 s mid-read: the job waits it out (request timeout 60 s,
+    5 attempts). It runs with a distinctive secret key, which must appear in no output, log or report."""
+    out = str(tmp_path / "features")
+    run = _embed_through_outage(base, own_s3, ray_tmp, out, freeze_s=8)
+    assert run["code"] == 0, run.get("stderr", "")[-3000:]
+    table = read_table(resolve(out))
+    assert table.num_rows == IMAGES and read_manifest(resolve(out))["catalog"] == "s3://shop/catalog"
+    assert_matches_reference(table, base["reference"])
+    leaks, scanned = _secret_leaks(own_s3, run, [out, ray_tmp])
+    print(f"\nfault: S3 endpoint frozen 8 s during the catalog read; embed finished in {run['ended'] - run['started']:.0f} s with "
+          f"{table.num_rows}/{IMAGES} rows, features equal to an undisturbed run; secret searched in {scanned} files + stdout/stderr: "
+          f"{len(leaks)} leaks")
+    assert not leaks, f"the secret key was written to: {leaks[:5]}"
+
+
+@pytest.mark.timeout(600)
+def test_s3_endpoint_down_for_good_is_a_bounded_one_line_error(base, own_s3, ray_tmp, tmp_path):
+    """The endpoint freezes and never comes back: with 3 s request timeouts and 2 attempts the
+    job gives up within a bound, says so in one line naming the URI, and publishes nothing."""
+    out = str(tmp_path / "features")
+    run = _embed_through_outage(base, own_s3, ray_tmp, out, freeze_s=None, MGA_S3_REQUEST_TIMEOUT="3", MGA_S3_CONNECT_TIMEOUT="2", MGA_S3_MAX_ATTEMPTS="2")
+    waited = run["ended"] - run["frozen_at"]
+    errors = [line for line in run["stderr"].splitlines() if line.startswith("mga: error:")]
+    assert run["code"] == 2 and "Traceback" not in run["stderr"] and len(errors) == 1, run["stderr"][-3000:]
+    assert "s3://shop/catalog" in errors[0] and SECRET not in run["stderr"] + run["stdout"]
+    assert not os.path.exists(os.path.join(out, MANIFEST)) and not [n for n in os.listdir(out) if n.startswith("v-")]
+    leaks, scanned = _secret_leaks(own_s3, run, [out, ray_tmp])
+    print(f"\nfault: S3 endpoint down for good during the catalog read: exit 2 after {waited:.0f} s, nothing published, "
+          f"{len(leaks)} secret leaks in {scanned} files; the error: {errors[0][:300]}")
+    assert waited < 120 and not leaks
+
+
+def _rankings_computed_locally(features: str, rerank_top: int) -> pa.Table:
+    """The rankings search must publish, computed in this process by one Searcher, no Ray Data."""
+    import faiss
+    import pyarrow.compute as pc
+
+    location = resolve(features)
+    manifest = read_manifest(location)
+    gallery = search.load_gallery(location, manifest)
+    index = search.build_index(gallery["global"], "exact")
+    names = search.token_columns(manifest)
+    searcher = search.Searcher([ray.put(gallery)], [ray.put(faiss.serialize_index(index))], [ray.put(read_artifact_files(manifest["model"]))],
+                               depth=len(gallery["ids"]), rerank_top=rerank_top, rerank_chunk=8, threads=1, token_names=names, use_gpu=False)
+    queries = read_table(location, columns=["image_id", "item_id", "global", *names], filter=pc.field("split") == "query")
+    return searcher(queries)
+
+
+@pytest.mark.timeout(600)
+def test_search_killed_midway_then_rerun_gives_identical_rankings(base, tmp_path):
+    out = str(tmp_path / "rankings")
+    # The job joins the test session's Ray instance as a second driver, as `ray job submit`
+    # would run it on a cluster; SIGKILLing the driver makes Ray reap its actors and tasks.
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=REPO)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.search", "--features", base["features"], "--out", out, "--rerank-top", "4", "--query-batch", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True,
+    )
+    own_job = ray.get_runtime_context().get_job_id()
+    killed_at = None
+    try:
+        deadline = time.time() + 300
+        while job.poll() is None and time.time() < deadline:
+            searchers = [a for a in ray._private.state.actors().values()
+                         if "Searcher" in a["ActorClassName"] and a["State"] == "ALIVE" and a["JobID"] != own_job]
+            if searchers:  # the gallery is loaded, queries are about to flow: kill the driver
+                killed_at = time.time()
+                break
+            time.sleep(0.02)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert killed_at, "the search subprocess never started its Searcher"
+    snapshots = [name for name in os.listdir(out) if name.startswith("v-")]
+    killed_with = sum(1 for name in snapshots for f in os.listdir(os.path.join(out, name)) if f.endswith(".parquet"))
+    assert snapshots, "the killed search had not created its snapshot"
+    # A snapshot begun, no manifest: for readers there is no table yet.
+    assert not os.path.exists(os.path.join(out, MANIFEST))
+    with pytest.raises(TableNotFound):
+        read_table(resolve(out))
+
+    order = [("query_id", "ascending"), ("rank", "ascending")]
+    again = search.run(base["features"], out, rerank_top=4, query_batch=5)
+    rerun = read_table(resolve(out)).sort_by(order)
+    expected = _rankings_computed_locally(base["features"], 4).sort_by(order)
+    assert rerun.equals(expected)
+    pairs = rerun.select(["query_id", "gallery_id"]).to_pylist()
+    assert len(pairs) == len({(p["query_id"], p["gallery_id"]) for p in pairs}) == again["rows"]
+    assert [name for name in os.listdir(out) if name.startswith("v-")] == [again["snapshot"]]  # the killed job's files are gone
+    print(f"\nfault: search driver SIGKILLed while its Searcher worked ({killed_with} rankings file(s) written): no table visible; "
+          f"re-run: {rerun.num_rows} rows identical to the rankings computed locally, 0 duplicates")
+
+
+# ------------------------------------------------------------------------------ bad arguments
+
+
+_DRIVER = """
+import contextlib, io, json, sys
+from pipelines import cli
+results = {}
+for name, argv in json.loads(%r).items():
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.main(argv)
+        except SystemExit as exit:
+            code = exit.code
+        except BaseException:
+            import traceback
+            traceback.print_exc(file=err)
+            code = "uncaught"
+    results[name] = [code, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def _mga(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env or dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+
+
+@pytest.mark.timeout(600)
+def test_bad_arguments_are_one_line_errors_and_write_nothing(base, tmp_path):
+    tampered = str(tmp_path / "tampered")
+    shutil.copytree(base["model"], tampered)
+    config = json.loads(open(os.path.join(tampered, CONFIG)).read())
+    config["model"]["alpha"] = 0.9
+    open(os.path.join(tampered, CONFIG), "w").write(json.dumps(config))
+    hostile = str(tmp_path / "hostile")
+    _hostile_artifact(hostile, tmp_path / "PWNED")
+    no_credentials = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    no_credentials.update(PYTHONPATH=REPO, AWS_EC2_METADATA_DISABLED="true", HOME=str(tmp_path))
+    out = lambda name: str(tmp_path / "out" / name)  # noqa: E731
+    cat, model, feats = base["catalog"], base["model"], base["features"]
+    cases = {  # name: (argv, env, what the one line must name)
+        "missing catalog": (["embed", "--model", model, "--catalog", str(tmp_path / "nowhere"), "--out", out("a")], None, [str(tmp_path / "nowhere"), "_manifest.json"]),
+        "missing model": (["embed", "--model", str(tmp_path / "no-model"), "--catalog", cat, "--out", out("b")], None, [str(tmp_path / "no-model"), "not a model artifact"]),
+        "missing manifest csv": (["prepare", "manifest", "--manifest", str(tmp_path / "none.csv"), "--out", out("c")], None, [str(tmp_path / "none.csv")]),
+        "unknown config key": (["train", "--config", "tiny", "--set", "model.colour=red", "--catalog", cat, "--output", out("d")], None, ["model.colour"]),
+        "negative batch size": (["embed", "--model", model, "--catalog", cat, "--out", out("e"), "--batch-size", "-4"], None, ["--batch-size", "-4"]),
+        "negative depth": (["search", "--features", feats, "--out", out("f"), "--depth", "-1"], None, ["--depth", "-1"]),
+        "negative shard size": (["prepare", "manifest", "--manifest", str(tmp_path / "none.csv"), "--out", out("g"), "--shard-mb", "-1"], None, ["--shard-mb"]),
+        "negative synth groups": (["synth", "--out", out("h"), "--groups", "-2"], None, ["groups"]),
+        "s3 without credentials": (["embed", "--model", model, "--catalog", "s3://no-such-bucket/catalog", "--out", out("i")], no_credentials, ["s3://no-such-bucket/catalog", "credentials"]),
+        "artifact hash mismatch": (["embed", "--model", tampered, "--catalog", cat, "--out", out("j")], None, [tampered, "model_id mismatch"]),
+        "pickle in the weights": (["search", "--features", feats, "--out", out("k"), "--model", hostile], None, [hostile, "not a loadable model artifact"]),
+    }
+    # Three cases as processes of their own (`python -m pipelines.cli ...`); the rest through the
+    # same entry point (pipelines.cli.main: argparse, run_command, sys.exit) in ONE more process,
+    # one case after another: every CLI process pays ~6 s of imports on this machine (timm).
+    alone = ("missing catalog", "s3 without credentials", "pickle in the weights")
+    running = {name: _mga(cases[name][0], cases[name][1]) for name in alone}
+    batch = {name: argv for name, (argv, env, _) in cases.items() if name not in alone}
+    driver = _DRIVER % json.dumps(batch)
+    batched = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, timeout=300)
+    assert batched.returncode == 0, batched.stderr[-3000:]
+    results = {name: (code, stderr) for name, (code, stderr) in json.loads(batched.stdout.splitlines()[-1]).items()}
+    for name, process in running.items():
+        _, stderr = process.communicate(timeout=300)
+        results[name] = (process.returncode, stderr)
+    lines = {}
+    for name, (code, stderr) in results.items():
+        named = cases[name][2]
+        errors = [line for line in stderr.splitlines() if line.startswith("mga: error:")]
+        assert code == 2, f"{name}: exit {code}\n{stderr[-2000:]}"
+        assert "Traceback" not in stderr and len(errors) == 1, f"{name}: {stderr[-2000:]}"
+        assert all(part in errors[0] for part in named), f"{name}: {errors[0]!r} does not name {named}"
+        lines[name] = errors[0]
+    assert not os.path.exists(tmp_path / "out"), os.listdir(tmp_path / "out")
+    assert not (tmp_path / "PWNED").exists()
+    print(f"\nbad arguments: {len(cases)} cases ({len(alone)} as their own processes), each exit 2 with one line, nothing written:")
+    for name, line in lines.items():
+        print(f"  {name}: {line[:220]}")
+
+
+# ------------------------------------------------------------------------------ security
+
+
+def _hostile_artifact(uri: str, marker) -> None:
+    """An artifact whose weights are a pickle that would run code, with a matching model_id."""
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    buffer = io.BytesIO()
+    torch.save({"weights": Payload()}, buffer)
+    weights = buffer.getvalue()
+    config = json.dumps({"model": MODEL.model_dump(mode="json"), "image_size": 64}).encode()
+    index = json.dumps({"model_id": artifact_id(weights, config), "files": [WEIGHTS, CONFIG]}).encode()
+    write_artifact(uri, {WEIGHTS: weights, CONFIG: config, INDEX: index})
+
+
+def test_artifacts_load_without_unpickling(base, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an artifact load tried to unpickle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    model, model_id, config = unpack_artifact(read_artifact_files(base["model"]), where=base["model"])
+    assert model_id == base["model_id"] and config["image_size"] == 64
+    marker = tmp_path / "PWNED"
+    _hostile_artifact(str(tmp_path / "hostile"), marker)
+    with pytest.raises(Exception) as error:
+        embed.load_artifact(read_artifact_files(str(tmp_path / "hostile")), str(tmp_path / "hostile"))
+    assert "not a loadable model artifact" in str(error.value) and not marker.exists()
+
+
+@pytest.mark.timeout(300)
+def test_table_readers_never_see_a_missing_or_partial_table(tmp_path):
+    # A snapshot directory with data but no manifest is not a table.
+    location = resolve(str(tmp_path / "t"))
+    snapshot = new_snapshot(location)
+    write_parquet(snapshot.join("part-0.parquet"), pa.table({"x": [1, 2]}))
+    with pytest.raises(TableNotFound, match="_manifest.json"):
+        read_table(location)
+    publish(location, snapshot, {"table": "t"})
+    assert read_table(location).num_rows == 2 and list_files(location, ".parquet")

@@ -21,7 +21,7 @@ DEMO_SPEC = SynthSpec(seed=0, groups=32, items_per_group=4, test_fraction=0.5, t
 
 def run(workdir: str = "mga_demo", config: str = "tiny", overrides: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
     started = time.time()
-    paths = {name: os.path.join(workdir, name) for name in ("catalog", "model", "runs", "features", "rankings", "report")}
+    paths = {name: os.path.abspath(os.path.join(workdir, name)) for name in ("catalog", "model", "runs", "features", "rankings", "report")}
     timings: dict[str, float] = {}
 
     def step(name: str, action):

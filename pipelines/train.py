@@ -536,12 +536,20 @@ def _pick_checkpoint(result, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
     return checkpoint, dict(metrics)
 
 
+def absolute_uris(config: TrainConfig) -> TrainConfig:
+    """The config with local paths made absolute: Ray Train workers run in their own working directory."""
+    data = {"catalog": resolve(config.data.catalog).uri}
+    run = {name: resolve(value).uri for name in ("output", "storage_path", "weights_file") if (value := getattr(config.run, name))}
+    return config.model_copy(update={"data": config.data.model_copy(update=data), "run": config.run.model_copy(update=run)})
+
+
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train with Ray Train and write the model artifact to `run.output`."""
     if not config.data.catalog:
         raise ValueError("data.catalog: no catalog URI given (set it in the config or with --catalog)")
     if not config.run.output:
         raise ValueError("run.output: no artifact URI given (set it in the config or with --output)")
+    config = absolute_uris(config)
     started = time.time()
     storage = config.run.storage_path or tempfile.mkdtemp(prefix="mga-runs-")
     storage_location = resolve(storage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -38,8 +39,15 @@ def trained(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     paths = {name: str(root / name) for name in ("catalog", "model", "runs", "features", "rankings", "report")}
     synth.run(paths["catalog"], SPEC)
-    config = load_config("tiny", TRAIN_OVERRIDES, extra={"data": {"catalog": paths["catalog"]}, "run": {"output": paths["model"], "storage_path": paths["runs"], "name": "t"}})
-    result = train.run(config)
+    # Relative paths, as `mga train` users type them: Ray Train workers run in another
+    # working directory, so the job must resolve them (validation reads the catalog there).
+    previous = os.getcwd()
+    os.chdir(root)
+    try:
+        config = load_config("tiny", TRAIN_OVERRIDES, extra={"data": {"catalog": "catalog"}, "run": {"output": "model", "storage_path": "runs", "name": "t"}})
+        result = train.run(config)
+    finally:
+        os.chdir(previous)
     return paths, result
 
 

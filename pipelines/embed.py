@@ -79,6 +79,18 @@ def actor_gpus(use_gpu: str, gpus_up: int, gpus_per_actor: float = 1.0) -> float
     return 0.0
 
 
+def add_gpu_arguments(parser: argparse.ArgumentParser, actor: str) -> None:
+    """`--use-gpu` and `--gpus-per-actor`, shared by the jobs that run models in actor pools."""
+    parser.add_argument(
+        "--use-gpu",
+        default="auto",
+        choices=USE_GPU,
+        help="auto: GPUs if the cluster has some up at start; yes: ask for them even if none are up "
+        "(an autoscaling cluster scales its GPU group from zero); no: CPU only",
+    )
+    parser.add_argument("--gpus-per-actor", type=float, default=1.0, help=f"GPUs per {actor} actor when GPUs are used (0.5 packs two per GPU)")
+
+
 def default_actors(gpus: float, gpus_up: int) -> int:
     """One actor per GPU that is up (at least one), or one on CPU."""
     if gpus > 0:
@@ -401,14 +413,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
     parser.add_argument("--token-dtype", default="float32", choices=sorted(TOKEN_DTYPES), help="dtype of the token columns (float16 halves them)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject images with more pixels than this")
-    parser.add_argument(
-        "--use-gpu",
-        default="auto",
-        choices=USE_GPU,
-        help="auto: GPUs if the cluster has some up at start; yes: ask for them even if none are up "
-        "(an autoscaling cluster scales its GPU group from zero); no: CPU only",
-    )
-    parser.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per model actor when GPUs are used (0.5 packs two per GPU)")
+    add_gpu_arguments(parser, "model")
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from mga.model import Embedding
 from mga.similarity import TOKEN_SIMILARITY_MIN, fuse_similarity
 from pipelines.catalog import table_dataset
 from pipelines.console import print_summary
-from pipelines.embed import USE_GPU, actor_gpus, default_actors, execute, load_artifact
+from pipelines.embed import actor_gpus, add_gpu_arguments, default_actors, execute, load_artifact
 from pipelines.model_store import read_artifact_files
 from pipelines.runtime import init_ray
 from pipelines.schemas import RANKINGS
@@ -310,14 +310,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-batch", type=int, default=64)
     parser.add_argument("--rerank-chunk", type=int, default=8, help="queries whose candidates are scored in one ATA batch")
     parser.add_argument("--model", default=None, help="model artifact (default: the one the features were embedded with)")
-    parser.add_argument(
-        "--use-gpu",
-        default="auto",
-        choices=USE_GPU,
-        help="auto: GPUs if the cluster has some up at start; yes: ask for them even if none are up "
-        "(an autoscaling cluster scales its GPU group from zero); no: CPU only",
-    )
-    parser.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per search actor when GPUs are used")
+    add_gpu_arguments(parser, "search")
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:

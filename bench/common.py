@@ -55,6 +55,20 @@ def timed() -> Iterator[list[float]]:
     box.append(time.perf_counter() - started)
 
 
+def tree_pss(pid: int) -> int:
+    """Proportional set size summed over a process and all its descendants (shared pages counted once)."""
+    import psutil  # the bench extra
+
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
 def git_revision() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()

@@ -15,27 +15,15 @@ import tempfile
 import threading
 import time
 
-import psutil
 
-from bench.common import machine, tiny_model_config, write_random_artifact
+from bench.common import machine, tree_pss, tiny_model_config, write_random_artifact
 from mga.synthetic import SynthSpec
 from pipelines import synth
 from pipelines.runtime import init_ray
 
 
-def tree_pss(root: psutil.Process) -> int:
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            total += process.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
-
-
 def peak_memory_of(command: list[str]) -> tuple[int, float]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    root = psutil.Process(process.pid)
     peak = 0
     started = time.time()
     stop = threading.Event()
@@ -43,7 +31,7 @@ def peak_memory_of(command: list[str]) -> tuple[int, float]:
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, tree_pss(root))
+            peak = max(peak, tree_pss(process.pid))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -12,7 +12,9 @@ A ranking is given per query as a boolean row `is_match[q, k]` (is the gallery i
   and counted as `excluded_queries`.
 
 `RetrievalMetrics` accumulates block by block, so a queries x gallery matrix is never
-needed in one piece; `dense_matches` builds one padded block from ranked rows.
+needed in one piece; `dense_matches` builds one padded block from ranked rows, and
+`rank_metrics` computes the same pieces from nothing but the full-gallery rank of every
+positive (the positives table `mga search` writes).
 """
 
 from __future__ import annotations
@@ -70,6 +72,43 @@ def average_precision(is_match: np.ndarray, positives: np.ndarray) -> np.ndarray
     summed = np.where(is_match, precision_at_k, 0.0).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(positives > 0, summed / np.maximum(positives, 1), np.nan)
+
+
+def rank_metrics(
+    query_index: np.ndarray, rank: np.ndarray, num_queries: int, depth: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First-match rank, AP and |P| per query from the 1-based ranks of its positives.
+
+    Row i says a positive of query `query_index[i]` sits at `rank[i]` (ranks of one query
+    are distinct; 0 means not ranked at all, e.g. missed by an approximate shortlist).
+    Every positive of a query is given, so |P| is its row count; a rank beyond `depth`,
+    or 0, counts as not retrieved. With the positives sorted by rank, the j-th
+    contributes precision j / rank_j: AP = (1/|P|) * sum over retrieved positives of that.
+    Returns (first_rank [Q] with 0 for none within the depth, AP [Q] with NaN where |P| = 0,
+    |P| [Q]).
+    """
+    query_index = np.asarray(query_index, dtype=np.int64)
+    rank = np.asarray(rank, dtype=np.int64)
+    if np.any(rank < 0):
+        raise ValueError(f"ranks are 1-based (0: not ranked), got {int(rank.min())}")
+    rank = np.where(rank == 0, np.iinfo(np.int64).max, rank)  # not ranked: below everything
+    order = np.lexsort((rank, query_index))
+    query_index, rank = query_index[order], rank[order]
+    ranked = rank < np.iinfo(np.int64).max
+    if np.any((query_index[1:] == query_index[:-1]) & (rank[1:] == rank[:-1]) & ranked[1:]):
+        raise ValueError("two positives of one query share a rank")
+    positives = np.bincount(query_index, minlength=num_queries)
+    offsets = np.concatenate([[0], np.cumsum(positives)])
+    retrieved = ranked & (rank <= (depth if depth is not None else np.iinfo(np.int64).max))
+    hits_so_far = np.arange(len(rank)) - offsets[query_index] + 1
+    summed = np.bincount(query_index, weights=np.where(retrieved, hits_so_far / rank, 0.0), minlength=num_queries)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ap = np.where(positives > 0, summed / np.maximum(positives, 1), np.nan)
+    first_rank = np.zeros(num_queries, dtype=np.int64)
+    has_rows = positives > 0
+    first = rank[offsets[:-1][has_rows]]
+    first_rank[has_rows] = np.where(retrieved[offsets[:-1][has_rows]], first, 0)
+    return first_rank, ap, positives
 
 
 class RetrievalMetrics:

@@ -72,8 +72,12 @@ class MGAModel(nn.Module):
         if self.config.alpha == 1.0:
             token_score = torch.zeros_like(global_score)
         else:
-            token_score = self.alignment([t.float() for t in first.tokens], [t.float() for t in second.tokens])
+            token_score = self.align_tokens(first.tokens, second.tokens)
         return PairScores(global_score, token_score, fuse_similarity(global_score, token_score, self.config.alpha))
+
+    def align_tokens(self, first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
+        """S_token (ATA, eqs. 4-6) of aligned pairs of token sets, one [P, M, d] per layer -> [P]."""
+        return self.alignment([t.float() for t in first], [t.float() for t in second])
 
     def score_candidates(self, queries: Embedding, candidates: Embedding) -> PairScores:
         """Each of B queries against its own N candidates: candidates hold B*N rows, query-major.

@@ -25,7 +25,6 @@ either way; tests/test_retrieval.py measures the ranking cost of float16 tokens.
 from __future__ import annotations
 
 import argparse
-import os
 import posixpath
 import time
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 from pipelines.catalog import open_catalog, table_dataset
 from pipelines.console import print_summary
 from pipelines.model_store import read_artifact_files
+from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, assigned_threads, default_actors, execute
 from pipelines.runtime import init_ray
 from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, features_schema
 from pipelines.storage import (
@@ -64,38 +64,6 @@ from pipelines.storage import (
 # Columns that decide whether a stored row is still valid for a catalog row.
 CHANGE_KEY = ("sha256", "item_id", "split", "domain", "category")
 TOKEN_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
-USE_GPU = ("auto", "yes", "no")
-
-
-def actor_gpus(use_gpu: str, gpus_up: int, gpus_per_actor: float = 1.0) -> float:
-    """GPUs each model actor asks Ray for: `auto` follows the GPUs up at start, `yes` asks
-    even when none are up (an autoscaler then adds GPU nodes), `no` never asks."""
-    if use_gpu not in USE_GPU:
-        raise ValueError(f"--use-gpu must be one of {', '.join(USE_GPU)}, got {use_gpu!r}")
-    if not gpus_per_actor > 0:
-        raise ValueError(f"--gpus-per-actor must be positive, got {gpus_per_actor}")
-    if use_gpu == "yes" or (use_gpu == "auto" and gpus_up > 0):
-        return float(gpus_per_actor)
-    return 0.0
-
-
-def add_gpu_arguments(parser: argparse.ArgumentParser, actor: str) -> None:
-    """`--use-gpu` and `--gpus-per-actor`, shared by the jobs that run models in actor pools."""
-    parser.add_argument(
-        "--use-gpu",
-        default="auto",
-        choices=USE_GPU,
-        help="auto: GPUs if the cluster has some up at start; yes: ask for them even if none are up "
-        "(an autoscaling cluster scales its GPU group from zero); no: CPU only",
-    )
-    parser.add_argument("--gpus-per-actor", type=float, default=1.0, help=f"GPUs per {actor} actor when GPUs are used (0.5 packs two per GPU)")
-
-
-def default_actors(gpus: float, gpus_up: int) -> int:
-    """One actor per GPU that is up (at least one), or one on CPU."""
-    if gpus > 0:
-        return max(1, int(gpus_up / gpus))
-    return 1
 
 
 @ray.remote(num_cpus=0)
@@ -143,11 +111,11 @@ def fixed_size_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListA
 class Embedder:
     """Actor: the model, loaded once from the artifact bytes in the object store."""
 
-    def __init__(self, artifact: list, token_dtype: str, threads: int, use_gpu: bool = True) -> None:
+    def __init__(self, artifact: list, token_dtype: str, use_gpu: bool = True) -> None:
         model, self.model_id, _ = unpack_artifact(ray.get(artifact[0]))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(threads)
+            torch.set_num_threads(assigned_threads())
         self.model = model.to(self.device).eval()
         config = model.config
         self.token_dtype = token_dtype
@@ -168,33 +136,6 @@ class Embedder:
             columns[f"tokens_{layer}"] = fixed_size_list(tokens.float().cpu().numpy().astype(numpy_dtype), TOKEN_DTYPES[self.token_dtype])
         columns["embedded_at"] = pa.array([datetime.now(timezone.utc)] * rows, pa.timestamp("us", tz="UTC"))
         return pa.table(columns, schema=self.schema)
-
-
-def io_failure(error: BaseException) -> OSError | None:
-    """The I/O error (S3 outage, missing file) at the root of a failed Ray Data job, if any."""
-    seen: set[int] = set()
-    stack = [error]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and not isinstance(current, ray.exceptions.RayError):
-            return current
-        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
-    return None
-
-
-def execute(write: Any, reading: str, writing: str) -> None:
-    """Run a Ray Data job; a storage failure inside it becomes one StorageError line naming the URIs."""
-    try:
-        write()
-    except Exception as error:  # noqa: BLE001
-        cause = io_failure(error)
-        if cause is None:
-            raise
-        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise StorageError(f"reading {reading} / writing {writing} failed (retries exhausted): {first_line}{credentials_hint(reading)}") from error
 
 
 def load_artifact(files: dict[str, bytes], where: str) -> tuple[Any, str, dict[str, Any]]:
@@ -284,6 +225,7 @@ def run(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     use_gpu: str = "auto",
     gpus_per_actor: float = 1.0,
+    cpus_per_actor: float = 2.0,
 ) -> dict[str, Any]:
     if token_dtype not in TOKEN_DTYPES:
         raise ValueError(f"--token-dtype must be one of {sorted(TOKEN_DTYPES)}, got {token_dtype!r}")
@@ -293,7 +235,7 @@ def run(
         raise ValueError(f"--actors must be positive, got {actors}")
     if max_pixels < 1:
         raise ValueError(f"--max-pixels must be positive, got {max_pixels}")
-    actor_gpus(use_gpu, 0, gpus_per_actor)  # validate before anything runs
+    actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
     catalog_location, _ = open_catalog(catalog)
     files = read_artifact_files(model)
@@ -305,7 +247,6 @@ def run(
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
     actors = actors or default_actors(gpus, gpus_up)
-    threads = max(1, (os.cpu_count() or 1) // actors)
     plan = plan_incremental(table, catalog_location, model_id) if incremental else IncrementalPlan(None, set(), {})
     to_embed, carry_ids, counts = plan.embed_ids, plan.carry_ids, plan.counts
     carry_files = table_files(table) if carry_ids else []
@@ -335,12 +276,12 @@ def run(
                 # below proves nothing was lost or written twice.
                 dataset = dataset.map_batches(
                     Embedder,
-                    fn_constructor_kwargs={"artifact": [ray.put(files)], "token_dtype": token_dtype, "threads": threads, "use_gpu": gpus > 0},
+                    fn_constructor_kwargs={"artifact": [ray.put(files)], "token_dtype": token_dtype, "use_gpu": gpus > 0},
                     batch_size=batch_size,
                     batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=actors),
+                    compute=actor_pool(actors),
                     num_gpus=gpus,
-                    num_cpus=1,
+                    num_cpus=actor_cpus(gpus, cpus_per_actor),
                 )
                 dataset.write_parquet(snapshot.path, filesystem=snapshot.fs)
 
@@ -410,7 +351,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="features table URI to publish")
     parser.add_argument("--incremental", action="store_true", help="embed only new or changed images, carry the rest over")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    parser.add_argument("--actors", type=int, default=None, help="most model actors: the pool starts with one and grows while work queues (default: one per GPU up, else 1)")
     parser.add_argument("--token-dtype", default="float32", choices=sorted(TOKEN_DTYPES), help="dtype of the token columns (float16 halves them)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject images with more pixels than this")
     add_gpu_arguments(parser, "model")
@@ -419,7 +360,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 def run_args(args: argparse.Namespace) -> dict[str, Any]:
     return run(
         args.model, args.catalog, args.out, args.incremental, args.batch_size, args.actors, args.token_dtype, args.max_pixels,
-        use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor,
+        use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
     )
 
 

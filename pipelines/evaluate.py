@@ -2,14 +2,14 @@
 
     python -m pipelines.evaluate --rankings URI --out URI [--depth N]
 
-Every query is scored under two orderings of its ranked rows (DESIGN.md, "Metrics"):
-"global" sorts by `score_global` descending, ties by `gallery_id` ascending; "reranked"
-follows `rank` (the ATA-reranked top followed by the rest in global order). The
-evaluation depth is the rankings' depth unless a smaller one is asked for.
-
-Search writes each query's rows into a single Parquet file, so one Ray task per file
-turns its rows into small per-query arrays (|P|, first-match rank and AP per ordering),
-scoring them in bounded blocks of queries x depth; the driver only aggregates those.
+Metrics come from the positives table `mga search` writes beside the rankings (DESIGN.md,
+"Metrics"): every gallery image of each query's item with its full-gallery rank under both
+orderings, "global" (S_global, ties by a fixed key of the gallery id) and "reranked" (the
+ATA-reranked head followed by the rest in global order), both from mga.retrieval, the step
+search and training validation share. So R@K and mAP are exact over the whole gallery
+while the rankings hold only the first `--depth` rows per query; `--depth` here cuts the
+ranking (a positive below it counts as not retrieved). Rows are read through the table,
+whatever files hold them; memory grows with the queries and their positives only.
 The features table (named by the rankings manifest) supplies each query's category and
 the catalog (named by the features manifest) the pictures of a few examples; without
 them the report is written anyway and says what is missing.
@@ -28,17 +28,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import ray
 
-from mga.metrics import DEFAULT_KS, RetrievalMetrics, average_precision, dense_matches, first_match_rank
+from mga.metrics import DEFAULT_KS, RetrievalMetrics, rank_metrics
 from pipelines import storage
 from pipelines.report import GalleryExample, gallery_picture, write_report
-from pipelines.runtime import init_ray
 
-RANKING_COLUMNS = ["query_id", "rank", "gallery_id", "score_global", "is_match", "query_positives"]
 ORDERINGS = ("global", "reranked")
-BLOCK_CELLS = 1 << 22  # queries x depth booleans scored at once (4 MiB)
 GALLERY_TOP = 5  # results per query in the gallery picture
 UNKNOWN_CATEGORY = "(unknown)"
 # What reading the optional features/catalog tables may raise: no manifest, a snapshot
@@ -46,129 +41,53 @@ UNKNOWN_CATEGORY = "(unknown)"
 TABLE_ERRORS = (storage.StorageError, OSError, pa.ArrowException)
 
 
-def _score_ordering(
-    codes: np.ndarray, offsets: np.ndarray, is_match: np.ndarray, positives: np.ndarray, depth: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """First-match rank and AP per query, from rows already in ranked order within each query.
-
-    `codes` (query of each row) is sorted, `offsets` are the starts of each query's rows;
-    queries are scored in blocks of at most BLOCK_CELLS booleans.
-    """
-    num_queries = len(positives)
-    position = np.arange(len(codes)) - offsets[codes]
-    first_rank = np.zeros(num_queries, dtype=np.int64)
-    ap = np.zeros(num_queries, dtype=np.float64)
-    step = max(1, BLOCK_CELLS // depth)
-    for start in range(0, num_queries, step):
-        stop = min(start + step, num_queries)
-        rows = slice(offsets[start], offsets[stop])
-        block = dense_matches(codes[rows] - start, position[rows], is_match[rows], stop - start, depth)
-        first_rank[start:stop] = first_match_rank(block)
-        ap[start:stop] = average_precision(block, positives[start:stop])
-    return first_rank, ap
-
-
-def _sorted_codes(values: pa.ChunkedArray) -> np.ndarray:
-    """0-based dense rank of each value: equal values share a code, codes sort like values."""
-    return pc.rank(values, sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64) - 1
-
-
-def score_rankings(table: pa.Table, depth: int, examples: int = 0, top: int = GALLERY_TOP) -> dict[str, Any]:
-    """Per-query pieces of one rankings file, queries sorted by id.
-
-    Returns `query_id`, `positives` (|P|), `first_rank_<ordering>` and `ap_<ordering>` for
-    both orderings, `rows`, and `examples`: the top `top` reranked results of the first
-    `examples` queries that have a positive, for the gallery picture.
-    """
-    # Dense integer codes that sort like the ids (Arrow's sort beats numpy's on strings):
-    # lexsort then groups rows by query and breaks score ties on the gallery id.
-    query_code = _sorted_codes(table["query_id"])
-    gallery_code = _sorted_codes(table["gallery_id"])
-    query_ids = np.empty(int(query_code.max(initial=-1)) + 1, dtype=object)
-    query_ids[query_code] = table["query_id"].to_numpy(zero_copy_only=False)
-    gallery_ids = table["gallery_id"].to_numpy(zero_copy_only=False)
-    is_match = pc.fill_null(table["is_match"], False).to_numpy(zero_copy_only=False).astype(bool)
-    row_positives = table["query_positives"].to_numpy(zero_copy_only=False).astype(np.int64)
-    positives = np.zeros(len(query_ids), dtype=np.int64)
-    positives[query_code] = row_positives
-    if np.any(positives[query_code] != row_positives):
-        raise ValueError("query_positives differs between rows of one query")
-
-    score_global = table["score_global"].to_numpy(zero_copy_only=False).astype(np.float64)
-    rank = table["rank"].to_numpy(zero_copy_only=False).astype(np.int64)
-    # lexsort: the last key is the primary one; each ordering stays grouped by query.
-    orders = {
-        "global": np.lexsort((gallery_code, -score_global, query_code)),
-        "reranked": np.lexsort((gallery_code, rank, query_code)),
-    }
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(query_code, minlength=len(query_ids)))])
-    result: dict[str, Any] = {"query_id": query_ids.astype(str), "positives": positives, "rows": table.num_rows}
-    for ordering, order in orders.items():
-        result[f"first_rank_{ordering}"], result[f"ap_{ordering}"] = _score_ordering(
-            query_code[order], offsets, is_match[order], positives, depth
-        )
-    reranked = orders["reranked"]
-    result["examples"] = _examples(
-        query_ids, positives, offsets, gallery_ids[reranked], is_match[reranked], examples, top
-    )
-    return result
-
-
-def _examples(
-    query_ids: np.ndarray,
-    positives: np.ndarray,
-    offsets: np.ndarray,
-    ranked_gallery_ids: np.ndarray,
-    ranked_matches: np.ndarray,
-    count: int,
-    top: int,
-) -> list[GalleryExample]:
-    """The first `count` queries with a positive, each with its first `top` ranked rows."""
-    examples = []
-    for query in np.flatnonzero(positives > 0)[:count]:
-        rows = slice(offsets[query], min(offsets[query] + top, offsets[query + 1]))
-        examples.append(
-            GalleryExample(
-                str(query_ids[query]),
-                tuple(str(gallery_id) for gallery_id in ranked_gallery_ids[rows]),
-                tuple(bool(match) for match in ranked_matches[rows]),
-            )
-        )
-    return examples
-
-
-@ray.remote
-def score_file(table_uri: str, path: str, depth: int, examples: int) -> dict[str, Any]:
-    """Ray task: read one rankings file (only the needed columns) and score it."""
-    table = pq.read_table(path, filesystem=storage.resolve(table_uri).fs, columns=RANKING_COLUMNS)
-    return score_rankings(table, depth, examples)
-
-
-def _score_files(table: storage.Location, files: list[str], depth: int, examples: int) -> list[dict[str, Any]]:
-    """Fan out one task per file; print progress about every tenth of the files."""
-    pending = [score_file.remote(table.uri, path, depth, examples) for path in files]
-    done: list[dict[str, Any]] = []
-    reported = 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        done += ray.get(ready)
-        if len(done) == len(files) or len(done) - reported >= max(1, len(files) // 10):
-            reported = len(done)
-            print(f"evaluate: scored {len(done)}/{len(files)} rankings files", flush=True)
-    return done
-
-
-def _gather(parts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Concatenate per-file arrays, sorted by query id; a query found twice is an error."""
-    keys = ["query_id", "positives"] + [f"{piece}_{o}" for o in ORDERINGS for piece in ("first_rank", "ap")]
-    merged = {key: np.concatenate([part[key] for part in parts]) for key in keys}
-    order = np.argsort(merged["query_id"], kind="stable")
-    merged = {key: values[order] for key, values in merged.items()}
-    ids = merged["query_id"]
+def read_queries(table: storage.Location) -> tuple[np.ndarray, np.ndarray]:
+    """Every ranked query id (sorted) and its |P|, from the rank-1 rows of every rankings file."""
+    rows = storage.read_table(table, columns=["query_id", "query_positives"], filter=pc.field("rank") == 1).sort_by("query_id")
+    ids = rows.column("query_id").to_numpy(zero_copy_only=False).astype(str)
     if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
-        duplicate = ids[1:][ids[1:] == ids[:-1]][0]
-        raise ValueError(f"query {duplicate!r} appears in more than one rankings file")
-    return merged
+        raise ValueError(f"{table.uri}: query {ids[1:][ids[1:] == ids[:-1]][0]!r} is ranked more than once")
+    return ids, rows.column("query_positives").to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def score_positives(positives: pa.Table, query_ids: np.ndarray, query_positives: np.ndarray, depth: int | None) -> dict[str, np.ndarray]:
+    """Per query (aligned with `query_ids`): |P|, and the first-match rank and AP of both orderings.
+
+    `positives` holds one row per (query, positive) with its full-gallery ranks; a query's
+    rows may come from any file. Every positive of every query must be there: the count per
+    query is checked against the rankings' `query_positives`.
+    """
+    index = pc.index_in(positives.column("query_id"), value_set=pa.array(query_ids)).to_numpy(zero_copy_only=False)
+    if np.isnan(index.astype(float)).any():
+        raise ValueError("the positives table names queries that the rankings do not rank")
+    index = index.astype(np.int64)
+    per_query: dict[str, np.ndarray] = {"query_id": query_ids}
+    for ordering in ORDERINGS:
+        ranks = pc.fill_null(positives.column(f"rank_{ordering}"), 0).to_numpy(zero_copy_only=False)  # null: not ranked
+        first, ap, counts = rank_metrics(index, ranks, len(query_ids), depth)
+        per_query[f"first_rank_{ordering}"], per_query[f"ap_{ordering}"] = first, ap
+    if np.any(counts != query_positives):
+        worst = int(np.argmax(counts != query_positives))
+        raise ValueError(
+            f"query {query_ids[worst]!r}: the positives table holds {int(counts[worst])} positives, the rankings count {int(query_positives[worst])}"
+        )
+    per_query["positives"] = counts
+    return per_query
+
+
+def read_examples(table: storage.Location, per_query: dict[str, np.ndarray], count: int, top: int = GALLERY_TOP) -> list[GalleryExample]:
+    """The first `count` queries with a positive, each with its first `top` ranked results."""
+    chosen = per_query["query_id"][per_query["positives"] > 0][:count]
+    if len(chosen) == 0:
+        return []
+    rows = storage.read_table(
+        table, columns=["query_id", "rank", "gallery_id", "is_match"], filter=pc.field("query_id").isin(pa.array(chosen)) & (pc.field("rank") <= top)
+    ).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    examples = []
+    for query in chosen:
+        mine = rows.filter(pc.equal(rows.column("query_id"), query))
+        examples.append(GalleryExample(str(query), tuple(mine.column("gallery_id").to_pylist()), tuple(bool(m) for m in mine.column("is_match").to_pylist())))
+    return examples
 
 
 def _metric_values(result: dict[str, float | int]) -> dict[str, float]:
@@ -187,12 +106,12 @@ def _orderings_metrics(per_query: dict[str, np.ndarray], mask: np.ndarray, ks: S
     return results
 
 
-def _rerank_effect(per_query: dict[str, np.ndarray], depth: int) -> dict[str, float | int]:
+def _rerank_effect(per_query: dict[str, np.ndarray]) -> dict[str, float | int]:
     """Shares of queries (with a positive) whose first match moved up, down or stayed."""
     included = per_query["positives"] > 0
     # No match within the depth ranks below every match.
     before, after = (
-        np.where(r == 0, depth + 1, r)[included]
+        np.where(r == 0, np.iinfo(np.int64).max, r)[included]
         for r in (per_query["first_rank_global"], per_query["first_rank_reranked"])
     )
     total = max(int(included.sum()), 1)
@@ -286,21 +205,18 @@ def run(
     `per_category`, `rerank_effect`, `model_id`, `notes` and where it all came from.
     """
     started = time.time()
-    init_ray()
     table = storage.resolve(rankings)
     manifest = storage.read_manifest(table)
-    files = storage.table_files(table)
-    if not files:
-        raise storage.StorageError(f"{table.uri}: the published rankings snapshot lists no files")
-    rankings_depth = int(manifest["depth"])
-    depth = rankings_depth if depth is None else int(depth)
-    if not 1 <= depth <= rankings_depth:
-        raise ValueError(f"depth must be between 1 and the rankings' depth {rankings_depth}, got {depth}")
+    if "positives" not in manifest:
+        raise storage.StorageError(f"{table.uri}: the rankings list no positives table (written by an older `mga search`): search again")
+    if depth is not None and depth < 1:
+        raise ValueError(f"depth must be positive, got {depth}")
     ks = RetrievalMetrics(ks).ks  # validated and sorted before any work starts
 
-    parts = _score_files(table, files, depth, gallery_examples)
-    per_query = _gather(parts)
-    examples = sorted((e for part in parts for e in part["examples"]), key=lambda e: e.query_id)[:gallery_examples]
+    query_ids, query_positives = read_queries(table)
+    positives = storage.read_table(table, columns=["query_id", "rank_global", "rank_reranked"], key="positives")
+    per_query = score_positives(positives, query_ids, query_positives, depth)
+    examples = read_examples(table, per_query, gallery_examples)
     notes: list[str] = []
     categories, catalog_uri = _query_categories(manifest.get("features"), per_query["query_id"], notes)
     gallery_png = _gallery(catalog_uri, examples, notes)
@@ -308,27 +224,27 @@ def run(
     overall = _orderings_metrics(per_query, np.ones(len(per_query["query_id"]), dtype=bool), ks)
     if overall["global"]["queries"] == 0:
         notes.append("No query has a gallery image of its item: every metric is 0.")
-    if ks[-1] > depth:
+    if depth is not None and ks[-1] > depth:
         notes.append(f"R@K for K > {depth} (the evaluation depth) can only count matches within the first {depth}.")
-    if manifest.get("queries") is not None and int(manifest["queries"]) != len(per_query["query_id"]):
-        notes.append(
-            f"The rankings manifest counts {manifest['queries']} queries; its files hold {len(per_query['query_id'])}."
-        )
+    if manifest.get("queries") is not None and int(manifest["queries"]) != len(query_ids):
+        notes.append(f"The rankings manifest counts {manifest['queries']} queries; its files hold {len(query_ids)}.")
     metrics: dict[str, Any] = {
         "queries": overall["global"]["queries"],
         "excluded_queries": overall["global"]["excluded_queries"],
-        "depth": depth,
+        "depth": "gallery" if depth is None else depth,
+        "rankings_depth": manifest.get("depth"),
+        "gallery": manifest.get("gallery"),
         "rerank_top": manifest.get("rerank_top"),
         "global": _metric_values(overall["global"]),
         "reranked": _metric_values(overall["reranked"]),
         "per_category": _per_category(per_query, categories, ks) if categories is not None else {},
-        "rerank_effect": _rerank_effect(per_query, depth),
+        "rerank_effect": _rerank_effect(per_query),
         "model_id": manifest.get("model_id"),
         "alpha": manifest.get("alpha"),
         "rankings": table.uri,
         "rankings_snapshot": manifest.get("snapshot"),
-        "rankings_files": len(files),
-        "rankings_rows": int(sum(part["rows"] for part in parts)),
+        "rankings_rows": manifest.get("rows"),
+        "positives_rows": positives.num_rows,
         "notes": notes,
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -346,9 +262,9 @@ def _print_summary(metrics: dict[str, Any], written: list[str], seconds: float) 
     effect = metrics["rerank_effect"]
     lines = [
         f"evaluate: done in {seconds:.1f}s",
-        f"  read      {metrics['rankings']}: {metrics['rankings_rows']} rows in {metrics['rankings_files']} files, "
-        f"{metrics['queries'] + metrics['excluded_queries']} queries (model {metrics['model_id']})",
-        f"  evaluated {metrics['queries']} queries at depth {metrics['depth']}, rerank top {metrics['rerank_top']}",
+        f"  read      {metrics['rankings']}: {metrics['queries'] + metrics['excluded_queries']} queries, "
+        f"{metrics['positives_rows']} positives with full-gallery ranks (model {metrics['model_id']})",
+        f"  evaluated {metrics['queries']} queries over a gallery of {metrics['gallery']} at depth {metrics['depth']}, rerank top {metrics['rerank_top']}",
         f"  excluded  {metrics['excluded_queries']} queries with no gallery image of their item",
         "  " + "metric".ljust(9) + "".join(name.rjust(8) for name in names),
         "  " + "global".ljust(9) + "".join(f"{metrics['global'][n]:8.4f}" for n in names),
@@ -365,7 +281,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     """The flags of `mga evaluate` and `python -m pipelines.evaluate`."""
     parser.add_argument("--rankings", required=True, help="rankings table URI written by `mga search`")
     parser.add_argument("--out", required=True, help="report directory (local path or s3://bucket/prefix)")
-    parser.add_argument("--depth", type=int, default=None, help="evaluation depth (default: the rankings' depth)")
+    parser.add_argument("--depth", type=int, default=None, help="evaluation depth: a positive ranked below it counts as not retrieved (default: the whole gallery)")
     parser.add_argument(
         "--ks",
         type=lambda text: [int(k) for k in text.split(",")],

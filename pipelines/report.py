@@ -150,7 +150,8 @@ def sections(metrics: Mapping[str, Any], figures: Mapping[str, bytes]) -> list[S
         "Summary",
         paragraphs=[
             f"Rankings: {metrics.get('rankings', 'unknown')}, snapshot {metrics.get('rankings_snapshot', 'unknown')}: "
-            f"{metrics.get('rankings_rows', '?')} rows in {metrics.get('rankings_files', '?')} files "
+            f"{metrics.get('rankings_rows', '?')} ranked rows (the first {metrics.get('rankings_depth', '?')} per query) and "
+            f"{metrics.get('positives_rows', '?')} positives with their ranks over the whole gallery of {metrics.get('gallery', '?')} "
             f"(model {metrics.get('model_id') or 'unknown'}).",
             f"Evaluation depth {metrics['depth']}; rerank of the top {metrics['rerank_top']} "
             f"(alpha {metrics.get('alpha', 'unknown')}).",

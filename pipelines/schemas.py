@@ -52,3 +52,14 @@ RANKINGS = pa.schema(
         ("query_positives", pa.int32()),
     ]
 )
+
+# Beside the rankings: every gallery image of each query's item with its full-gallery ranks
+# (1 + the gallery images before it), so metrics over the whole gallery need no more rows.
+POSITIVES = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("gallery_id", pa.string()),
+        ("rank_global", pa.int64()),
+        ("rank_reranked", pa.int64()),
+    ]
+)

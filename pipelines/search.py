@@ -1,208 +1,233 @@
-"""`mga search`: faiss shortlist on global features, ATA rerank of the top candidates, rankings table.
+"""`mga search`: exact shortlist on global features, ATA rerank of the head, bounded rankings.
 
-The gallery (global features and tokens) is read once by the driver and put in the Ray
-object store; the faiss index is built once and shipped serialized. Query blocks stream
-through an actor pool: each actor maps the gallery from the object store (zero-copy),
-shortlists its queries and reranks the top N with the model's ATA head, scoring all of a
-chunk's query-candidate pairs as one batch. Every rerank call has the same shape (the
-last chunk is padded), so a query's ranking does not depend on how queries were batched
-or how many workers ran.
+For every query (`split=query` rows of the features table) against the gallery
+(`split=gallery` rows), the ranking is mga.retrieval's: global order, the first
+`--rerank-top` reranked by the fused score S, the rest below in global order. The job writes
 
-The rankings are published atomically (pipelines.storage): a search that fails or is
-killed leaves the previous rankings as readers saw them; re-running it gives the same rows.
-`--index ivf|hnsw` shortlists approximately; the recall@100 of the shortlist against exact
-search (on up to 1000 queries) is measured and recorded in the manifest and the summary.
-`--use-gpu` and `--gpus-per-actor` work as for `mga embed` (`yes` scales a GPU group up
-from zero on an autoscaling cluster); faiss moves the index to the GPUs an actor sees.
+- the **rankings** table: the first `--depth` (default 100) results per query;
+- the **positives** table (listed under `positives` in the rankings manifest): for every
+  gallery image of the query's item, its full-gallery `rank_global` and `rank_reranked`,
+  so R@K and mAP over the whole gallery need no queries x gallery rows (mga.metrics).
+
+The gallery is never held: queries are handled in chunks of `--query-chunk`, and for each
+chunk the gallery's files stream twice through autoscaling actor pools
+(pipelines.gallery_scan explains the choice). Per-node memory grows with the queries and
+the depth, not with the gallery. Shortlisting is torch matmul + top-k on each actor's
+device, so a GPU has no cap on the depth. `--index ivf|hnsw|ivfpq` shortlists with a faiss
+index instead (pipelines.approximate), and records its recall@100 against the exact scan.
+
+The rankings are published atomically (pipelines.storage): a search that fails or is killed
+leaves the previous rankings as readers saw them; re-running it gives the same rows, however
+many actors ran and however the gallery was split into blocks.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from collections import Counter
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import torch
+from ray.data.expressions import col
 
-from mga.artifact import unpack_artifact
-from mga.model import Embedding
-from mga.similarity import TOKEN_SIMILARITY_MIN, fuse_similarity
-from pipelines.catalog import table_dataset
+from mga.retrieval import pair_scores, rerank, reranked_ranks, tie_keys
+from pipelines.approximate import APPROXIMATE, approximate_shortlist, build_index, shortlist_recall
 from pipelines.console import print_summary
-from pipelines.embed import actor_gpus, add_gpu_arguments, default_actors, execute, load_artifact
+from pipelines.embed import load_artifact
+from pipelines.gallery_scan import ShortlistMerge, ShortlistScan, Shortlisted, TokenScorer, column_matrix
 from pipelines.model_store import read_artifact_files
+from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
 from pipelines.runtime import init_ray
-from pipelines.schemas import RANKINGS
-from pipelines.storage import discard_snapshot, list_files, new_snapshot, publish, read_manifest, read_table, resolve
+from pipelines.schemas import POSITIVES, RANKINGS
+from pipelines.storage import Location, discard_snapshot, new_snapshot, publish, read_manifest, read_table, resolve, table_files, write_parquet
 
-INDEX_KINDS = ("exact", "ivf", "hnsw")
-
-
-def column_matrix(table: pa.Table, name: str, rows_shape: tuple[int, ...] = ()) -> np.ndarray:
-    """A fixed_size_list column as a float32 array [rows, *rows_shape or width]."""
-    column = table.column(name).combine_chunks()
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    width = column.type.list_size
-    return flat.reshape(len(column), *(rows_shape or (width,)))
+DEFAULT_DEPTH = 100
+INDEX_KINDS = ("exact", *APPROXIMATE)
+RECALL_QUERIES = 1000  # queries the approximate shortlist's recall is measured on
 
 
 def token_columns(manifest: dict[str, Any]) -> list[str]:
     return [f"tokens_{layer}" for layer in range(len(manifest["layers"]))]
 
 
-def build_index(vectors: np.ndarray, kind: str, seed: int = 0) -> faiss.Index:
-    """Inner-product index on L2-normalised vectors: exact (flat), IVF or HNSW."""
-    dim = vectors.shape[1]
-    if kind == "exact":
-        index = faiss.IndexFlatIP(dim)
-    elif kind == "ivf":
-        lists = max(1, min(4096, int(np.sqrt(len(vectors)))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        index.train(vectors)
-        index.nprobe = max(1, lists // 8)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-        index.hnsw.efSearch = 128
-    else:
-        raise ValueError(f"--index must be one of {INDEX_KINDS}, got {kind!r}")
-    index.add(vectors)
-    return index
-
-
-def shortlist_recall(index: faiss.Index, gallery: np.ndarray, queries: np.ndarray, k: int) -> float:
-    """Recall@k of an approximate index against exact search on the same queries."""
-    exact = faiss.IndexFlatIP(gallery.shape[1])
-    exact.add(gallery)
-    truth = exact.search(queries, k)[1]
-    found = index.search(queries, k)[1]
-    return float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found)]))
-
-
-class Searcher:
-    """Actor: shortlist and rerank blocks of queries against the shared gallery."""
-
-    def __init__(self, gallery: list, index: list, artifact: list, depth: int, rerank_top: int, rerank_chunk: int, threads: int, token_names: list[str], use_gpu: bool = True) -> None:
-        self.gallery = ray.get(gallery[0])
-        self.index = faiss.deserialize_index(ray.get(index[0]))
-        if use_gpu and faiss.get_num_gpus() > 0:
-            self.index = faiss.index_cpu_to_all_gpus(self.index)
-        faiss.omp_set_num_threads(threads)
-        torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model, self.model_id, _ = unpack_artifact(ray.get(artifact[0]))
-        self.model = model.to(self.device).eval()
-        self.alpha = model.config.alpha
-        self.depth, self.rerank_top, self.rerank_chunk = depth, rerank_top, rerank_chunk
-        self.token_names = token_names
-        self.positives = Counter(self.gallery["items"])
-        self.token_shape = (model.config.num_tokens, model.config.token_dim)
-
-    def _embedding(self, global_feature: np.ndarray, tokens: list[np.ndarray]) -> Embedding:
-        to_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)  # noqa: E731
-        return Embedding(to_tensor(global_feature), [to_tensor(layer) for layer in tokens])
-
-    def token_scores(self, query_global: np.ndarray, query_tokens: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
-        """S_token of each query with its first `rerank_top` candidates, [B, N], in fixed-shape chunks."""
-        count, top = candidates.shape
-        scores = np.empty((count, top), np.float32)
-        for start in range(0, count, self.rerank_chunk):
-            rows = np.arange(start, start + self.rerank_chunk).clip(max=count - 1)  # pad by repeating the last query
-            cand = candidates[rows].reshape(-1)
-            queries = self._embedding(query_global[rows], [layer[rows] for layer in query_tokens])
-            gallery = self._embedding(self.gallery["global"][cand], [layer[cand] for layer in self.gallery["tokens"]])
-            with torch.inference_mode():
-                result = self.model.score_candidates(queries, gallery).token_score.float().cpu().numpy()
-            valid = min(self.rerank_chunk, count - start)
-            scores[start:start + valid] = result[:valid]
-        return scores
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        query_global = column_matrix(batch, "global")
-        query_tokens = [column_matrix(batch, name, self.token_shape) for name in self.token_names]
-        depth = min(self.depth, len(self.gallery["ids"]))
-        _, shortlist = self.index.search(np.ascontiguousarray(query_global), depth)
-        found = shortlist >= 0  # approximate indexes may return fewer than `depth`
-        shortlist = np.where(found, shortlist, 0)
-        # Exact scores, recomputed per pair, and a fixed tie order (gallery position): stable across batchings.
-        global_scores = np.einsum("bd,bkd->bk", query_global, self.gallery["global"][shortlist])
-        order = np.lexsort((shortlist, -global_scores), axis=-1)
-        shortlist, global_scores, found = (np.take_along_axis(a, order, axis=-1) for a in (shortlist, global_scores, found))
-        top = min(self.rerank_top, depth)
-        token = self.token_scores(query_global, query_tokens, shortlist[:, :top]) if top else np.zeros((len(batch), 0), np.float32)
-        query_ids, query_items = batch.column("image_id").to_pylist(), batch.column("item_id").to_pylist()
-        columns: dict[str, list] = {name: [] for name in RANKINGS.names}
-        for row, (query_id, query_item) in enumerate(zip(query_ids, query_items)):
-            kept = found[row]
-            head = np.arange(top)[kept[:top]]
-            fused_head = fuse_similarity(torch.from_numpy(global_scores[row, head]), torch.from_numpy(token[row, head]), self.alpha).numpy()
-            head = head[np.lexsort((head, -fused_head))]  # rerank; ties keep the global order
-            tail = np.arange(top, depth)[kept[top:]]
-            positions = np.concatenate([head, tail])
-            gallery_rows = shortlist[row, positions]
-            g = global_scores[row, positions]
-            token_row = np.concatenate([token[row, head], np.full(len(tail), np.nan, np.float32)])
-            # Beyond the reranked depth the fused score takes S_token at its minimum: a lower bound
-            # of what reranking could give, so the tail keeps its global order below the head.
-            fused = np.where(np.isnan(token_row), self.alpha * g + (1 - self.alpha) * TOKEN_SIMILARITY_MIN, self.alpha * g + (1 - self.alpha) * token_row)
-            count = len(positions)
-            columns["query_id"] += [query_id] * count
-            columns["rank"] += list(range(1, count + 1))
-            columns["gallery_id"] += [self.gallery["ids"][i] for i in gallery_rows]
-            columns["score_global"] += g.tolist()
-            columns["score_token"] += [None if np.isnan(v) else float(v) for v in token_row]
-            columns["score"] += fused.tolist()
-            columns["is_match"] += [self.gallery["items"][i] == query_item for i in gallery_rows]
-            columns["query_positives"] += [self.positives.get(query_item, 0)] * count
-        return pa.table(columns, schema=RANKINGS)
-
-
-def load_gallery(features, manifest: dict[str, Any]) -> dict[str, Any]:
+def read_queries(features: Location, manifest: dict[str, Any]) -> pa.Table:
     names = token_columns(manifest)
-    table = read_table(features, columns=["image_id", "item_id", "global", *names], filter=pc.field("split") == "gallery")
-    if table.num_rows == 0:
-        raise ValueError(f"{features.uri}: no rows with split=gallery to search")
+    queries = read_table(features, columns=["image_id", "item_id", "global", *names], filter=pc.field("split") == "query")
+    if queries.num_rows == 0:
+        raise ValueError(f"{features.uri}: no rows with split=query to search for")
+    return queries.sort_by("image_id")
+
+
+def find_positives(features: Location, queries: pa.Table) -> dict[str, np.ndarray]:
+    """Every (query, gallery image of its item) pair, with the pair's exact S_global and the image's tie key.
+
+    Reads only the gallery rows of the queries' items (a filtered scan), sorted by query then gallery id.
+    """
+    items = pc.unique(queries.column("item_id"))
+    gallery = read_table(
+        features, columns=["image_id", "item_id", "global"], filter=(pc.field("split") == "gallery") & pc.field("item_id").isin(items)
+    )
+    left = pa.table({"query": pa.array(np.arange(queries.num_rows)), "item_id": queries.column("item_id")})
+    right = pa.table({"row": pa.array(np.arange(gallery.num_rows)), "item_id": gallery.column("item_id"), "gallery_id": gallery.column("image_id")})
+    pairs = left.join(right, "item_id", join_type="inner").sort_by([("query", "ascending"), ("gallery_id", "ascending")])
+    query, row = pairs.column("query").to_numpy(), pairs.column("row").to_numpy()
+    query_global = torch.from_numpy(column_matrix(queries, "global"))
+    gallery_global = torch.from_numpy(column_matrix(gallery, "global"))
+    ids = pairs.column("gallery_id").combine_chunks()
+    return {
+        "positive_query": query.astype(np.int64),
+        "positive_score": pair_scores(query_global[query], gallery_global[row]).numpy(),
+        "positive_key": tie_keys(ids.to_numpy(zero_copy_only=False)),
+        "gallery_id": ids,
+    }
+
+
+def _gallery_dataset(features: Location, columns: list[str], ids: pa.Array | None = None) -> ray.data.Dataset:
+    """The gallery rows' `columns` as a stream; Ray Data pushes the filter into the Parquet read."""
+    where = col("split") == "gallery"
+    if ids is not None:
+        where = where & col("image_id").is_in(ids.to_pylist())
+    dataset = ray.data.read_parquet(table_files(features), filesystem=features.fs, columns=[*columns, "split"])
+    return dataset.filter(expr=where).select_columns(columns)
+
+
+def _pool_args(gpus: float, cpus_per_actor: float, workers: int) -> dict[str, Any]:
+    return {"compute": actor_pool(workers), "num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor), "batch_format": "pyarrow"}
+
+
+def shortlist_scan(features: Location, chunk: dict[str, Any], depth: int, block_rows: int, pool: dict[str, Any]) -> Shortlisted:
+    """Pass 1: the chunk's exact top-`depth` and each positive's count of gallery images before it."""
+    merge = ShortlistMerge(len(chunk["global"]), depth, len(chunk["positive_query"]))
+    dataset = _gallery_dataset(features, ["image_id", "item_id", "global"]).map_batches(
+        ShortlistScan, fn_constructor_kwargs={"queries": [ray.put(chunk)], "depth": depth, "use_gpu": pool["num_gpus"] > 0}, batch_size=block_rows, **pool
+    )
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for index in range(batch.num_rows):
+            merge.add({name: _scalar_value(batch.column(name)[index]) for name in batch.column_names})
+    try:
+        return merge.result()
+    except ValueError as error:
+        raise ValueError(f"{features.uri}: {error}") from None
+
+
+def _scalar_value(scalar: pa.Scalar) -> Any:
+    return scalar.values if isinstance(scalar, pa.ListScalar) else scalar.as_py()
+
+
+def token_scan(features: Location, manifest: dict[str, Any], chunk: dict[str, Any], shortlisted: Shortlisted, head: int, files: dict[str, bytes], rerank_batch: int, pool: dict[str, Any]) -> torch.Tensor:
+    """Pass 2: S_token of each query with the first `head` rows of its shortlist, [Q, head]."""
+    count = len(chunk["global"])
+    scores = torch.full((count, head), float("nan"))
+    rows = shortlisted.top.rows[:, :head].reshape(-1).numpy()
+    pairs = pa.table(
+        {
+            "gallery_id": shortlisted.ids.take(pa.array(rows)),
+            "query": pa.array(np.repeat(np.arange(count), head), pa.int32()),
+            "head": pa.array(np.tile(np.arange(head), count), pa.int32()),
+        }
+    )
+    names = token_columns(manifest)
+    dataset = _gallery_dataset(features, ["image_id", *names], pc.unique(pairs.column("gallery_id"))).map_batches(
+        TokenScorer,
+        fn_constructor_kwargs={
+            "artifact": [ray.put(files)], "queries": [ray.put({"tokens": chunk["tokens"]})], "pairs": [ray.put(pairs)],
+            "token_names": names, "rerank_batch": rerank_batch, "use_gpu": pool["num_gpus"] > 0,
+        },
+        batch_size=4 * rerank_batch,  # candidate rows: >= 4 ATA calls a block, so padding the last wastes <= 1/4
+        **pool,
+    )
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        query, position = (torch.from_numpy(batch.column(name).to_numpy().astype(np.int64)) for name in ("query", "head"))
+        scores[query, position] = torch.from_numpy(batch.column("score_token").to_numpy())
+    missing = int(torch.isnan(scores).sum())
+    if missing:
+        raise RuntimeError(f"search: {missing} shortlisted pairs got no token score (gallery rows vanished from {features.uri}?)")
+    return scores
+
+
+def _chunk(queries: pa.Table, positives: dict[str, np.ndarray], start: int, stop: int, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The arrays the actors need for queries [start, stop), positives renumbered within the chunk."""
+    rows = queries.slice(start, stop - start)
+    keep = (positives["positive_query"] >= start) & (positives["positive_query"] < stop)
     shape = (manifest["num_tokens"], manifest["token_dim"])
     return {
-        "ids": table.column("image_id").to_pylist(),
-        "items": table.column("item_id").to_pylist(),
-        "global": np.ascontiguousarray(column_matrix(table, "global")),
-        "tokens": [np.ascontiguousarray(column_matrix(table, name, shape)) for name in names],
+        "global": np.ascontiguousarray(column_matrix(rows, "global")),
+        "tokens": [np.ascontiguousarray(column_matrix(rows, name, shape)) for name in token_columns(manifest)],
+        "positive_query": positives["positive_query"][keep] - start,
+        "positive_score": positives["positive_score"][keep],
+        "positive_key": positives["positive_key"][keep],
+        "positive_id": positives["gallery_id"].filter(pa.array(keep)),
+        "ids": rows.column("image_id").combine_chunks(),
+        "items": rows.column("item_id").combine_chunks(),
     }
+
+
+def rank_chunk(chunk: dict[str, Any], shortlisted: Shortlisted, token_scores: torch.Tensor, alpha: float) -> tuple[pa.Table, pa.Table]:
+    """Rerank the chunk's shortlists (mga.retrieval) into its rankings and positives rows."""
+    ranking = rerank(shortlisted.top, token_scores, alpha)
+    count, depth = ranking.rows.shape
+    rows = pa.array(ranking.rows.reshape(-1).numpy())
+    query_rows = pa.array(np.repeat(np.arange(count), depth))
+    rank_global = torch.from_numpy(shortlisted.rank_global)
+    rank_reranked = reranked_ranks(rank_global, torch.from_numpy(chunk["positive_query"]), ranking.head_order)
+    positives_per_query = np.bincount(chunk["positive_query"], minlength=count)
+    rankings = pa.table(
+        {
+            "query_id": chunk["ids"].take(query_rows),
+            "rank": pa.array(np.tile(np.arange(1, depth + 1), count), pa.int32()),
+            "gallery_id": shortlisted.ids.take(rows),
+            "score_global": pa.array(ranking.score_global.reshape(-1).numpy(), pa.float32()),
+            "score_token": pa.array(ranking.score_token.reshape(-1).numpy(), pa.float32(), from_pandas=True),  # NaN -> null
+            "score": pa.array(ranking.score.reshape(-1).numpy(), pa.float32()),
+            "is_match": pc.equal(shortlisted.items.take(rows), chunk["items"].take(query_rows)),
+            "query_positives": pa.array(np.repeat(positives_per_query, depth), pa.int32()),
+        },
+        schema=RANKINGS,
+    )
+    positives = pa.table(
+        {
+            "query_id": chunk["ids"].take(pa.array(chunk["positive_query"])),
+            "gallery_id": chunk["positive_id"],
+            # 0 = below an approximate shortlist: not retrieved (null).
+            "rank_global": pa.array(rank_global.numpy(), pa.int64(), mask=rank_global.numpy() == 0),
+            "rank_reranked": pa.array(rank_reranked.numpy(), pa.int64(), mask=rank_reranked.numpy() == 0),
+        },
+        schema=POSITIVES,
+    )
+    return rankings, positives
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
 
 
 def run(
     features: str,
     out: str,
-    depth: int | None = None,
+    depth: int = DEFAULT_DEPTH,
     rerank_top: int = 50,
     index: str = "exact",
     workers: int | None = None,
-    query_batch: int = 64,
-    rerank_chunk: int = 8,
+    query_chunk: int = 20000,
+    block_rows: int = 32768,
+    rerank_batch: int | None = None,
     model: str | None = None,
     use_gpu: str = "auto",
     gpus_per_actor: float = 1.0,
+    cpus_per_actor: float = 2.0,
 ) -> dict[str, Any]:
-    if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be positive, got {workers}")
-    actor_gpus(use_gpu, 0, gpus_per_actor)  # validate before anything runs
-    for name, value in (("--rerank-top", rerank_top), ("--query-batch", query_batch), ("--rerank-chunk", rerank_chunk)):
-        if value < 0 or (value == 0 and name != "--rerank-top"):
-            raise ValueError(f"{name} must be {'non-negative' if name == '--rerank-top' else 'positive'}, got {value}")
-    if depth is not None and depth < 1:
-        raise ValueError(f"--depth must be positive, got {depth}")
+    for name, value in (("--depth", depth), ("--query-chunk", query_chunk), ("--block-rows", block_rows), ("--workers", workers or 1), ("--rerank-batch", rerank_batch or 1)):
+        _check_positive(name, value)
+    if rerank_top < 0:
+        raise ValueError(f"--rerank-top must be non-negative, got {rerank_top}")
     if index not in INDEX_KINDS:
-        raise ValueError(f"--index must be one of {INDEX_KINDS}, got {index!r}")
+        raise ValueError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
+    actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
     features_location = resolve(features)
     manifest = read_manifest(features_location)
@@ -211,31 +236,44 @@ def run(
     _, model_id, model_config = load_artifact(files, resolve(model_uri).uri)
     if model_id != manifest["model_id"]:
         raise ValueError(f"{features_location.uri} was embedded with model_id {manifest['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
-    gallery = load_gallery(features_location, manifest)
-    gallery_size = len(gallery["ids"])
-    depth = min(depth or gallery_size, gallery_size)
+    alpha = float(model_config["model"]["alpha"])
+    queries = read_queries(features_location, manifest)
+    positives = find_positives(features_location, queries)
 
     init_ray()
-    faiss_index = build_index(gallery["global"], index)
-    recall = None
-    queries_table = read_table(features_location, columns=["global"], filter=pc.field("split") == "query")
-    if queries_table.num_rows == 0:
-        raise ValueError(f"{features_location.uri}: no rows with split=query to search for")
-    if index != "exact":
-        sample = column_matrix(queries_table.slice(0, 1000), "global")
-        recall = shortlist_recall(faiss_index, gallery["global"], sample, min(100, gallery_size))
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
     workers = workers or default_actors(gpus, gpus_up)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = _pool_args(gpus, cpus_per_actor, workers)
+    # Pairs per ATA call: an H100 saturates at about 4096 (bench/retrieval_device.py); a CPU at ~128.
+    rerank_batch = rerank_batch or (4096 if gpus else 128)
+    approximate = build_index(features_location, index) if index != "exact" else None
+    recall = None
+    if approximate is not None:  # against the exact scan, on the first queries
+        sample = _chunk(queries, positives, 0, min(RECALL_QUERIES, queries.num_rows), manifest)
+        exact = execute(lambda: shortlist_scan(features_location, sample, 100, block_rows, pool), features_location.uri, out)
+        recall = shortlist_recall(approximate_shortlist(*approximate, sample, 100), exact)
     table = resolve(out)
     snapshot = new_snapshot(table)
+    totals = {"rows": 0, "positives": 0, "gallery": 0, "depth": 0, "head": 0}
     try:
-        _search(features_location, manifest, snapshot, gallery, faiss_index, files, depth, rerank_top, workers, threads, gpus, query_batch, rerank_chunk)
-        rows = sum(pq.read_metadata(path, filesystem=snapshot.fs).num_rows for path in list_files(snapshot, ".parquet"))
-        # Every query once, `depth` rows each (fewer where an approximate index finds fewer).
-        if rows > queries_table.num_rows * depth or (index == "exact" and rows != queries_table.num_rows * depth):
-            raise RuntimeError(f"search: {rows} rankings rows for {queries_table.num_rows} queries at depth {depth}: not published")
+        for part, start in enumerate(range(0, queries.num_rows, query_chunk)):
+            chunk = _chunk(queries, positives, start, min(start + query_chunk, queries.num_rows), manifest)
+            shortlisted = (
+                execute(lambda: shortlist_scan(features_location, chunk, depth, block_rows, pool), features_location.uri, table.uri)
+                if approximate is None else approximate_shortlist(*approximate, chunk, depth)
+            )
+            head = min(rerank_top, shortlisted.top.rows.shape[1]) if alpha < 1.0 else 0
+            token_scores = (
+                execute(lambda: token_scan(features_location, manifest, chunk, shortlisted, head, files, rerank_batch, pool), features_location.uri, table.uri)
+                if head else torch.zeros(len(chunk["global"]), 0)
+            )
+            rankings, positive_rows = rank_chunk(chunk, shortlisted, token_scores, alpha)
+            write_parquet(snapshot.join(f"rankings-{part:05d}.parquet"), rankings)
+            write_parquet(snapshot.join("_positives", f"positives-{part:05d}.parquet"), positive_rows)
+            totals = {"rows": totals["rows"] + rankings.num_rows, "positives": totals["positives"] + positive_rows.num_rows,
+                      "gallery": shortlisted.gallery_rows, "depth": shortlisted.top.rows.shape[1], "head": max(head, totals["head"])}
+        positive_files = [f"{snapshot.path}/_positives/positives-{part:05d}.parquet" for part in range(-(-queries.num_rows // query_chunk))]
         result = publish(
             table,
             snapshot,
@@ -244,14 +282,16 @@ def run(
                 "features": features_location.uri,
                 "catalog": manifest.get("catalog"),
                 "model_id": model_id,
-                "alpha": model_config["model"]["alpha"],
-                "depth": depth,
-                "rerank_top": min(rerank_top, depth),
+                "alpha": alpha,
+                "depth": totals["depth"],
+                "rerank_top": totals["head"],
                 "index": index,
                 "shortlist_recall_at_100": recall,
-                "queries": queries_table.num_rows,
-                "gallery": gallery_size,
-                "rows": rows,
+                "queries": queries.num_rows,
+                "gallery": totals["gallery"],
+                "rows": totals["rows"],
+                "positives_rows": totals["positives"],
+                "positives": [path[len(table.path) + 1:] for path in positive_files],
             },
         )
     except BaseException:
@@ -260,63 +300,36 @@ def run(
     print_summary(
         "mga search",
         {
-            "read": f"{features_location.uri} ({queries_table.num_rows} queries, {gallery_size} gallery images, model_id {model_id})",
-            "shortlist": f"faiss {index}" + (f", recall@100 vs exact {recall:.3f}" if recall is not None else "") + f", depth {depth}",
-            "rerank": f"top {min(rerank_top, depth)} per query by ATA (alpha {model_config['model']['alpha']})",
-            "wrote": f"{table.uri} (snapshot {result['snapshot']}, {rows} rows)",
-            "workers": f"{workers} x " + (f"{gpus:g} GPU" if gpus else "CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",
+            "read": f"{features_location.uri} ({queries.num_rows} queries, {totals['gallery']} gallery images, model_id {model_id})",
+            "shortlist": (f"exact (blocked matmul + top-k, {block_rows} gallery rows a block)" if recall is None
+                          else f"faiss {index}, recall@100 vs exact {recall:.3f}") + f", depth {totals['depth']}",
+            "rerank": f"top {totals['head']} per query by ATA (alpha {alpha}, {rerank_batch} pairs a call)",
+            "wrote": f"{table.uri} (snapshot {result['snapshot']}, {totals['rows']} rankings rows, {totals['positives']} positives with full-gallery ranks)",
+            "workers": f"up to {workers} x " + (f"{gpus:g} GPU" if gpus else f"{cpus_per_actor:g} CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",
             "wall time": f"{time.time() - started:.1f} s",
         },
     )
     return result
 
 
-def _search(features_location, manifest, snapshot, gallery, faiss_index, files, depth, rerank_top, workers, threads, gpus, query_batch, rerank_chunk) -> None:
-    """Stream the query rows through the Searcher pool into `snapshot` (not yet published)."""
-
-    def job() -> None:
-        dataset = table_dataset(features_location, ["image_id", "item_id", "global", *token_columns(manifest)], ("split", ["query"]))
-        dataset = dataset.map_batches(
-            Searcher,
-            fn_constructor_kwargs=dict(
-                gallery=[ray.put(gallery)],
-                index=[ray.put(faiss.serialize_index(faiss_index))],
-                artifact=[ray.put(files)],
-                depth=depth,
-                rerank_top=rerank_top,
-                rerank_chunk=rerank_chunk,
-                threads=threads,
-                token_names=token_columns(manifest),
-                use_gpu=gpus > 0,
-            ),
-            batch_size=query_batch,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_gpus=gpus,
-            num_cpus=1,
-        )
-        dataset.write_parquet(snapshot.path, filesystem=snapshot.fs)
-
-    execute(job, features_location.uri, snapshot.uri)
-
-
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", required=True, help="features table URI written by `mga embed`")
     parser.add_argument("--out", required=True, help="rankings table URI to publish")
-    parser.add_argument("--depth", type=int, default=None, help="ranked gallery images per query (default: the whole gallery)")
+    parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="ranked gallery images written per query (metrics still cover the whole gallery)")
     parser.add_argument("--rerank-top", type=int, default=50, help="candidates per query reranked by ATA")
-    parser.add_argument("--index", default="exact", choices=INDEX_KINDS, help="faiss shortlist index")
-    parser.add_argument("--workers", type=int, default=None, help="search actors (default: one per GPU, else 1)")
-    parser.add_argument("--query-batch", type=int, default=64)
-    parser.add_argument("--rerank-chunk", type=int, default=8, help="queries whose candidates are scored in one ATA batch")
+    parser.add_argument("--index", default="exact", choices=INDEX_KINDS, help="exact: a blocked scan on the actors' devices; ivf|hnsw|ivfpq: a faiss index on the driver (ivfpq: 64-byte codes for 10^7+ images)")
+    parser.add_argument("--workers", type=int, default=None, help="most actors per pool; pools start with one and grow while blocks queue (default: one per GPU up, else 1)")
+    parser.add_argument("--query-chunk", type=int, default=20000, help="queries searched per pass over the gallery (bounds memory by queries x depth)")
+    parser.add_argument("--block-rows", type=int, default=32768, help="gallery rows scored per shortlist block")
+    parser.add_argument("--rerank-batch", type=int, default=None, help="query-candidate pairs per ATA call (default: 4096 on GPU, 128 on CPU)")
     parser.add_argument("--model", default=None, help="model artifact (default: the one the features were embedded with)")
     add_gpu_arguments(parser, "search")
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:
     return run(
-        args.features, args.out, args.depth, args.rerank_top, args.index, args.workers, args.query_batch, args.rerank_chunk, args.model,
-        use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor,
+        args.features, args.out, args.depth, args.rerank_top, args.index, args.workers, args.query_chunk, args.block_rows, args.rerank_batch, args.model,
+        use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
     )
 
 

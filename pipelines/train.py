@@ -72,6 +72,7 @@ from mga.artifact import pack_artifact
 from mga.metrics import RetrievalMetrics
 from mga.model import Embedding, MGAModel
 from mga.objective import MGAObjective
+from mga.retrieval import retrieve, tie_keys
 from mga.transforms import preprocess
 from pipelines.catalog import open_catalog, train_item_ids
 from pipelines.config import TrainConfig, load_config
@@ -281,20 +282,23 @@ class Validator:
         try:
             gallery = self._embed(model, [image_id for image_id, _ in self.selection["gallery"]], device, autocast, batch_size)
             queries = self._embed(model, [image_id for image_id, _ in self.selection["queries"]], device, autocast, batch_size)
-            top_n = min(rerank_top, len(gallery))
+            keys = torch.from_numpy(tie_keys(image_id for image_id, _ in self.selection["gallery"])).to(device)
+
+            def token_scores(query_rows: torch.Tensor, gallery_rows: torch.Tensor) -> torch.Tensor:
+                parts = []
+                for start in range(0, len(query_rows), query_block):
+                    block, candidates = query_rows[start:start + query_block], gallery_rows[start:start + query_block]
+                    with autocast:
+                        parts.append(model.score_candidates(queries.index(block), gallery.index(candidates.reshape(-1))).token_score.float())
+                return torch.cat(parts)
+
+            # The same rank-then-rerank step as `mga search` (mga.retrieval), over the whole gallery.
+            ranking = retrieve(queries.global_feature, gallery.global_feature, keys, len(gallery), rerank_top, model.config.alpha, token_scores)
+            items = self.query_items[:, None]
+            positives = (self.gallery_items[None, :] == items).sum(axis=1)
             global_metrics, reranked_metrics = RetrievalMetrics(), RetrievalMetrics()
-            for start in range(0, len(queries), query_block):
-                rows = torch.arange(start, min(start + query_block, len(queries)), device=device)
-                block = queries.index(rows)
-                order = torch.sort(block.global_feature @ gallery.global_feature.t(), dim=1, descending=True, stable=True).indices
-                top = order[:, :top_n]
-                with autocast:
-                    fused = model.score_candidates(block, gallery.index(top.reshape(-1))).score.float()
-                reranked = torch.cat([top.gather(1, torch.sort(fused, dim=1, descending=True, stable=True).indices), order[:, top_n:]], dim=1)
-                items = self.query_items[start:start + len(rows), None]
-                positives = (self.gallery_items[None, :] == items).sum(axis=1)
-                global_metrics.update(self.gallery_items[order.cpu().numpy()] == items, positives)
-                reranked_metrics.update(self.gallery_items[reranked.cpu().numpy()] == items, positives)
+            global_metrics.update(self.gallery_items[ranking.global_rows.cpu().numpy()] == items, positives)
+            reranked_metrics.update(self.gallery_items[ranking.rows.cpu().numpy()] == items, positives)
         finally:
             model.train(was_training)
         plain, reranked_result = global_metrics.result(), reranked_metrics.result()

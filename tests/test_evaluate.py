@@ -1,4 +1,8 @@
-"""The evaluate job on small hand-built tables: both orderings, metrics.json, the report."""
+"""The evaluate job on small hand-built tables: both orderings, metrics.json, the report.
+
+Metrics come from the positives table (full-gallery ranks); the rankings rows give the
+queries, |P| and the gallery picture.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipelines import evaluate, report, storage
-from pipelines.schemas import RANKINGS
+from pipelines.schemas import POSITIVES, RANKINGS
 
 T, F = True, False
 TOPS = "tops & tees <x>"  # needs escaping in HTML
@@ -48,6 +52,17 @@ ROWS_FILE_2 = [
 CATEGORIES = {"qa": TOPS, "qb": DRESSES, "qc": TOPS, "qd": TOPS}
 MISSING_IMAGE = "gZ"  # not in the catalog: the gallery shows a placeholder
 
+# Every positive with its full-gallery ranks (global, reranked); gB3 and gD lie below the depth.
+POSITIVE_RANKS = [
+    ("qa", "gA1", 2, 1),
+    ("qa", "gA2", 3, 3),
+    ("qb", "gB1", 1, 2),
+    ("qb", "gB2", 4, 4),
+    ("qb", "gB3", 6, 6),
+    ("qd", "gD", 5, 5),
+]
+
+# At evaluation depth 4.
 EXPECTED = {
     "global": {"R@1": 1 / 3, "R@10": 2 / 3, "mAP": (7 / 12 + 1 / 2 + 0) / 3},
     "reranked": {"R@1": 1 / 3, "R@10": 2 / 3, "mAP": (5 / 6 + 1 / 3 + 0) / 3},
@@ -72,11 +87,19 @@ def rankings_table(rows: list[tuple]) -> pa.Table:
     )
 
 
-def publish_table(uri: str, parts: list[pa.Table], manifest: dict) -> str:
+def positives_table(rows: list[tuple]) -> pa.Table:
+    columns = list(zip(*rows, strict=True))
+    return pa.table(dict(zip(POSITIVES.names, columns)), schema=POSITIVES)
+
+
+def publish_table(uri: str, parts: list[pa.Table], manifest: dict, positives: pa.Table | None = None) -> str:
     table = storage.resolve(uri)
     snapshot = storage.new_snapshot(table)
     for index, part in enumerate(parts):
         storage.write_parquet(snapshot.join(f"part-{index:05d}.parquet"), part)
+    if positives is not None:
+        storage.write_parquet(snapshot.join("_positives", "part-0.parquet"), positives)
+        manifest = {**manifest, "positives": [snapshot.path[len(table.path) + 1:] + "/_positives/part-0.parquet"]}
     storage.publish(table, snapshot, manifest)
     return table.uri
 
@@ -123,56 +146,29 @@ def build_tables(root, features: bool = True) -> str:
             "queries": 4,
             "gallery": 9,
         },
+        positives_table(POSITIVE_RANKS),
     )
 
 
-def test_score_rankings_orders_ties_by_gallery_id_and_truncates():
-    scored = evaluate.score_rankings(rankings_table(ROWS_FILE_1 + ROWS_FILE_2), depth=4, examples=8)
-    assert scored["query_id"].tolist() == ["qa", "qb", "qc", "qd"]
+def test_scores_come_from_the_positives_full_gallery_ranks():
+    query_ids, counts = np.array(["qa", "qb", "qc", "qd"]), np.array([2, 3, 0, 1])
+    scored = evaluate.score_positives(positives_table(POSITIVE_RANKS), query_ids, counts, depth=4)
     assert scored["positives"].tolist() == [2, 3, 0, 1]
     assert scored["first_rank_global"].tolist() == [2, 1, 0, 0]
     assert scored["first_rank_reranked"].tolist() == [1, 2, 0, 0]
     assert scored["ap_global"][[0, 1, 3]] == pytest.approx([7 / 12, 1 / 2, 0])
     assert scored["ap_reranked"][[0, 1, 3]] == pytest.approx([5 / 6, 1 / 3, 0])
-    assert [example.query_id for example in scored["examples"]] == ["qa", "qb", "qd"]
-    assert scored["examples"][1].gallery_ids == ("gC", "gB1", "gZ", "gB2")
-    assert scored["examples"][1].is_match == (F, T, F, T)
-
-    shallow = evaluate.score_rankings(rankings_table(ROWS_FILE_1), depth=2)
-    # qb global: gB1 gC = T F -> AP (1)/3; reranked: gC gB1 = F T -> AP (1/2)/3.
-    assert shallow["ap_global"].tolist() == pytest.approx([(1 / 2) / 2, 1 / 3])
-    assert shallow["ap_reranked"].tolist() == pytest.approx([1 / 2, (1 / 2) / 3])
-
-
-def test_score_rankings_blocks_give_the_same_answer(monkeypatch):
-    rng = np.random.default_rng(3)
-    rows = []
-    for query in range(40):
-        matches = rng.random(12) < 0.2
-        scores = rng.random(12).round(1)  # coarse scores: many ties
-        rows += [
-            (
-                f"q{query:02d}",
-                rank + 1,
-                f"g{rng.integers(0, 99):02d}-{rank}",
-                float(scores[rank]),
-                bool(matches[rank]),
-                int(matches.sum()) + 1,
-            )
-            for rank in range(12)
-        ]
-    table = rankings_table(rows)
-    whole = evaluate.score_rankings(table, depth=10)
-    monkeypatch.setattr(evaluate, "BLOCK_CELLS", 25)  # 2 queries per block at depth 10
-    blocked = evaluate.score_rankings(table, depth=10)
-    for key in ("first_rank_global", "first_rank_reranked", "ap_global", "ap_reranked"):
-        np.testing.assert_allclose(blocked[key], whole[key])
+    # Over the whole gallery the positives below the depth count: qb's gB3 at 6, qd's gD at 5.
+    whole = evaluate.score_positives(positives_table(POSITIVE_RANKS), query_ids, counts, depth=None)
+    assert whole["ap_global"][[1, 3]] == pytest.approx([(1 + 2 / 4 + 3 / 6) / 3, 1 / 5])
+    assert whole["first_rank_global"].tolist() == [2, 1, 0, 5]
 
 
 def test_inconsistent_positives_are_rejected():
-    rows = [("qa", 1, "g1", 0.5, T, 1), ("qa", 2, "g2", 0.4, F, 2)]
-    with pytest.raises(ValueError, match="query_positives"):
-        evaluate.score_rankings(rankings_table(rows), depth=2)
+    with pytest.raises(ValueError, match="holds 2 positives, the rankings count 3"):
+        evaluate.score_positives(positives_table(POSITIVE_RANKS[:2]), np.array(["qa"]), np.array([3]), depth=None)
+    with pytest.raises(ValueError, match="do not rank"):
+        evaluate.score_positives(positives_table(POSITIVE_RANKS), np.array(["qa"]), np.array([2]), depth=None)
 
 
 def frame_colour(png: bytes, row: int, rank: int) -> tuple[int, int, int]:
@@ -188,7 +184,7 @@ def frame_colour(png: bytes, row: int, rank: int) -> tuple[int, int, int]:
 def test_run_end_to_end(ray_local, tmp_path):
     rankings = build_tables(tmp_path)
     out = tmp_path / "report"
-    metrics = evaluate.run(rankings, str(out))
+    metrics = evaluate.run(rankings, str(out), depth=4)
 
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
@@ -210,7 +206,7 @@ def test_run_end_to_end(ray_local, tmp_path):
     assert on_disk["rerank_effect"]["improved"] == pytest.approx(1 / 3)  # qa: 2 -> 1
     assert on_disk["rerank_effect"]["worsened"] == pytest.approx(1 / 3)  # qb: 1 -> 2
     assert on_disk["rerank_effect"]["unchanged"] == pytest.approx(1 / 3)  # qd: none either way
-    assert on_disk["rankings_rows"] == 15 and on_disk["rankings_files"] == 2
+    assert on_disk["positives_rows"] == 6 and on_disk["gallery"] == 9
     assert any("1 of the 11 gallery picture images are not in the catalog" in note for note in on_disk["notes"])
 
     markdown = (out / "report.md").read_text()
@@ -258,13 +254,15 @@ def test_main_with_smaller_depth_and_no_features(ray_local, tmp_path, capsys):
     assert {path.name for path in out.iterdir()} == {"metrics.json", "report.md", "report.html", "recall.png"}
     assert "Features table unavailable" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
-    assert "15 rows in 2 files" in printed and "excluded  1 queries" in printed
+    assert "4 queries, 6 positives" in printed and "excluded  1 queries" in printed
 
-    with pytest.raises(ValueError, match="rankings' depth 4"):
-        evaluate.run(rankings, str(out), depth=5)
+    # Without --depth: over the whole gallery, positives below the rankings' depth included.
+    whole = evaluate.run(rankings, str(tmp_path / "whole"))
+    assert whole["depth"] == "gallery" and whole["global"]["R@10"] == 1.0
+    assert whole["global"]["mAP"] == pytest.approx((7 / 12 + (1 + 2 / 4 + 3 / 6) / 3 + 1 / 5) / 3)
     with pytest.raises(SystemExit):  # the command line turns it into one line on stderr
-        evaluate.main(["--rankings", rankings, "--out", str(out), "--depth", "5"])
-    assert "mga: error: depth must be between 1 and the rankings' depth 4" in capsys.readouterr().err
+        evaluate.main(["--rankings", rankings, "--out", str(out), "--depth", "0"])
+    assert "mga: error: depth must be positive, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.ray
@@ -276,6 +274,7 @@ def test_run_writes_the_report_to_s3(ray_local, tmp_path, s3_env):
     rankings = build_tables(tmp_path)
     prefix = f"s3://{s3_env['bucket']}/reports/run-1"
     metrics = evaluate.run(rankings, prefix)
+    assert metrics["depth"] == "gallery"
 
     client = boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1")
     listed = client.list_objects_v2(Bucket=s3_env["bucket"], Prefix="reports/run-1/")

@@ -107,8 +107,8 @@ def test_search_ranking_does_not_depend_on_worker_count(trained, tmp_path):
     paths, _ = trained
     if not resolve(paths["features"]).join("_manifest.json").exists():
         embed.run(paths["model"], paths["catalog"], paths["features"])
-    one = search.run(paths["features"], str(tmp_path / "one"), rerank_top=4, workers=1, query_batch=5, rerank_chunk=3)
-    two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=4, workers=2, query_batch=2, rerank_chunk=3)
+    one = search.run(paths["features"], str(tmp_path / "one"), rerank_top=4, workers=1, query_chunk=5, rerank_batch=3)
+    two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=4, workers=2, query_chunk=2, block_rows=7, rerank_batch=5)
     tables = [read_table(resolve(str(tmp_path / name))).sort_by([("query_id", "ascending"), ("rank", "ascending")]) for name in ("one", "two")]
     assert tables[0].equals(tables[1]) and one["rerank_top"] == two["rerank_top"] == 4
 

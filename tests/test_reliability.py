@@ -415,22 +415,6 @@ def test_s3_endpoint_down_for_good_is_a_bounded_one_line_error(base, own_s3, ray
     assert waited < 120 and not leaks
 
 
-def _rankings_computed_locally(features: str, rerank_top: int) -> pa.Table:
-    """The rankings search must publish, computed in this process by one Searcher, no Ray Data."""
-    import faiss
-    import pyarrow.compute as pc
-
-    location = resolve(features)
-    manifest = read_manifest(location)
-    gallery = search.load_gallery(location, manifest)
-    index = search.build_index(gallery["global"], "exact")
-    names = search.token_columns(manifest)
-    searcher = search.Searcher([ray.put(gallery)], [ray.put(faiss.serialize_index(index))], [ray.put(read_artifact_files(manifest["model"]))],
-                               depth=len(gallery["ids"]), rerank_top=rerank_top, rerank_chunk=8, threads=1, token_names=names, use_gpu=False)
-    queries = read_table(location, columns=["image_id", "item_id", "global", *names], filter=pc.field("split") == "query")
-    return searcher(queries)
-
-
 @pytest.mark.timeout(600)
 def test_search_killed_midway_then_rerun_gives_identical_rankings(base, tmp_path):
     out = str(tmp_path / "rankings")
@@ -438,7 +422,7 @@ def test_search_killed_midway_then_rerun_gives_identical_rankings(base, tmp_path
     # would run it on a cluster; SIGKILLing the driver makes Ray reap its actors and tasks.
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=REPO)
     job = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.search", "--features", base["features"], "--out", out, "--rerank-top", "4", "--query-batch", "1"],
+        [sys.executable, "-m", "pipelines.search", "--features", base["features"], "--out", out, "--rerank-top", "4", "--query-chunk", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True,
     )
     own_job = ray.get_runtime_context().get_job_id()
@@ -447,8 +431,8 @@ def test_search_killed_midway_then_rerun_gives_identical_rankings(base, tmp_path
         deadline = time.time() + 300
         while job.poll() is None and time.time() < deadline:
             searchers = [a for a in ray._private.state.actors().values()
-                         if "Searcher" in a["ActorClassName"] and a["State"] == "ALIVE" and a["JobID"] != own_job]
-            if searchers:  # the gallery is loaded, queries are about to flow: kill the driver
+                         if "ShortlistScan" in a["ActorClassName"] and a["State"] == "ALIVE" and a["JobID"] != own_job]
+            if searchers:  # the gallery scan has begun: kill the driver
                 killed_at = time.time()
                 break
             time.sleep(0.02)
@@ -457,7 +441,7 @@ def test_search_killed_midway_then_rerun_gives_identical_rankings(base, tmp_path
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
-    assert killed_at, "the search subprocess never started its Searcher"
+    assert killed_at, "the search subprocess never started its gallery scan"
     snapshots = [name for name in os.listdir(out) if name.startswith("v-")]
     killed_with = sum(1 for name in snapshots for f in os.listdir(os.path.join(out, name)) if f.endswith(".parquet"))
     assert snapshots, "the killed search had not created its snapshot"
@@ -467,15 +451,16 @@ def test_search_killed_midway_then_rerun_gives_identical_rankings(base, tmp_path
         read_table(resolve(out))
 
     order = [("query_id", "ascending"), ("rank", "ascending")]
-    again = search.run(base["features"], out, rerank_top=4, query_batch=5)
+    again = search.run(base["features"], out, rerank_top=4, query_chunk=5)
     rerun = read_table(resolve(out)).sort_by(order)
-    expected = _rankings_computed_locally(base["features"], 4).sort_by(order)
-    assert rerun.equals(expected)
+    clean = str(tmp_path / "clean")  # an uninterrupted search, chunked and blocked differently
+    search.run(base["features"], clean, rerank_top=4, query_chunk=1000, block_rows=3)
+    assert rerun.equals(read_table(resolve(clean)).sort_by(order))
     pairs = rerun.select(["query_id", "gallery_id"]).to_pylist()
     assert len(pairs) == len({(p["query_id"], p["gallery_id"]) for p in pairs}) == again["rows"]
     assert [name for name in os.listdir(out) if name.startswith("v-")] == [again["snapshot"]]  # the killed job's files are gone
-    print(f"\nfault: search driver SIGKILLed while its Searcher worked ({killed_with} rankings file(s) written): no table visible; "
-          f"re-run: {rerun.num_rows} rows identical to the rankings computed locally, 0 duplicates")
+    print(f"\nfault: search driver SIGKILLed while its gallery scan ran ({killed_with} rankings file(s) written): no table visible; "
+          f"re-run: {rerun.num_rows} rows identical to an uninterrupted search, 0 duplicates")
 
 
 # ------------------------------------------------------------------------------ bad arguments

@@ -1,0 +1,257 @@
+"""Rank, then rerank: the one retrieval step that training validation and `mga search` share.
+
+A query's ranking over a gallery (DESIGN.md, "Metrics") is built in three steps:
+
+1. **Global order.** Gallery images by S_global (eq. 3: the inner product of L2-normalised
+   global features) descending; ties by the image's tie key ascending (`tie_keys`: a 63-bit
+   hash of its id, so the order does not depend on how the gallery is laid out, split into
+   blocks or spread over workers).
+2. **Rerank of the head.** The first `rerank_top` of that order are reordered by the fused
+   S = alpha * S_global + (1 - alpha) * S_token (Sec. 2.3); ties keep their global order.
+3. **The tail** follows the head in global order. Its fused score is written with S_token at
+   its minimum (-2): a lower bound of what a rerank could give it.
+
+A positive's full-gallery rank is 1 + the number of gallery images before it in the global
+order; below the head its reranked rank equals the global one, inside the head it is its
+place after the rerank.
+
+The shortlist is exact and blocked: a gallery of any size is scanned block by block
+(`block_top_k`, `merge_top_k`, `count_ranked_above`), so nothing larger than one queries x
+block score matrix exists at a time, on the CPU or a GPU, at any depth. Scores come from one
+fp32 matmul per block; the few that fall within the matmul's error bound of a decision (the
+k-th score, a positive's score) are recomputed exactly (`pair_scores`), so every decision is
+the same whatever the block shape, the device or the BLAS library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mga.similarity import TOKEN_SIMILARITY_MIN, fuse_similarity
+
+# Extra candidates a block's fast top-k takes beyond k, so near-ties at the k-th score are
+# usually settled without a second pass.
+TOP_K_MARGIN = 16
+# Rows of a positives x block comparison held at once, and float64 elements of an exact
+# recomputation (bound memory, not results).
+COUNT_CHUNK = 256
+EXACT_ELEMENTS = 1 << 22
+
+
+def tie_keys(ids: Iterable[str]) -> np.ndarray:
+    """A fixed 63-bit integer per gallery id (BLAKE2b), the tie rule's second key."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") >> 1 for i in ids),
+        dtype=np.int64,
+    )
+
+
+def pair_scores(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Eq. (3) for aligned rows, [P, D] x [P, D] -> [P] float32, accumulated in float64.
+
+    The canonical score: a float32 product is exact in float64, so the sum rounds to the
+    same float32 whatever order a device sums in.
+    """
+    return (first.double() * second.double()).sum(-1).float()
+
+
+def score_tolerance(dim: int) -> float:
+    """Bound on |fp32 matmul - pair_scores| for unit vectors of width `dim`, plus one ulp at 1."""
+    return (dim + 4) * 2.0**-24
+
+
+@contextlib.contextmanager
+def _full_precision_matmul() -> Iterator[None]:
+    """fp32 matmul without TF32 (a training process may have enabled it): the tolerance assumes fp32."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@dataclass
+class TopK:
+    """Per query, the best k gallery rows in global order: `scores` (exact S_global),
+    `keys` (tie keys) and `rows` (the caller's handle of each row), each [Q, k]."""
+
+    scores: torch.Tensor
+    keys: torch.Tensor
+    rows: torch.Tensor
+
+    def take(self, order: torch.Tensor) -> "TopK":
+        return TopK(*(values.gather(1, order) for values in (self.scores, self.keys, self.rows)))
+
+
+def order_by_score(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Per row, the permutation that sorts by score descending, then key ascending."""
+    by_key = torch.sort(keys, dim=1, stable=True).indices
+    by_score = torch.sort(scores.gather(1, by_key), dim=1, descending=True, stable=True).indices
+    return by_key.gather(1, by_score)
+
+
+def block_scores(query_global: torch.Tensor, block_global: torch.Tensor) -> torch.Tensor:
+    """S_global of every query with every row of a block, [Q, G], by one fp32 matmul."""
+    with _full_precision_matmul():
+        return query_global.float() @ block_global.float().t()
+
+
+def block_top_k(
+    query_global: torch.Tensor,
+    block_global: torch.Tensor,
+    block_keys: torch.Tensor,
+    k: int,
+    rows: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+) -> TopK:
+    """Exact top-k of each query over one gallery block, in global order.
+
+    `query_global` [Q, D], `block_global` [G, D] and `block_keys` [G] on one device; `rows`
+    [G] are the handles returned for the chosen rows (default: positions in the block);
+    `scores` is `block_scores(query_global, block_global)` when the caller has it already.
+    Returns min(k, G) columns.
+    """
+    count = block_global.shape[0]
+    k = min(k, count)
+    rows = torch.arange(count, device=block_global.device) if rows is None else rows
+    fast = block_scores(query_global, block_global) if scores is None else scores
+    tolerance = score_tolerance(query_global.shape[1])
+    take = min(count, k + TOP_K_MARGIN)
+    values = torch.topk(fast, take, dim=1).values
+    threshold = values[:, k - 1] - 2 * tolerance  # anything below cannot reach the exact top k
+    if take < count and bool((values[:, -1] >= threshold).any()):
+        take = int((fast >= threshold[:, None]).sum(1).max())
+    candidates = torch.topk(fast, take, dim=1).indices
+    exact = torch.empty(candidates.shape, dtype=torch.float32, device=fast.device)
+    step = max(1, EXACT_ELEMENTS // (take * query_global.shape[1]))
+    for start in range(0, len(candidates), step):  # float64 copies of the candidates, a few queries at a time
+        part = candidates[start:start + step]
+        exact[start:start + step] = pair_scores(query_global[start:start + step, None, :], block_global[part])
+    exact = torch.where(fast.gather(1, candidates) >= threshold[:, None], exact, torch.finfo(exact.dtype).min)
+    found = TopK(exact, block_keys[candidates], rows[candidates])
+    return found.take(order_by_score(found.scores, found.keys)[:, :k])
+
+
+def merge_top_k(first: TopK, second: TopK, k: int) -> TopK:
+    """The exact top-k of two exact top-k lists of the same queries (e.g. two gallery blocks)."""
+    joined = TopK(*(torch.cat(pair, dim=1) for pair in zip(
+        (first.scores, first.keys, first.rows), (second.scores, second.keys, second.rows))))
+    return joined.take(order_by_score(joined.scores, joined.keys)[:, :k])
+
+
+def count_ranked_above(
+    scores: torch.Tensor,
+    query_global: torch.Tensor,
+    block_global: torch.Tensor,
+    block_keys: torch.Tensor,
+    positive_query: torch.Tensor,
+    positive_score: torch.Tensor,
+    positive_key: torch.Tensor,
+) -> torch.Tensor:
+    """How many rows of a gallery block come before each positive in the global order.
+
+    `scores` [Q, G] is `block_scores(query_global, block_global)`; positive p
+    belongs to query `positive_query[p]`, has exact score `positive_score[p]` (pair_scores)
+    and tie key `positive_key[p]`. Summed over every block, plus one, this is the positive's
+    full-gallery global rank. Returns [P] int64.
+    """
+    tolerance = score_tolerance(query_global.shape[1])
+    counts = torch.zeros(len(positive_query), dtype=torch.int64, device=scores.device)
+    for start in range(0, len(positive_query), COUNT_CHUNK):
+        part = slice(start, start + COUNT_CHUNK)
+        query, score, key = positive_query[part], positive_score[part, None], positive_key[part, None]
+        fast = scores[query]
+        counts[part] = (fast > score + tolerance).sum(1)
+        near = ((fast - score).abs() <= tolerance) & (block_keys[None, :] != key)  # never the positive itself
+        pair, row = near.nonzero(as_tuple=True)
+        if len(pair):
+            exact = pair_scores(query_global[query[pair]], block_global[row])
+            before = (exact > score[pair, 0]) | ((exact == score[pair, 0]) & (block_keys[row] < key[pair, 0]))
+            counts[part] += torch.zeros_like(counts[part]).index_add_(0, pair, before.long())
+    return counts
+
+
+@dataclass
+class Ranking:
+    """Each query's ranked list, [Q, depth] each: `rows` (handles from the shortlist),
+    `score_global`, `score_token` (NaN below the reranked head), fused `score`,
+    `global_rows` (the same handles in global order, before the rerank) and `head_order`
+    [Q, N]: the shortlist positions of the reranked head, in reranked order."""
+
+    rows: torch.Tensor
+    score_global: torch.Tensor
+    score_token: torch.Tensor
+    score: torch.Tensor
+    global_rows: torch.Tensor
+    head_order: torch.Tensor
+
+
+def rerank(shortlist: TopK, token_scores: torch.Tensor, alpha: float) -> Ranking:
+    """Steps 2-3: rerank the head of a global-order shortlist by the fused score S.
+
+    `token_scores` [Q, N] is S_token of each query with its first N shortlisted rows
+    (N = the rerank depth, possibly 0). Ties in S keep the global order.
+    """
+    count, depth = shortlist.scores.shape
+    top = token_scores.shape[1]
+    head_global = shortlist.scores[:, :top]
+    fused_head = fuse_similarity(head_global, token_scores.to(head_global.dtype), alpha)
+    head_order = torch.sort(fused_head, dim=1, descending=True, stable=True).indices
+    tail = torch.arange(top, depth, device=head_order.device).expand(count, -1)
+    order = torch.cat([head_order, tail], dim=1)
+    score_token = torch.cat([token_scores.to(head_global.dtype), torch.full_like(shortlist.scores[:, top:], float("nan"))], dim=1)
+    score_global = shortlist.scores.gather(1, order)
+    score_token = score_token.gather(1, order)
+    score = torch.where(torch.isnan(score_token), fuse_similarity(score_global, torch.full_like(score_global, TOKEN_SIMILARITY_MIN), alpha),
+                        fuse_similarity(score_global, score_token, alpha))
+    return Ranking(shortlist.rows.gather(1, order), score_global, score_token, score, shortlist.rows, head_order)
+
+
+def reranked_ranks(global_rank: torch.Tensor, positive_query: torch.Tensor, head_order: torch.Tensor) -> torch.Tensor:
+    """A positive's rank after the rerank: its place in its query's reranked head when its
+    global rank is within the head, else its global rank (1-based, [P] int64; 0, "not
+    ranked", stays 0)."""
+    top = head_order.shape[1]
+    place = torch.empty_like(head_order)
+    place.scatter_(1, head_order, torch.arange(1, top + 1, device=head_order.device).expand_as(head_order))
+    in_head = (global_rank >= 1) & (global_rank <= top)
+    reranked = global_rank.clone()
+    if bool(in_head.any()):
+        reranked[in_head] = place[positive_query[in_head], global_rank[in_head] - 1]
+    return reranked
+
+
+def retrieve(
+    query_global: torch.Tensor,
+    gallery_global: torch.Tensor,
+    gallery_keys: torch.Tensor,
+    depth: int,
+    rerank_top: int,
+    alpha: float,
+    token_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    gallery_block: int = 65536,
+) -> Ranking:
+    """Steps 1-3 for queries and a gallery held on one device (training validation).
+
+    `token_scores(query_rows [B], gallery_rows [B, N])` gives S_token [B, N] of each query
+    with its N candidates; `rows` in the result are gallery positions. The gallery is
+    scanned in blocks of `gallery_block` rows.
+    """
+    shortlist: TopK | None = None
+    for start in range(0, gallery_global.shape[0], gallery_block):
+        stop = min(start + gallery_block, gallery_global.shape[0])
+        rows = torch.arange(start, stop, device=gallery_global.device)
+        found = block_top_k(query_global, gallery_global[start:stop], gallery_keys[start:stop], depth, rows)
+        shortlist = found if shortlist is None else merge_top_k(shortlist, found, depth)
+    assert shortlist is not None, "empty gallery"
+    top = min(rerank_top, shortlist.rows.shape[1])
+    queries = torch.arange(query_global.shape[0], device=query_global.device)
+    head = token_scores(queries, shortlist.rows[:, :top]) if top else shortlist.scores[:, :0]
+    return rerank(shortlist, head, alpha)

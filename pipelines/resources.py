@@ -1,0 +1,101 @@
+"""Ray resources for the jobs that run models in actor pools (embed, search), and job execution.
+
+- `--use-gpu auto|yes|no` and `--gpus-per-actor` decide the GPUs each actor asks for
+  (`actor_gpus`); `yes` asks even when none are up, so an autoscaling cluster scales a GPU
+  group up from zero.
+- Pools autoscale (`actor_pool`): Ray Data starts one actor and adds more, up to the
+  maximum, while blocks queue for them.
+- Inside an actor, the threads torch and faiss use come from the CPUs Ray assigned to
+  that actor (`assigned_threads`), never from the node's core count: actors sharing a
+  node must not oversubscribe it.
+- `execute` runs a Ray Data job and turns a storage failure deep inside it into one
+  StorageError line naming the URIs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import ray
+
+from pipelines.storage import StorageError, credentials_hint
+
+USE_GPU = ("auto", "yes", "no")
+
+
+def actor_gpus(use_gpu: str, gpus_up: int, gpus_per_actor: float = 1.0) -> float:
+    """GPUs each model actor asks Ray for: `auto` follows the GPUs up at start, `yes` asks
+    even when none are up (an autoscaler then adds GPU nodes), `no` never asks."""
+    if use_gpu not in USE_GPU:
+        raise ValueError(f"--use-gpu must be one of {', '.join(USE_GPU)}, got {use_gpu!r}")
+    if not gpus_per_actor > 0:
+        raise ValueError(f"--gpus-per-actor must be positive, got {gpus_per_actor}")
+    if use_gpu == "yes" or (use_gpu == "auto" and gpus_up > 0):
+        return float(gpus_per_actor)
+    return 0.0
+
+
+def add_gpu_arguments(parser: argparse.ArgumentParser, actor: str) -> None:
+    """`--use-gpu` and `--gpus-per-actor`, shared by the jobs that run models in actor pools."""
+    parser.add_argument(
+        "--use-gpu",
+        default="auto",
+        choices=USE_GPU,
+        help="auto: GPUs if the cluster has some up at start; yes: ask for them even if none are up "
+        "(an autoscaling cluster scales its GPU group from zero); no: CPU only",
+    )
+    parser.add_argument("--gpus-per-actor", type=float, default=1.0, help=f"GPUs per {actor} actor when GPUs are used (0.5 packs two per GPU)")
+    parser.add_argument("--cpus-per-actor", type=float, default=2.0, help=f"CPUs (and so torch threads) per {actor} actor on CPU")
+
+
+def actor_cpus(gpus: float, cpus_per_actor: float) -> float:
+    """CPUs each actor asks for: one beside a GPU (the GPU does the work), else `cpus_per_actor`."""
+    if not cpus_per_actor > 0:
+        raise ValueError(f"--cpus-per-actor must be positive, got {cpus_per_actor}")
+    return 1.0 if gpus > 0 else float(cpus_per_actor)
+
+
+def default_actors(gpus: float, gpus_up: int) -> int:
+    """The largest pool by default: one actor per GPU that is up (at least one), or one on CPU."""
+    if gpus > 0:
+        return max(1, int(gpus_up / gpus))
+    return 1
+
+
+def actor_pool(max_actors: int) -> ray.data.ActorPoolStrategy:
+    """An autoscaling pool: one actor at first, up to `max_actors` while work queues."""
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, max_actors))
+
+
+def assigned_threads() -> int:
+    """Threads for torch/faiss in this actor: the CPUs Ray assigned to it (at least one)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, int(cpus))
+
+
+def io_failure(error: BaseException) -> OSError | None:
+    """The I/O error (S3 outage, missing file) at the root of a failed Ray Data job, if any."""
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and not isinstance(current, ray.exceptions.RayError):
+            return current
+        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
+
+
+def execute(job: Any, reading: str, writing: str) -> Any:
+    """Run a Ray Data job; a storage failure inside it becomes one StorageError line naming the URIs."""
+    try:
+        return job()
+    except Exception as error:  # noqa: BLE001
+        cause = io_failure(error)
+        if cause is None:
+            raise
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise StorageError(f"reading {reading} / writing {writing} failed (retries exhausted): {first_line}{credentials_hint(reading)}") from error

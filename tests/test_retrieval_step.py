@@ -1,0 +1,120 @@
+"""mga.retrieval: the blocked exact shortlist, positive ranks and the rerank, against brute force.
+
+Runs on the CPU and, where CUDA is present, on the GPU too (at a depth above faiss's
+GPU cap of 2048).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mga.metrics import RetrievalMetrics, rank_metrics
+from mga.retrieval import block_top_k, count_ranked_above, merge_top_k, pair_scores, reranked_ranks, rerank, retrieve, tie_keys
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def gallery_with_ties(count: int, dim: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Unit vectors in a few tight clusters, with exact duplicates (score ties) among them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(8, dim))
+    vectors = centres[rng.integers(0, 8, count)] + 0.3 * rng.normal(size=(count, dim))
+    vectors[count // 2: count // 2 + 40] = vectors[:40]  # 40 duplicated images
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return torch.from_numpy(vectors.astype(np.float32)), np.array([f"g{i:05d}" for i in range(count)])
+
+
+def brute_force_order(queries: torch.Tensor, gallery: torch.Tensor, keys: np.ndarray) -> np.ndarray:
+    """Full global order per query: exact score descending, tie key ascending."""
+    scores = np.stack([pair_scores(q.expand_as(gallery), gallery).numpy() for q in queries.cpu()])
+    return np.stack([np.lexsort((keys, -row)) for row in scores])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocked_top_k_and_positive_ranks_equal_brute_force(device):
+    gallery, ids = gallery_with_ties(5000, 32, seed=0)
+    keys = tie_keys(ids)
+    queries = torch.cat([gallery[:6], gallery[2500:2504]])  # queries with exact duplicates in the gallery
+    truth = brute_force_order(queries, gallery, keys)
+    depth = 2100 if device == "cuda" else 300  # on a GPU: beyond faiss's k cap of 2048
+
+    on = lambda t: torch.as_tensor(t).to(device)  # noqa: E731
+    q, g, k = on(queries), on(gallery), on(keys)
+    shortlist = None
+    for start in range(0, len(gallery), 700):  # blocks of uneven size
+        rows = torch.arange(start, min(start + 700, len(gallery)), device=device)
+        found = block_top_k(q, g[rows], k[rows], depth, rows)
+        shortlist = found if shortlist is None else merge_top_k(shortlist, found, depth)
+    assert np.array_equal(shortlist.rows.cpu().numpy(), truth[:, :depth])
+
+    # Every 97th gallery image as a "positive" of every query: its rank, counted blockwise.
+    positive_rows = np.arange(0, len(gallery), 97)
+    pq = np.repeat(np.arange(len(queries)), len(positive_rows))
+    pg = np.tile(positive_rows, len(queries))
+    score = pair_scores(q[on(pq)], g[on(pg)])
+    counts = torch.zeros(len(pq), dtype=torch.int64, device=device)
+    for start in range(0, len(gallery), 700):
+        block = g[start:start + 700]
+        counts += count_ranked_above(q @ block.t(), q, block, k[start:start + 700], on(pq), score, k[on(pg)])
+    position = np.argsort(truth, axis=1)  # position[q, g] = 0-based place of gallery row g
+    assert np.array_equal(counts.cpu().numpy() + 1, position[pq, pg] + 1)
+
+
+def test_rerank_reorders_only_the_head_and_ranks_follow():
+    gallery, ids = gallery_with_ties(400, 16, seed=1)
+    queries = gallery[[3, 150]] + 0.01
+    queries = queries / queries.norm(dim=1, keepdim=True)
+    keys = torch.from_numpy(tie_keys(ids))
+    token = torch.Generator().manual_seed(0)
+    token_table = torch.rand(2, 400, generator=token) * 4 - 2  # any S_token in [-2, 2]
+
+    def token_scores(query_rows, gallery_rows):
+        return token_table[query_rows[:, None], gallery_rows]
+
+    ranking = retrieve(queries, gallery, keys, depth=400, rerank_top=10, alpha=0.5, token_scores=token_scores)
+    global_order = brute_force_order(queries, gallery, tie_keys(ids))
+    rows = ranking.rows.numpy()
+    for query in range(2):
+        head = global_order[query, :10]
+        fused = 0.5 * pair_scores(queries[query].expand(10, -1), gallery[head]) + 0.5 * token_table[query, head]
+        assert np.array_equal(rows[query, :10], head[np.argsort(-fused.numpy(), kind="stable")])
+        assert np.array_equal(rows[query, 10:], global_order[query, 10:])  # the tail keeps the global order
+        assert torch.isnan(ranking.score_token[query, 10:]).all() and not torch.isnan(ranking.score_token[query, :10]).any()
+        assert (ranking.score[query, 10:] <= ranking.score[query, 9]).all()  # the tail's fused score is a lower bound
+    # The reranked rank of any gallery image = its place in the rows; beyond the head = its global rank.
+    pq = torch.tensor([0, 0, 0, 1, 1])
+    pg = [global_order[0, 0], global_order[0, 7], global_order[0, 200], global_order[1, 9], global_order[1, 10]]
+    global_rank = torch.tensor([1, 8, 201, 10, 11])
+    reranked = reranked_ranks(global_rank, pq, ranking.head_order).numpy()
+    expected = [int(np.flatnonzero(rows[q] == g)[0]) + 1 for q, g in zip(pq.tolist(), pg)]
+    assert reranked.tolist() == expected and reranked[2] == 201 and reranked[4] == 11
+
+
+def test_metrics_from_positive_ranks_equal_full_depth_metrics():
+    """Bounded rankings + positive ranks give the full-gallery R@K and mAP, positives beyond the depth included."""
+    rng = np.random.default_rng(3)
+    queries, gallery, depth = 40, 500, 20
+    full = np.zeros((queries, gallery), dtype=bool)  # full-depth match matrix in ranked order
+    for query in range(queries - 3):  # three queries with no positive at all
+        count = rng.integers(1, 6)
+        full[query, rng.choice(gallery, count, replace=False)] = True
+    full[0, :] = False
+    full[0, [150, 420]] = True  # both positives far below the depth
+    query_index, position = np.nonzero(full)
+    reference = RetrievalMetrics()
+    reference.update(full, full.sum(1))
+    first, ap, positives = rank_metrics(query_index, position + 1, queries)
+    from_ranks = RetrievalMetrics()
+    from_ranks.add(first, ap, positives)
+    assert from_ranks.result() == pytest.approx(reference.result())
+    # Cut at an evaluation depth: a positive below it counts as not retrieved.
+    cut = RetrievalMetrics()
+    cut.update(full[:, :depth], full.sum(1))
+    first, ap, positives = rank_metrics(query_index, position + 1, queries, depth=depth)
+    at_depth = RetrievalMetrics()
+    at_depth.add(first, ap, positives)
+    assert at_depth.result() == pytest.approx(cut.result())
+    with pytest.raises(ValueError, match="share a rank"):
+        rank_metrics(np.array([0, 0]), np.array([3, 3]), 1)

@@ -1,0 +1,160 @@
+"""`mga search` + `mga evaluate` against a brute-force full-gallery computation.
+
+A features table of random clustered vectors (several files, exact duplicates for score
+ties, items with more positives than the depth) and a random tiny model: the bounded
+rankings must be the first `depth` rows of the brute-force ranking, and the metrics from
+the positives table must equal R@K/mAP computed from the full queries x gallery ranking.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from mga.metrics import RetrievalMetrics
+from mga.retrieval import pair_scores, tie_keys
+from pipelines import evaluate, search
+from pipelines.model_store import load_model
+from pipelines.schemas import features_schema
+from pipelines.storage import new_snapshot, publish, read_manifest, read_table, resolve, table_files, write_parquet
+from tests.test_retrieval import write_random_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+GALLERY, QUERIES, DEPTH, RERANK = 600, 24, 20, 6
+
+
+def write_features(uri: str, model_id: str, seed: int = 0) -> pa.Table:
+    """Random features in three files; items of 1-40 images; ten gallery duplicates. Returns all rows."""
+    rng = np.random.default_rng(seed)
+    count = GALLERY + QUERIES
+    centres = rng.normal(size=(6, 32))
+    vectors = centres[rng.integers(0, 6, count)] + 0.4 * rng.normal(size=(count, 32))
+    vectors[GALLERY - 10:GALLERY] = vectors[:10]  # exact duplicates: ties in S_global
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    tokens = rng.normal(size=(count, 2, 4, 16)).astype(np.float32)
+    # Item sizes: item-000 has 40 gallery images (positives far below the depth), the rest 1-5.
+    items = np.concatenate([np.zeros(40, int), 1 + np.arange(GALLERY - 40) // 4])
+    query_items = np.concatenate([[0, 0], rng.integers(1, items.max() + 1, QUERIES - 3), [10_000]])  # the last has no positive
+    columns = {
+        "image_id": [f"img-{i:05d}" for i in range(count)],
+        "item_id": [f"item-{i:05d}" for i in np.concatenate([items, query_items])],
+        "split": ["gallery"] * GALLERY + ["query"] * QUERIES,
+        "domain": ["shop"] * count,
+        "category": ["c"] * count,
+        "sha256": ["0" * 64] * count,
+        "model_id": [model_id] * count,
+        "global": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 32),
+        "tokens_0": pa.FixedSizeListArray.from_arrays(pa.array(tokens[:, 0].reshape(-1)), 64),
+        "tokens_1": pa.FixedSizeListArray.from_arrays(pa.array(tokens[:, 1].reshape(-1)), 64),
+        "embedded_at": pa.array([0] * count, pa.timestamp("us", tz="UTC")),
+    }
+    table = pa.table(columns, schema=features_schema(32, [64, 64]))
+    location = resolve(uri)
+    snapshot = new_snapshot(location)
+    shuffled = table.take(pa.array(rng.permutation(count)))  # a query's positives spread over files
+    for part, start in enumerate(range(0, count, 250)):
+        write_parquet(snapshot.join(f"part-{part}.parquet"), shuffled.slice(start, 250))
+    publish(location, snapshot, {"table": "features", "model_id": model_id, "model": uri + "-model", "global_dim": 32,
+                                 "num_tokens": 4, "token_dim": 16, "layers": [3, 4], "token_dtype": "float32"})
+    return table
+
+
+def brute_force(table: pa.Table, model_uri: str) -> dict:
+    """Full ranking per query (global order, head reranked by the model's ATA): rows and match matrix."""
+    model, _, _ = load_model(model_uri)
+    gallery = table.filter(pc.field("split") == "gallery")
+    queries = table.filter(pc.field("split") == "query").sort_by("image_id")
+    vectors = lambda t: torch.from_numpy(t.column("global").combine_chunks().flatten().to_numpy().reshape(-1, 32).copy())  # noqa: E731
+    tokens = lambda t, rows: [torch.from_numpy(t.column(f"tokens_{l}").combine_chunks().flatten().to_numpy().reshape(-1, 4, 16)[rows].copy()) for l in (0, 1)]  # noqa: E731,E741
+    gallery_ids = np.array(gallery.column("image_id").to_pylist())
+    keys = tie_keys(gallery_ids)
+    g, q = vectors(gallery), vectors(queries)
+    gallery_items = np.array(gallery.column("item_id").to_pylist())
+    query_items = np.array(queries.column("item_id").to_pylist())
+    ranked, global_order = [], []
+    for index in range(len(q)):
+        scores = pair_scores(q[index].expand_as(g), g).numpy()
+        order = np.lexsort((keys, -scores))
+        head = order[:RERANK]
+        with torch.inference_mode():
+            token = model.align_tokens([t.expand(RERANK, -1, -1) for t in tokens(queries, [index])], tokens(gallery, head)).numpy()
+        fused = model.config.alpha * scores[head] + (1 - model.config.alpha) * token
+        ranked.append(np.concatenate([head[np.argsort(-fused, kind="stable")], order[RERANK:]]))
+        global_order.append(order)
+    return {
+        "query_ids": queries.column("image_id").to_pylist(),
+        "ranked_ids": gallery_ids[np.array(ranked)],
+        "matches": {"reranked": gallery_items[np.array(ranked)] == query_items[:, None], "global": gallery_items[np.array(global_order)] == query_items[:, None]},
+    }
+
+
+@pytest.fixture(scope="module")
+def searched(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    model_uri = str(root / "features-model")
+    model_id = write_random_model(model_uri)
+    table = write_features(str(root / "features"), model_id)
+    manifest = search.run(str(root / "features"), str(root / "rankings"), depth=DEPTH, rerank_top=RERANK, block_rows=128, query_chunk=10)
+    return {"root": root, "model": model_uri, "manifest": manifest, "truth": brute_force(table, model_uri)}
+
+
+def test_rankings_are_the_first_rows_of_the_full_ranking(searched):
+    truth, manifest = searched["truth"], searched["manifest"]
+    rankings = read_table(resolve(str(searched["root"] / "rankings"))).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    assert manifest["rows"] == rankings.num_rows == QUERIES * DEPTH and manifest["depth"] == DEPTH and manifest["gallery"] == GALLERY
+    ids = np.array(rankings.column("gallery_id").to_pylist()).reshape(QUERIES, DEPTH)
+    assert np.array_equal(ids, truth["ranked_ids"][:, :DEPTH])
+    scored = np.array(rankings.column("score_token").is_valid()).reshape(QUERIES, DEPTH)
+    assert scored[:, :RERANK].all() and not scored[:, RERANK:].any()
+
+
+def test_metrics_over_the_whole_gallery_equal_brute_force(searched, tmp_path):
+    truth = searched["truth"]
+    metrics = evaluate.run(str(searched["root"] / "rankings"), str(tmp_path / "report"), gallery_examples=2)
+    assert metrics["depth"] == "gallery" and metrics["excluded_queries"] == 1 and metrics["queries"] == QUERIES - 1
+    for ordering in ("global", "reranked"):
+        full = truth["matches"][ordering]
+        reference = RetrievalMetrics()
+        reference.update(full, full.sum(1))
+        expected = {name: value for name, value in reference.result().items() if name.startswith("R@") or name == "mAP"}
+        assert metrics[ordering] == pytest.approx(expected), ordering
+    # Some positives lie beyond the depth (item-000 has 40): the rankings alone could not give this mAP.
+    positives = read_table(resolve(str(searched["root"] / "rankings")), key="positives")
+    assert pc.max(positives.column("rank_global")).as_py() > DEPTH
+    # An evaluation depth cuts: positives below it count as not retrieved.
+    cut = evaluate.run(str(searched["root"] / "rankings"), str(tmp_path / "cut"), depth=5, gallery_examples=0)
+    reference = RetrievalMetrics((1, 5))
+    reference.update(truth["matches"]["reranked"][:, :5], truth["matches"]["reranked"].sum(1))
+    assert cut["reranked"]["mAP"] == pytest.approx(reference.result()["mAP"]) and cut["depth"] == 5
+
+
+def test_a_query_split_across_files_and_any_blocking_give_the_same_answer(searched, tmp_path):
+    root = searched["root"]
+    # Another blocking, chunking and pool: the same rankings and positives.
+    again = search.run(str(root / "features"), str(tmp_path / "again"), depth=DEPTH, rerank_top=RERANK, block_rows=1000, query_chunk=100, workers=2)
+    for key in ("files", "positives"):
+        first = read_table(resolve(str(root / "rankings")), key=key).sort_by([("query_id", "ascending"), ("gallery_id", "ascending")])
+        second = read_table(resolve(str(tmp_path / "again")), key=key).sort_by([("query_id", "ascending"), ("gallery_id", "ascending")])
+        assert first.equals(second), key
+    assert again["rows"] == searched["manifest"]["rows"]
+    # The same rows with every query's rows split over two files (by rank): the same metrics.
+    table = resolve(str(root / "rankings"))
+    rows = read_table(table)
+    split = resolve(str(tmp_path / "split"))
+    snapshot = new_snapshot(split)
+    write_parquet(snapshot.join("top.parquet"), rows.filter(pc.field("rank") <= 3))
+    write_parquet(snapshot.join("rest.parquet"), rows.filter(pc.field("rank") > 3))
+    write_parquet(snapshot.join("_positives", "p.parquet"), read_table(table, key="positives"))
+    manifest = {k: v for k, v in read_manifest(table).items() if k not in ("files", "snapshot", "created_at", "format")}
+    publish(split, snapshot, {**manifest, "positives": [snapshot.path[len(split.path) + 1:] + "/_positives/p.parquet"]})
+    one = evaluate.run(table.uri, str(tmp_path / "one"), gallery_examples=0)
+    two = evaluate.run(split.uri, str(tmp_path / "two"), gallery_examples=0)
+    assert len(table_files(split)) == 2
+    assert one["global"] == two["global"] and one["reranked"] == two["reranked"]
+    assert json.loads(resolve(str(tmp_path / "two")).join("metrics.json").read_bytes())["queries"] == QUERIES - 1

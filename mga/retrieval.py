@@ -250,7 +250,8 @@ def retrieve(
         rows = torch.arange(start, stop, device=gallery_global.device)
         found = block_top_k(query_global, gallery_global[start:stop], gallery_keys[start:stop], depth, rows)
         shortlist = found if shortlist is None else merge_top_k(shortlist, found, depth)
-    assert shortlist is not None, "empty gallery"
+    if shortlist is None:
+        raise ValueError("an empty gallery has no ranking")
     top = min(rerank_top, shortlist.rows.shape[1])
     queries = torch.arange(query_global.shape[0], device=query_global.device)
     head = token_scores(queries, shortlist.rows[:, :top]) if top else shortlist.scores[:, :0]

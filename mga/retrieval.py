@@ -39,9 +39,9 @@ from mga.similarity import TOKEN_SIMILARITY_MIN, fuse_similarity
 # usually settled without a second pass.
 TOP_K_MARGIN = 16
 # Rows of a positives x block comparison held at once, and float64 elements of an exact
-# recomputation (bound memory, not results).
+# recomputation, on a CPU and on a GPU (bound memory, not results; a GPU pays per launch).
 COUNT_CHUNK = 256
-EXACT_ELEMENTS = 1 << 22
+EXACT_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 def tie_keys(ids: Iterable[str]) -> np.ndarray:
@@ -130,7 +130,7 @@ def block_top_k(
         take = int((fast >= threshold[:, None]).sum(1).max())
     candidates = torch.topk(fast, take, dim=1).indices
     exact = torch.empty(candidates.shape, dtype=torch.float32, device=fast.device)
-    step = max(1, EXACT_ELEMENTS // (take * query_global.shape[1]))
+    step = max(1, EXACT_ELEMENTS.get(fast.device.type, EXACT_ELEMENTS["cpu"]) // (take * query_global.shape[1]))
     for start in range(0, len(candidates), step):  # float64 copies of the candidates, a few queries at a time
         part = candidates[start:start + step]
         exact[start:start + step] = pair_scores(query_global[start:start + step, None, :], block_global[part])

@@ -100,7 +100,7 @@ def searched(ray_local, tmp_path_factory):
     model_uri = str(root / "features-model")
     model_id = write_random_model(model_uri)
     table = write_features(str(root / "features"), model_id)
-    manifest = search.run(str(root / "features"), str(root / "rankings"), depth=DEPTH, rerank_top=RERANK, block_rows=128, query_chunk=10)
+    manifest = search.run(str(root / "features"), str(root / "rankings"), depth=DEPTH, rerank_top=RERANK, block_rows=128, query_chunk=12)
     return {"root": root, "model": model_uri, "manifest": manifest, "truth": brute_force(table, model_uri)}
 
 

@@ -1,7 +1,7 @@
 """Search's two kernels on one device: the blocked exact shortlist and the ATA rerank.
 
 1. Shortlist: exact top-k of Q queries over a G x D gallery, scanned in blocks as a search
-   actor does (mga.retrieval.block_top_k + merge_top_k), at depth 100 and at a depth beyond
+   actor does (mga.retrieval.exact_top_k), at depth 100 and at a depth beyond
    faiss's GPU cap of 2048; gallery scores per second, and (optionally) faiss IndexFlatIP
    on the same data at depth 100 for comparison, in the same run.
 2. Rerank: ATA pairs/s with the paper's token sizes (3 layers x M 8 x d 128) against the
@@ -21,7 +21,7 @@ import torch
 
 from mga.ata import AttentionTokenAlignment
 from mga.config import ModelConfig
-from mga.retrieval import block_top_k, merge_top_k
+from mga.retrieval import exact_top_k
 
 
 def synchronize(device: torch.device) -> None:
@@ -33,11 +33,7 @@ def shortlist_rate(queries: torch.Tensor, gallery: torch.Tensor, keys: torch.Ten
     """Seconds for the exact top-`depth` of every query over the whole gallery, block by block."""
     synchronize(queries.device)
     started = time.perf_counter()
-    shortlist = None
-    for start in range(0, len(gallery), block):
-        rows = torch.arange(start, min(start + block, len(gallery)), device=gallery.device)
-        found = block_top_k(queries, gallery[start:start + block], keys[start:start + block], depth, rows)
-        shortlist = found if shortlist is None else merge_top_k(shortlist, found, depth)
+    exact_top_k(queries, gallery, keys, depth, block)
     synchronize(queries.device)
     return time.perf_counter() - started
 

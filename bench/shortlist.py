@@ -13,20 +13,13 @@ import numpy as np
 import torch
 
 from bench.common import machine, timed
-from mga.retrieval import block_top_k, merge_top_k
+from mga.retrieval import exact_top_k
 from pipelines.approximate import new_index
 
 
 def blocked_exact(gallery: np.ndarray, queries: np.ndarray, k: int, block: int = 32768) -> np.ndarray:
     """What `mga search --index exact` computes: gallery blocks, exact top-k, merged."""
-    q, g = torch.from_numpy(queries), torch.from_numpy(gallery)
-    keys = torch.arange(len(gallery))
-    shortlist = None
-    for start in range(0, len(gallery), block):
-        rows = torch.arange(start, min(start + block, len(gallery)))
-        found = block_top_k(q, g[rows], keys[rows], k, rows)
-        shortlist = found if shortlist is None else merge_top_k(shortlist, found, k)
-    return shortlist.rows.numpy()
+    return exact_top_k(torch.from_numpy(queries), torch.from_numpy(gallery), torch.arange(len(gallery)), k, block).rows.numpy()
 
 
 def numpy_topk(gallery: np.ndarray, queries: np.ndarray, k: int, block: int = 256) -> np.ndarray:

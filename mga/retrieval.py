@@ -146,6 +146,22 @@ def merge_top_k(first: TopK, second: TopK, k: int) -> TopK:
     return joined.take(order_by_score(joined.scores, joined.keys)[:, :k])
 
 
+def exact_top_k(
+    query_global: torch.Tensor, gallery_global: torch.Tensor, gallery_keys: torch.Tensor, k: int, gallery_block: int = 65536
+) -> TopK:
+    """Exact top-k over a gallery held on one device, scanned in blocks of `gallery_block`
+    rows; `rows` in the result are gallery positions."""
+    shortlist: TopK | None = None
+    for start in range(0, gallery_global.shape[0], gallery_block):
+        stop = min(start + gallery_block, gallery_global.shape[0])
+        rows = torch.arange(start, stop, device=gallery_global.device)
+        found = block_top_k(query_global, gallery_global[start:stop], gallery_keys[start:stop], k, rows)
+        shortlist = found if shortlist is None else merge_top_k(shortlist, found, k)
+    if shortlist is None:
+        raise ValueError("an empty gallery has no ranking")
+    return shortlist
+
+
 def count_ranked_above(
     scores: torch.Tensor,
     query_global: torch.Tensor,
@@ -174,7 +190,7 @@ def count_ranked_above(
         if len(pair):
             exact = pair_scores(query_global[query[pair]], block_global[row])
             before = (exact > score[pair, 0]) | ((exact == score[pair, 0]) & (block_keys[row] < key[pair, 0]))
-            counts[part] += torch.zeros_like(counts[part]).index_add_(0, pair, before.long())
+            counts[part].index_add_(0, pair, before.long())  # a slice is a view: adds in place
     return counts
 
 
@@ -244,14 +260,7 @@ def retrieve(
     with its N candidates; `rows` in the result are gallery positions. The gallery is
     scanned in blocks of `gallery_block` rows.
     """
-    shortlist: TopK | None = None
-    for start in range(0, gallery_global.shape[0], gallery_block):
-        stop = min(start + gallery_block, gallery_global.shape[0])
-        rows = torch.arange(start, stop, device=gallery_global.device)
-        found = block_top_k(query_global, gallery_global[start:stop], gallery_keys[start:stop], depth, rows)
-        shortlist = found if shortlist is None else merge_top_k(shortlist, found, depth)
-    if shortlist is None:
-        raise ValueError("an empty gallery has no ranking")
+    shortlist = exact_top_k(query_global, gallery_global, gallery_keys, depth, gallery_block)
     top = min(rerank_top, shortlist.rows.shape[1])
     queries = torch.arange(query_global.shape[0], device=query_global.device)
     head = token_scores(queries, shortlist.rows[:, :top]) if top else shortlist.scores[:, :0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Iterable
 
 import pyarrow.compute as pc
@@ -17,15 +19,16 @@ def open_catalog(uri: str) -> tuple[Location, dict]:
     return location, read_manifest(location)
 
 
-def table_dataset(table: Location, columns: list[str], where: tuple[str, Iterable[str]] | None = None) -> ray.data.Dataset:
-    """A streaming Ray dataset of a published table's rows, optionally `where column in values`.
+def table_dataset(table: Location, columns: list[str], *where: tuple[str, Iterable[str]]) -> ray.data.Dataset:
+    """A streaming Ray dataset of a published table's rows, `where` each `column in values`.
 
-    The predicate is an Arrow expression, which Ray Data evaluates natively per block.
+    The predicate is an Arrow expression, which Ray Data pushes into the Parquet read.
     """
-    read_columns = list(columns) + ([where[0]] if where and where[0] not in columns else [])
+    read_columns = list(columns) + [name for name in dict.fromkeys(name for name, _ in where) if name not in columns]
     dataset = ray.data.read_parquet(table_files(table), filesystem=table.fs, columns=read_columns)
     if where:
-        dataset = dataset.filter(expr=col(where[0]).is_in(sorted(set(where[1]))))
+        conditions = [col(name).is_in(sorted(set(values))) for name, values in where]
+        dataset = dataset.filter(expr=functools.reduce(operator.and_, conditions))
         if read_columns != list(columns):
             dataset = dataset.select_columns(list(columns))
     return dataset
@@ -33,7 +36,7 @@ def table_dataset(table: Location, columns: list[str], where: tuple[str, Iterabl
 
 def catalog_dataset(uri: str, columns: list[str], splits: tuple[str, ...] | None = None) -> ray.data.Dataset:
     location, _ = open_catalog(uri)
-    return table_dataset(location, columns, ("split", splits) if splits else None)
+    return table_dataset(location, columns, *([("split", splits)] if splits else []))
 
 
 def train_item_ids(uri: str) -> list[str]:

@@ -43,14 +43,12 @@ from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 from pipelines.catalog import open_catalog, table_dataset
 from pipelines.console import print_summary
 from pipelines.model_store import read_artifact_files
-from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, assigned_threads, default_actors, execute
+from pipelines.resources import actor_cpus, actor_device, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
 from pipelines.runtime import init_ray
 from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, features_schema
 from pipelines.storage import (
     Location,
-    StorageError,
     TableNotFound,
-    credentials_hint,
     discard_snapshot,
     list_files,
     new_snapshot,
@@ -113,9 +111,7 @@ class Embedder:
 
     def __init__(self, artifact: list, token_dtype: str, use_gpu: bool = True) -> None:
         model, self.model_id, _ = unpack_artifact(ray.get(artifact[0]))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(assigned_threads())
+        self.device = actor_device(use_gpu)
         self.model = model.to(self.device).eval()
         config = model.config
         self.token_dtype = token_dtype
@@ -263,7 +259,7 @@ def run(
         if to_embed is None or to_embed:
 
             def job() -> None:
-                dataset = table_dataset(catalog_location, columns, None if to_embed is None else ("image_id", to_embed))
+                dataset = table_dataset(catalog_location, columns, *([] if to_embed is None else [("image_id", to_embed)]))
                 dataset = dataset.map_batches(
                     prepare_batch,
                     fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "reject_log": reject_log},

@@ -36,7 +36,7 @@ import torch
 
 from mga.artifact import unpack_artifact
 from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, merge_top_k, tie_keys
-from pipelines.resources import assigned_threads
+from pipelines.resources import actor_device
 
 
 def column_matrix(table: pa.Table, name: str, rows_shape: tuple[int, ...] = ()) -> np.ndarray:
@@ -51,13 +51,6 @@ def column_matrix(table: pa.Table, name: str, rows_shape: tuple[int, ...] = ()) 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A tensor of its own: arrays from the object store are read-only views."""
     return torch.from_numpy(np.array(array)).to(device)
-
-
-def _device(use_gpu: bool) -> torch.device:
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(assigned_threads())
-    return device
 
 
 SHORTLIST_SCHEMA = pa.schema(
@@ -82,7 +75,7 @@ class ShortlistScan:
 
     def __init__(self, queries: list, depth: int, use_gpu: bool) -> None:
         chunk = ray.get(queries[0])
-        self.device = _device(use_gpu)
+        self.device = actor_device(use_gpu)
         self.query_global = _tensor(chunk["global"], self.device)
         self.positive_query, self.positive_score, self.positive_key = (_tensor(chunk[name], self.device) for name in ("positive_query", "positive_score", "positive_key"))
         self.depth = depth
@@ -188,7 +181,7 @@ class TokenScorer:
 
     def __init__(self, artifact: list, queries: list, pairs: list, token_names: list[str], rerank_batch: int, use_gpu: bool) -> None:
         model, _, _ = unpack_artifact(ray.get(artifact[0]))
-        self.device = _device(use_gpu)
+        self.device = actor_device(use_gpu)
         self.model = model.to(self.device).eval()
         self.token_shape = (model.config.num_tokens, model.config.token_dim)
         chunk = ray.get(queries[0])

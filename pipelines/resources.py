@@ -74,6 +74,16 @@ def assigned_threads() -> int:
     return max(1, int(cpus))
 
 
+def actor_device(use_gpu: bool) -> "torch.device":
+    """The device a model actor computes on; on a CPU, torch gets the actor's assigned CPUs as threads."""
+    import torch  # only actors need it: the jobs' drivers and the CLI stay light
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(assigned_threads())
+    return device
+
+
 def io_failure(error: BaseException) -> OSError | None:
     """The I/O error (S3 outage, missing file) at the root of a failed Ray Data job, if any."""
     seen: set[int] = set()

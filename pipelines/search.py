@@ -32,18 +32,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-from ray.data.expressions import col
 
 from mga.retrieval import pair_scores, rerank, reranked_ranks, tie_keys
 from pipelines.approximate import APPROXIMATE, approximate_shortlist, build_index, shortlist_recall
 from pipelines.console import print_summary
 from pipelines.embed import load_artifact
 from pipelines.gallery_scan import ShortlistMerge, ShortlistScan, Shortlisted, TokenScorer, column_matrix
+from pipelines.catalog import table_dataset
 from pipelines.model_store import read_artifact_files
 from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
 from pipelines.runtime import init_ray
 from pipelines.schemas import POSITIVES, RANKINGS
-from pipelines.storage import Location, discard_snapshot, new_snapshot, publish, read_manifest, read_table, resolve, table_files, write_parquet
+from pipelines.storage import Location, discard_snapshot, new_snapshot, publish, read_manifest, read_table, resolve, write_parquet
 
 DEFAULT_DEPTH = 100
 INDEX_KINDS = ("exact", *APPROXIMATE)
@@ -87,12 +87,8 @@ def find_positives(features: Location, queries: pa.Table) -> dict[str, np.ndarra
 
 
 def _gallery_dataset(features: Location, columns: list[str], ids: pa.Array | None = None) -> ray.data.Dataset:
-    """The gallery rows' `columns` as a stream; Ray Data pushes the filter into the Parquet read."""
-    where = col("split") == "gallery"
-    if ids is not None:
-        where = where & col("image_id").is_in(ids.to_pylist())
-    dataset = ray.data.read_parquet(table_files(features), filesystem=features.fs, columns=[*columns, "split"])
-    return dataset.filter(expr=where).select_columns(columns)
+    """The gallery rows' `columns` (only those of `ids`, if given) as a stream."""
+    return table_dataset(features, columns, ("split", ["gallery"]), *([] if ids is None else [("image_id", ids.to_pylist())]))
 
 
 def _pool_args(gpus: float, cpus_per_actor: float, workers: int) -> dict[str, Any]:
@@ -255,7 +251,8 @@ def run(
         recall = shortlist_recall(approximate_shortlist(*approximate, sample, 100), exact)
     table = resolve(out)
     snapshot = new_snapshot(table)
-    totals = {"rows": 0, "positives": 0, "gallery": 0, "depth": 0, "head": 0}
+    totals = {"rows": 0, "positives": 0, "head": 0}
+    positive_files: list[str] = []
     try:
         for part, start in enumerate(range(0, queries.num_rows, query_chunk)):
             chunk = _chunk(queries, positives, start, min(start + query_chunk, queries.num_rows), manifest)
@@ -270,10 +267,12 @@ def run(
             )
             rankings, positive_rows = rank_chunk(chunk, shortlisted, token_scores, alpha)
             write_parquet(snapshot.join(f"rankings-{part:05d}.parquet"), rankings)
-            write_parquet(snapshot.join("_positives", f"positives-{part:05d}.parquet"), positive_rows)
-            totals = {"rows": totals["rows"] + rankings.num_rows, "positives": totals["positives"] + positive_rows.num_rows,
-                      "gallery": shortlisted.gallery_rows, "depth": shortlisted.top.rows.shape[1], "head": max(head, totals["head"])}
-        positive_files = [f"{snapshot.path}/_positives/positives-{part:05d}.parquet" for part in range(-(-queries.num_rows // query_chunk))]
+            positives_file = snapshot.join("_positives", f"positives-{part:05d}.parquet")
+            write_parquet(positives_file, positive_rows)
+            positive_files.append(positives_file.path)
+            totals = {"rows": totals["rows"] + rankings.num_rows, "positives": totals["positives"] + positive_rows.num_rows, "head": max(head, totals["head"])}
+        # Every chunk scans the same gallery: its size and the depth are the last chunk's.
+        totals.update(gallery=shortlisted.gallery_rows, depth=shortlisted.top.rows.shape[1])
         result = publish(
             table,
             snapshot,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mga.metrics import RetrievalMetrics, rank_metrics
-from mga.retrieval import block_top_k, count_ranked_above, merge_top_k, pair_scores, reranked_ranks, rerank, retrieve, tie_keys
+from mga.retrieval import count_ranked_above, exact_top_k, pair_scores, reranked_ranks, rerank, retrieve, tie_keys
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -42,11 +42,7 @@ def test_blocked_top_k_and_positive_ranks_equal_brute_force(device):
 
     on = lambda t: torch.as_tensor(t).to(device)  # noqa: E731
     q, g, k = on(queries), on(gallery), on(keys)
-    shortlist = None
-    for start in range(0, len(gallery), 700):  # blocks of uneven size
-        rows = torch.arange(start, min(start + 700, len(gallery)), device=device)
-        found = block_top_k(q, g[rows], k[rows], depth, rows)
-        shortlist = found if shortlist is None else merge_top_k(shortlist, found, depth)
+    shortlist = exact_top_k(q, g, k, depth, gallery_block=700)  # blocks of 700, the last one shorter
     assert np.array_equal(shortlist.rows.cpu().numpy(), truth[:, :depth])
 
     # Every 97th gallery image as a "positive" of every query: its rank, counted blockwise.

@@ -28,8 +28,9 @@ import pyarrow as pa
 
 from bench.common import machine, tree_pss, write_random_artifact
 from mga.config import ModelConfig
-from pipelines.schemas import features_schema
-from pipelines.storage import new_snapshot, publish, resolve, write_parquet
+from pipelines.schemas import features_schema, vector_column
+from pipelines.storage import resolve, write_parquet
+from pipelines.tables import TableWriter
 
 PAPER = ModelConfig(backbone="tf_efficientnetv2_s", layers=(2, 3, 4), global_dim=512, token_dim=128, num_tokens=8)
 QUERIES = 1000
@@ -49,31 +50,30 @@ def write_features(uri: str, model_uri: str, model_id: str, gallery: int, seed: 
     items = np.repeat(np.arange(len(sizes)), sizes)[:gallery]
     query_items = rng.choice(items, QUERIES, replace=False)
     all_items = np.concatenate([items, query_items])
-    schema = features_schema(PAPER.global_dim, [PAPER.num_tokens * PAPER.token_dim] * len(PAPER.layers), pa.float16())
-    location = resolve(uri)
-    snapshot = new_snapshot(location)
-    total = gallery + QUERIES
-    for part, start in enumerate(range(0, total, FILE_ROWS)):
-        stop = min(start + FILE_ROWS, total)
-        rows = stop - start
-        index = np.arange(start, stop)
-        columns = {
-            "image_id": pa.array([f"img-{i:08d}" for i in index]),
-            "item_id": pa.array([f"item-{i:08d}" for i in all_items[index]]),
-            "split": pa.array(np.where(index < gallery, "gallery", "query")),
-            "domain": pa.array(["shop"] * rows),
-            "category": pa.array(["c"] * rows),
-            "sha256": pa.array(["0" * 64] * rows),
-            "model_id": pa.array([model_id] * rows),
-            "global": pa.FixedSizeListArray.from_arrays(pa.array(unit_rows(rng, rows, 1, PAPER.global_dim, np.float32).reshape(-1)), PAPER.global_dim),
-        }
-        for layer in range(len(PAPER.layers)):
-            tokens = unit_rows(rng, rows, PAPER.num_tokens, PAPER.token_dim, np.float16)
-            columns[f"tokens_{layer}"] = pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1), pa.float16()), PAPER.num_tokens * PAPER.token_dim)
-        columns["embedded_at"] = pa.array(np.zeros(rows, "datetime64[us]"), pa.timestamp("us", tz="UTC"))
-        write_parquet(snapshot.join(f"part-{part:05d}.parquet"), pa.table(columns, schema=schema))
-    publish(location, snapshot, {"table": "features", "model_id": model_id, "model": model_uri, "global_dim": PAPER.global_dim,
-                                 "num_tokens": PAPER.num_tokens, "token_dim": PAPER.token_dim, "layers": list(PAPER.layers), "token_dtype": "float16"})
+    schema = features_schema(PAPER.global_dim, [PAPER.num_tokens * PAPER.token_dim] * len(PAPER.layers), "float16")
+    with TableWriter(resolve(uri)) as writer:  # a failure deletes the run's files
+        total = gallery + QUERIES
+        for part, start in enumerate(range(0, total, FILE_ROWS)):
+            stop = min(start + FILE_ROWS, total)
+            rows = stop - start
+            index = np.arange(start, stop)
+            columns = {
+                "image_id": pa.array([f"img-{i:08d}" for i in index]),
+                "item_id": pa.array([f"item-{i:08d}" for i in all_items[index]]),
+                "split": pa.array(np.where(index < gallery, "gallery", "query")),
+                "domain": pa.array(["shop"] * rows),
+                "category": pa.array(["c"] * rows),
+                "sha256": pa.array(["0" * 64] * rows),
+                "model_id": pa.array([model_id] * rows),
+                "global": pa.FixedSizeListArray.from_arrays(pa.array(unit_rows(rng, rows, 1, PAPER.global_dim, np.float32).reshape(-1)), PAPER.global_dim),
+            }
+            for layer in range(len(PAPER.layers)):
+                tokens = unit_rows(rng, rows, PAPER.num_tokens, PAPER.token_dim, np.float16)
+                columns[f"tokens_{layer}"] = vector_column(tokens, schema.field(f"tokens_{layer}").type)  # binary halves
+            columns["embedded_at"] = pa.array(np.zeros(rows, "datetime64[us]"), pa.timestamp("us", tz="UTC"))
+            write_parquet(writer.file(f"part-{part:05d}.parquet"), pa.table(columns, schema=schema))
+        writer.commit(schema, {"table": "features", "model_id": model_id, "model": model_uri, "global_dim": PAPER.global_dim,
+                               "num_tokens": PAPER.num_tokens, "token_dim": PAPER.token_dim, "layers": list(PAPER.layers), "token_dtype": "float16"})
 
 
 def in_use() -> int:

@@ -14,7 +14,7 @@ plus the gallery ids and items (Arrow arrays) to name what it returns. faiss run
 the CPU: its GPU indexes cap k at 2048 and HNSW has no GPU version; the exact scan is the
 GPU path. A positive's rank is its place in the returned list, or not ranked below it (a
 miss counts as not retrieved), and the shortlist's recall@100 against the exact scan, on
-up to 1,000 queries, is recorded in the rankings manifest.
+up to 1,000 queries, is recorded in the rankings' commit metadata.
 """
 
 from __future__ import annotations
@@ -26,15 +26,20 @@ import pyarrow.dataset as pads
 import torch
 
 from mga.retrieval import TopK, order_by_score, tie_keys
-from pipelines.gallery_scan import Shortlisted, column_matrix
-from pipelines.storage import Location, table_files
+from pipelines.gallery_scan import Shortlisted
+from pipelines.schemas import column_matrix
+from pipelines.tables import Snapshot
 
 APPROXIMATE = ("ivf", "hnsw", "ivfpq")
 TRAIN_ROWS = 100_000  # gallery vectors an IVF quantizer is trained on
 
 
-def _gallery_batches(features: Location):
-    dataset = pads.dataset(table_files(features), filesystem=features.fs, format="parquet")
+def _gallery_dataset(features: Snapshot) -> pads.Dataset:
+    return pads.dataset(features.paths(("split", ["gallery"])), filesystem=features.location.fs, format="parquet")
+
+
+def _gallery_batches(features: Snapshot):
+    dataset = _gallery_dataset(features)
     return dataset.to_batches(columns=["image_id", "item_id", "global"], filter=pc.field("split") == "gallery")
 
 
@@ -59,11 +64,11 @@ def new_index(kind: str, dim: int, size: int):
     return index
 
 
-def build_index(features: Location, kind: str):
+def build_index(features: Snapshot, kind: str):
     """(faiss index, gallery ids, gallery items), built from a stream of the gallery's rows."""
     if kind not in APPROXIMATE:
         raise ValueError(f"--index must be exact or one of {APPROXIMATE}, got {kind!r}")
-    size = pads.dataset(table_files(features), filesystem=features.fs, format="parquet").count_rows(filter=pc.field("split") == "gallery")
+    size = _gallery_dataset(features).count_rows(filter=pc.field("split") == "gallery")
     if size == 0:
         raise ValueError(f"{features.uri}: no rows with split=gallery to search")
     index, ids, items, pending = None, [], [], []

@@ -47,11 +47,11 @@ def _apply_s3_flags(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines import demo, embed, evaluate, prepare, search, synth, train
+    from pipelines import demo, embed, evaluate, prepare, search, synth, train, vacuum
 
     parser = argparse.ArgumentParser(prog="mga", description="MGA fashion image retrieval on Ray")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, module in (("synth", synth), ("prepare", prepare), ("train", train), ("embed", embed), ("search", search), ("evaluate", evaluate), ("demo", demo)):
+    for name, module in (("synth", synth), ("prepare", prepare), ("train", train), ("embed", embed), ("search", search), ("evaluate", evaluate), ("vacuum", vacuum), ("demo", demo)):
         sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.build_parser(sub)
         _add_s3_flags(sub)

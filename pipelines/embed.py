@@ -2,30 +2,36 @@
 
 Decoding and preprocessing run as Ray Data CPU tasks; the model runs in an actor pool
 (one GPU per actor where there are GPUs, bf16 there); rows stream to Parquet, so memory
-does not grow with the catalog. The table is published atomically (pipelines.storage):
-a job that fails or is killed leaves the previous snapshot as readers saw it, and its
-own half-written snapshot is deleted (or, after a SIGKILL, removed by the next publish).
-Before publishing, the job checks that every requested image is in the new snapshot or
-its rejects exactly once (a retried task or a restarted actor cannot duplicate a row).
+does not grow with the catalog. The features are one Delta commit (pipelines.tables): a
+job that fails or is killed leaves the table as readers saw it. Before committing, the
+job checks that every requested image is in the files it wrote or in its rejects exactly
+once (a retried task or a restarted actor cannot duplicate a row).
 
-Images that cannot be decoded are set aside in the snapshot's rejects file with a reason;
-so is an image whose decoding raises anything unexpected: one bad file never fails a
-catalog-scale job.
+`--incremental` is a merge: new, changed and deleted images are found from ids and hashes
+alone (`image_id`, `sha256`, the identity columns, `model_id`); only the images to embed
+are read (their files and row groups; the rest of the catalog's bytes are not); the stored
+files holding changed or deleted rows are rewritten without them, and the new rows added,
+in one commit; every other stored file stays as it is. A different model or token dtype
+re-embeds everything.
+
+Images that cannot be decoded are set aside in the rejects table beside the features
+(`<out>_rejects`, named in the commit metadata) with a reason; so is an image whose
+decoding raises anything unexpected: one bad file never fails a catalog-scale job.
 
 GPUs: `--use-gpu auto` (default) asks for one GPU per actor when the cluster has GPUs up
 when the job starts, and runs on CPU otherwise; `--use-gpu yes` asks for GPUs even when
 none are up, so an autoscaling cluster scales its GPU worker group up from zero (the job
 waits for it); `--use-gpu no` stays on CPU. `--gpus-per-actor 0.5` packs two actors on a GPU.
 
-Token dtype: `--token-dtype float16` halves the token columns (Parquet FLOAT16 logical
-type; pyarrow reads it as halffloat, DuckDB >= 1.1 as FLOAT). Search computes in float32
-either way; tests/test_retrieval.py measures the ranking cost of float16 tokens.
+Token dtype: `--token-dtype float16` halves the token columns: Delta Lake has no half type,
+so they are binary, 2*M*d bytes of little-endian IEEE halves per row (schemas.TOKEN_DTYPES;
+numpy: `np.frombuffer(value, "<f2")`). Search computes in float32 either way;
+tests/test_retrieval.py measures the ranking cost of float16 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
-import posixpath
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -45,23 +51,12 @@ from pipelines.console import print_summary
 from pipelines.model_store import read_artifact_files
 from pipelines.resources import actor_cpus, actor_device, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
 from pipelines.runtime import init_ray
-from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, features_schema
-from pipelines.storage import (
-    Location,
-    TableNotFound,
-    discard_snapshot,
-    list_files,
-    new_snapshot,
-    publish,
-    read_table,
-    resolve,
-    table_files,
-    write_parquet,
-)
+from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, TOKEN_DTYPES, features_schema, vector_column
+from pipelines.storage import Location, resolve, write_parquet
+from pipelines.tables import Snapshot, TableWriter, companion, read_table
 
 # Columns that decide whether a stored row is still valid for a catalog row.
 CHANGE_KEY = ("sha256", "item_id", "split", "domain", "category")
-TOKEN_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 
 @ray.remote(num_cpus=0)
@@ -100,12 +95,6 @@ def prepare_batch(batch: pa.Table, image_size: int, max_pixels: int, reject_log:
     return output
 
 
-def fixed_size_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
-    rows = values.shape[0]
-    flat = values.reshape(rows, -1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=dtype), flat.shape[1])
-
-
 class Embedder:
     """Actor: the model, loaded once from the artifact bytes in the object store."""
 
@@ -115,7 +104,7 @@ class Embedder:
         self.model = model.to(self.device).eval()
         config = model.config
         self.token_dtype = token_dtype
-        self.schema = features_schema(config.global_dim, [config.num_tokens * config.token_dim] * len(config.layers), TOKEN_DTYPES[token_dtype])
+        self.schema = features_schema(config.global_dim, [config.num_tokens * config.token_dim] * len(config.layers), token_dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if len(batch["pixels"]) == 0:  # every image of the batch was rejected
@@ -126,10 +115,10 @@ class Embedder:
         rows = len(pixels)
         columns: dict[str, Any] = {name: pa.array(batch[name].tolist(), pa.string()) for name in IDENTITY_COLUMNS}
         columns["model_id"] = pa.array([self.model_id] * rows, pa.string())
-        columns["global"] = fixed_size_list(embedding.global_feature.float().cpu().numpy(), pa.float32())
-        numpy_dtype = np.float16 if self.token_dtype == "float16" else np.float32
+        columns["global"] = vector_column(embedding.global_feature.float().cpu().numpy(), self.schema.field("global").type)
         for layer, tokens in enumerate(embedding.tokens):
-            columns[f"tokens_{layer}"] = fixed_size_list(tokens.float().cpu().numpy().astype(numpy_dtype), TOKEN_DTYPES[self.token_dtype])
+            name = f"tokens_{layer}"
+            columns[name] = vector_column(tokens.float().cpu().numpy(), self.schema.field(name).type)
         columns["embedded_at"] = pa.array([datetime.now(timezone.utc)] * rows, pa.timestamp("us", tz="UTC"))
         return pa.table(columns, schema=self.schema)
 
@@ -147,67 +136,79 @@ def load_artifact(files: dict[str, bytes], where: str) -> tuple[Any, str, dict[s
 
 @dataclass
 class IncrementalPlan:
-    """Which catalog rows to embed (None: all) and which stored rows to carry over."""
+    """What a merge changes: the catalog rows to embed, and the stored files to rewrite without their stale rows."""
 
-    embed_ids: set[str] | None
-    carry_ids: set[str]
+    embed_ids: pa.Array  # image_id of new and changed rows
+    embed_items: pa.Array  # their item_id (file pruning)
+    rewrite: dict[str, list[str]]  # stored file -> image_ids to drop from it (changed or deleted)
     counts: dict[str, int]
 
 
-def _keyed(table: pa.Table, columns: tuple[str, ...]) -> dict[str, tuple]:
-    values = [table.column(name).to_pylist() for name in columns]
-    return {image_id: tuple(row) for image_id, *row in zip(table.column("image_id").to_pylist(), *values)}
+def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> IncrementalPlan:
+    """Compare the catalog with the stored features by image_id, sha256 (and identity) and model_id.
+
+    Only id and hash columns are read, and the comparison is an Arrow hash join: no image
+    bytes, no Python object per row.
+    """
+    now = read_table(catalog, ["image_id", *CHANGE_KEY])
+    now = now.append_column("in_catalog", pa.array(np.ones(now.num_rows, bool)))
+    stored = read_table(features, ["image_id", *CHANGE_KEY, "model_id", "__filename"])
+    stored = stored.rename_columns([name if name in ("image_id", "__filename") else f"stored_{name}" for name in stored.column_names])
+    joined = now.join(stored, "image_id", join_type="full outer")
+    in_catalog = pc.fill_null(joined.column("in_catalog"), False)
+    in_store = pc.is_valid(joined.column("__filename"))
+    same = pc.equal(joined.column("stored_model_id"), model_id)
+    for name in CHANGE_KEY:
+        same = pc.and_kleene(same, pc.equal(joined.column(name), joined.column(f"stored_{name}")))
+    same = pc.fill_null(same, False)
+    unchanged = pc.and_(pc.and_(in_catalog, in_store), same)
+    new = pc.and_(in_catalog, pc.invert(in_store))
+    changed = pc.and_(pc.and_(in_catalog, in_store), pc.invert(same))
+    deleted = pc.and_(in_store, pc.invert(in_catalog))
+    embed = joined.filter(pc.or_(new, changed))
+    stale = joined.filter(pc.and_(in_store, pc.invert(unchanged))).select(["__filename", "image_id"]).sort_by("__filename")
+    rewrite: dict[str, list[str]] = {}
+    for path, image_id in zip(stale.column("__filename").to_pylist(), stale.column("image_id").to_pylist()):
+        rewrite.setdefault(path, []).append(image_id)
+    counts = {name: int(pc.sum(mask).as_py() or 0) for name, mask in (("new", new), ("changed", changed), ("unchanged", unchanged), ("deleted", deleted))}
+    return IncrementalPlan(embed.column("image_id").combine_chunks(), embed.column("item_id").combine_chunks(), rewrite, counts)
 
 
-def plan_incremental(out: Location, catalog: Location, model_id: str) -> IncrementalPlan:
-    """Compare the catalog with the published features by image_id, sha256 (and identity) and model_id."""
-    now = _keyed(read_table(catalog, columns=["image_id", *CHANGE_KEY]), CHANGE_KEY)
-    try:
-        before = _keyed(read_table(out, columns=["image_id", *CHANGE_KEY, "model_id"]), (*CHANGE_KEY, "model_id"))
-    except TableNotFound:
-        return IncrementalPlan(None, set(), {"new": len(now), "changed": 0, "unchanged": 0, "deleted": 0})
-    unchanged = {image_id for image_id, key in now.items() if before.get(image_id) == (*key, model_id)}
-    new = set(now) - set(before)
-    changed = set(now) - unchanged - new
-    counts = {"new": len(new), "changed": len(changed), "unchanged": len(unchanged), "deleted": len(set(before) - set(now))}
-    return IncrementalPlan(new | changed, unchanged, counts)
+@ray.remote(num_cpus=0.5)
+def rewrite_file(table: Location, source: str, drop_ids: list[str], target: Location, schema: pa.Schema) -> tuple[int, int]:
+    """Copy `source` into `target` without the rows in `drop_ids`, a record batch at a time; (kept, dropped)."""
+    dropped = pa.array(sorted(drop_ids), pa.string())
+    kept = removed = 0
+    with pq.ParquetWriter(target.path, schema, filesystem=target.fs, compression="zstd") as writer:
+        for batch in pq.ParquetFile(source, filesystem=table.fs).iter_batches(batch_size=4096):
+            stale = pc.is_in(batch.column("image_id"), value_set=dropped)
+            rows = batch.filter(pc.invert(stale))
+            removed += batch.num_rows - rows.num_rows
+            if rows.num_rows:
+                writer.write_table(pa.Table.from_batches([rows]).select(schema.names).cast(schema))
+                kept += rows.num_rows
+    return kept, removed
 
 
-def carry_over(table: Location, files: list[str], carry_ids: set[str], snapshot: Location, schema: pa.Schema) -> int:
-    """Copy the stored rows in `carry_ids` into `snapshot`, one output file per input file,
-    a record batch at a time (memory stays bounded by a row group), cast to `schema`
-    (a change of --token-dtype converts the carried tokens too). Returns the rows copied."""
-    wanted = pa.array(sorted(carry_ids), pa.string())
-    copied = 0
-    for number, path in enumerate(files):
-        source = pq.ParquetFile(path, filesystem=table.fs)
-        target = snapshot.join(f"carried-{number:05d}.parquet")
-        with pq.ParquetWriter(target.path, schema, filesystem=snapshot.fs, compression="zstd") as writer:
-            for batch in source.iter_batches(batch_size=4096):
-                kept = batch.filter(pc.is_in(batch.column("image_id"), value_set=wanted))
-                if kept.num_rows:
-                    writer.write_table(pa.Table.from_batches([kept]).select(schema.names).cast(schema))
-                    copied += kept.num_rows
-    return copied
-
-
-def check_exactly_once(snapshot: Location, data_files: list[str], rejects: list[tuple[str, str, str]], expected: set[str]) -> int:
-    """Every expected image is in the snapshot or its rejects exactly once, nothing else is; returns the rows written."""
-    ids: list[str] = []
-    for path in data_files:
-        ids += pq.read_table(path, columns=["image_id"], filesystem=snapshot.fs).column("image_id").to_pylist()
-    written = set(ids)
-    rejected = {row[0] for row in rejects}
+def check_exactly_once(table: Location, data_files: list[str], rejected: pa.Array, expected: pa.Array) -> int:
+    """Every expected image is in the written files or the rejects exactly once, nothing else is; returns the rows written."""
+    written = pa.chunked_array(
+        [pq.read_table(path, columns=["image_id"], filesystem=table.fs).column("image_id").combine_chunks() for path in data_files], pa.string()
+    ).combine_chunks()
     problems = []
-    if len(written) != len(ids):
-        problems.append(f"{len(ids) - len(written)} duplicate rows")
-    if written & rejected:
-        problems.append(f"{len(written & rejected)} images both written and rejected")
-    if written | rejected != expected:
-        problems.append(f"{len(expected - written - rejected)} images missing, {len((written | rejected) - expected)} unexpected")
+    if len(pc.unique(written)) != len(written):
+        problems.append(f"{len(written) - len(pc.unique(written))} duplicate rows")
+    both = int(pc.sum(pc.is_in(written, value_set=rejected)).as_py() or 0)
+    if both:
+        problems.append(f"{both} images both written and rejected")
+    accounted = pa.concat_arrays([written, rejected.cast(pa.string())])
+    missing = int(pc.sum(pc.invert(pc.is_in(expected, value_set=accounted))).as_py() or 0)
+    unexpected = int(pc.sum(pc.invert(pc.is_in(accounted, value_set=expected))).as_py() or 0)
+    if missing or unexpected:
+        problems.append(f"{missing} images missing, {unexpected} unexpected")
     if problems:
-        raise RuntimeError(f"embed: the new snapshot {snapshot.uri} is inconsistent ({'; '.join(problems)}); it was not published")
-    return len(ids)
+        raise RuntimeError(f"embed: the files written into {table.uri} are inconsistent ({'; '.join(problems)}); nothing was committed")
+    return len(written)
 
 
 def run(
@@ -233,33 +234,31 @@ def run(
         raise ValueError(f"--max-pixels must be positive, got {max_pixels}")
     actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
-    catalog_location, _ = open_catalog(catalog)
+    catalog_table = open_catalog(catalog)
     files = read_artifact_files(model)
     model_object, model_id, model_config = load_artifact(files, resolve(model).uri)
     image_size = int(model_config["image_size"])
+    config = model_object.config
+    schema = features_schema(config.global_dim, [config.num_tokens * config.token_dim] * len(config.layers), token_dtype)
     table = resolve(out)
 
     init_ray()
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
     actors = actors or default_actors(gpus, gpus_up)
-    plan = plan_incremental(table, catalog_location, model_id) if incremental else IncrementalPlan(None, set(), {})
-    to_embed, carry_ids, counts = plan.embed_ids, plan.carry_ids, plan.counts
-    carry_files = table_files(table) if carry_ids else []
-    # What must come out: each requested image_id once, as a row or a reject.
-    requested_ids = to_embed if to_embed is not None else set(read_table(catalog_location, columns=["image_id"]).column("image_id").to_pylist())
-    requested = len(requested_ids)
-    config = model_object.config
-    schema = features_schema(config.global_dim, [config.num_tokens * config.token_dim] * len(config.layers), TOKEN_DTYPES[token_dtype])
-
-    snapshot = new_snapshot(table)
-    try:
+    with TableWriter(table) as writer, TableWriter(companion(table, "rejects")) as rejects_writer:
+        merge = incremental and writer.base is not None and _mergeable(writer.base, model_id, token_dtype)
+        if merge:
+            plan = plan_incremental(writer.base, catalog_table, model_id)
+            expected, where = plan.embed_ids, [("item_id", plan.embed_items.to_pylist()), ("image_id", plan.embed_ids.to_pylist())]
+        else:
+            plan = None
+            expected, where = read_table(catalog_table, ["image_id"]).column("image_id").combine_chunks(), []
         reject_log = RejectLog.remote()
-        columns = [*IDENTITY_COLUMNS, "image", "bbox", "source_path"]
-        if to_embed is None or to_embed:
+        if len(expected):
 
             def job() -> None:
-                dataset = table_dataset(catalog_location, columns, *([] if to_embed is None else [("image_id", to_embed)]))
+                dataset = table_dataset(catalog_table, [*IDENTITY_COLUMNS, "image", "bbox", "source_path"], *where)
                 dataset = dataset.map_batches(
                     prepare_batch,
                     fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "reject_log": reject_log},
@@ -279,31 +278,33 @@ def run(
                     num_gpus=gpus,
                     num_cpus=actor_cpus(gpus, cpus_per_actor),
                 )
-                dataset.write_parquet(snapshot.path, filesystem=snapshot.fs)
+                dataset.write_parquet(writer.file("embedded").path, filesystem=table.fs, try_create_dir=not table.is_s3)
 
-            execute(job, catalog_location.uri, table.uri)
-        carried = carry_over(table, carry_files, carry_ids, snapshot, schema) if carry_ids else 0
-        if carried != len(carry_ids):
-            raise RuntimeError(f"embed: {len(carry_ids)} rows to carry over from {table.uri}, found {carried}")
-        data_files = list_files(snapshot, ".parquet")
+            execute(job, catalog_table.uri, table.uri)
         rejects = ray.get(reject_log.all.remote())
-        if not data_files:  # everything rejected: an empty table with the schema, so readers still work
-            empty = snapshot.join("part-empty.parquet")
-            write_parquet(empty, schema.empty_table())
-            data_files = [empty.path]
-        total = check_exactly_once(snapshot, data_files, rejects, requested_ids | carry_ids)
-        embedded = total - len(carry_ids)
-        rejects_files = []
-        if rejects:
-            rejects_location = snapshot.join("_rejects.parquet")
-            write_parquet(rejects_location, pa.table({"source_path": [r[1] for r in rejects], "reason": [r[2] for r in rejects]}, schema=REJECTS))
-            rejects_files = [rejects_location.path]
-        manifest = publish(
-            table,
-            snapshot,
-            {
+        embedded_files = writer.written()
+        embedded = check_exactly_once(table, embedded_files, pa.array([row[0] for row in rejects], pa.string()), expected)
+        kept = dropped = 0
+        if plan is not None and plan.rewrite:
+            targets = {path: writer.file(f"rewritten/part-{number:05d}.parquet") for number, path in enumerate(sorted(plan.rewrite))}
+            results = ray.get([rewrite_file.remote(table, path, ids, targets[path], schema) for path, ids in plan.rewrite.items()])
+            kept, dropped = sum(result[0] for result in results), sum(result[1] for result in results)
+            if dropped != plan.counts["changed"] + plan.counts["deleted"]:
+                raise RuntimeError(f"embed: {plan.counts['changed'] + plan.counts['deleted']} stale rows to drop from {table.uri}, found {dropped}")
+        if plan is not None and not len(expected) and not plan.rewrite:
+            # Nothing new, changed or deleted: neither table gets a new version.
+            info = {**writer.base.info, "embedded": 0, "rejected": 0, "incremental": {**plan.counts, "rows_written": 0}}
+            snapshot, rejects_table = writer.base, None
+        else:
+            write_parquet(
+                rejects_writer.file("rejects.parquet"),
+                pa.table({"source_path": [r[1] for r in rejects], "reason": [r[2] for r in rejects]}, schema=REJECTS),
+            )
+            rejects_table = rejects_writer.commit(REJECTS, {"table": "rejects", "of": table.uri, "rows": len(rejects)})
+            info = {
                 "table": "features",
-                "catalog": catalog_location.uri,
+                "catalog": catalog_table.uri,
+                "catalog_version": catalog_table.version,
                 "model": resolve(model).uri,
                 "model_id": model_id,
                 "global_dim": config.global_dim,
@@ -313,39 +314,41 @@ def run(
                 "token_dtype": token_dtype,
                 "image_size": image_size,
                 "config": config.model_dump(mode="json"),
-                "rows": embedded + len(carry_ids),
                 "embedded": embedded,
-                "carried": len(carry_ids),
                 "rejected": len(rejects),
-                "rejects_files": [posixpath.relpath(path, table.path) for path in rejects_files],
-                **({"incremental": counts} if incremental else {}),
-            },
-            files=data_files,
-        )
-    except BaseException:
-        discard_snapshot(snapshot)
-        raise
+                "rejects": {"table": rejects_table.uri, "version": rejects_table.version},
+                **({"incremental": {**plan.counts, "rows_written": embedded + kept}} if plan is not None else {}),
+            }
+            snapshot = writer.commit(schema, info, files=writer.written(), remove=None if plan is None else sorted(plan.rewrite))
     rows = {
-        "read": f"{catalog_location.uri} ({requested} images to embed)",
+        "read": f"{catalog_table.uri} version {catalog_table.version} ({len(expected)} images to embed)",
         "model": f"{resolve(model).uri} (model_id {model_id})",
-        "wrote": f"{table.uri} (snapshot {manifest['snapshot']}, {manifest['rows']} rows, D={config.global_dim}, "
+        "wrote": f"{table.uri} (version {snapshot.version}, {snapshot.rows} rows, D={config.global_dim}, "
         f"{len(config.layers)} layers x M={config.num_tokens} x d={config.token_dim}, tokens {token_dtype})",
         "embedded": embedded,
-        "rejected": f"{len(rejects)}" + (f" (reasons in {table.uri}/{manifest['snapshot']}/_rejects.parquet)" if rejects else ""),
+        "rejected": f"{len(rejects)}" + (f" (reasons in the table {rejects_table.uri})" if rejects and rejects_table else ""),
     }
     if incremental:
-        rows["incremental"] = ", ".join(f"{key} {value}" for key, value in counts.items())
+        rows["incremental"] = (
+            ", ".join(f"{key} {value}" for key, value in plan.counts.items()) + f"; rows written {embedded + kept} of {snapshot.rows}"
+            if plan is not None else "no features of this model and token dtype to merge with: embedded everything"
+        )
     rows["actors"] = f"{actors} x " + (f"{gpus:g} GPU" if gpus else "CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)"
     rows["wall time"] = f"{time.time() - started:.1f} s"
     print_summary("mga embed", rows)
-    return manifest
+    return {**info, "version": snapshot.version, "rows": snapshot.rows}
+
+
+def _mergeable(features: Snapshot, model_id: str, token_dtype: str) -> bool:
+    """A merge keeps the stored rows: only when they come from the same model with the same token dtype."""
+    return features.info.get("model_id") == model_id and features.info.get("token_dtype") == token_dtype
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model artifact URI written by `mga train`")
     parser.add_argument("--catalog", required=True, help="catalog table URI")
     parser.add_argument("--out", required=True, help="features table URI to publish")
-    parser.add_argument("--incremental", action="store_true", help="embed only new or changed images, carry the rest over")
+    parser.add_argument("--incremental", action="store_true", help="merge: embed only new or changed images, remove deleted ones, leave the rest as stored")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--actors", type=int, default=None, help="most model actors: the pool starts with one and grows while work queues (default: one per GPU up, else 1)")
     parser.add_argument("--token-dtype", default="float32", choices=sorted(TOKEN_DTYPES), help="dtype of the token columns (float16 halves them)")

@@ -10,9 +10,11 @@ search and training validation share. So R@K and mAP are exact over the whole ga
 while the rankings hold only the first `--depth` rows per query; `--depth` here cuts the
 ranking (a positive below it counts as not retrieved). Rows are read through the table,
 whatever files hold them; memory grows with the queries and their positives only.
-The features table (named by the rankings manifest) supplies each query's category and
-the catalog (named by the features manifest) the pictures of a few examples; without
-them the report is written anyway and says what is missing.
+The features table (named with its version in the rankings' commit metadata) supplies
+each query's category and the catalog (named likewise by the features) the pictures of a
+few examples, each read at the version the rankings were made from; without them the
+report is written anyway and says what is missing. `--version N` evaluates an older
+version of the rankings (Delta time travel).
 
 Outputs in `--out`: recall.png, per_category.png, gallery.png, report.md, report.html,
 and metrics.json last, so a reader never finds a report without its metrics.
@@ -31,19 +33,20 @@ import pyarrow.compute as pc
 
 from mga.metrics import DEFAULT_KS, RetrievalMetrics, rank_metrics
 from pipelines import storage
+from pipelines.tables import Snapshot, TableNotFound, open_table, read_table
 from pipelines.report import GalleryExample, gallery_picture, write_report
 
 ORDERINGS = ("global", "reranked")
 GALLERY_TOP = 5  # results per query in the gallery picture
 UNKNOWN_CATEGORY = "(unknown)"
-# What reading the optional features/catalog tables may raise: no manifest, a snapshot
-# gone from under the manifest, a missing column. The report is written without them.
+# What reading the optional features/catalog tables may raise: no table, a version or a
+# file vacuumed since, a missing column. The report is written without them.
 TABLE_ERRORS = (storage.StorageError, OSError, pa.ArrowException)
 
 
-def read_queries(table: storage.Location) -> tuple[np.ndarray, np.ndarray]:
+def read_queries(table: Snapshot) -> tuple[np.ndarray, np.ndarray]:
     """Every ranked query id (sorted) and its |P|, from the rank-1 rows of every rankings file."""
-    rows = storage.read_table(table, columns=["query_id", "query_positives"], filter=pc.field("rank") == 1).sort_by("query_id")
+    rows = read_table(table, ["query_id", "query_positives"], pc.field("rank") == 1).sort_by("query_id")
     ids = rows.column("query_id").to_numpy(zero_copy_only=False).astype(str)
     if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
         raise ValueError(f"{table.uri}: query {ids[1:][ids[1:] == ids[:-1]][0]!r} is ranked more than once")
@@ -75,13 +78,14 @@ def score_positives(positives: pa.Table, query_ids: np.ndarray, query_positives:
     return per_query
 
 
-def read_examples(table: storage.Location, per_query: dict[str, np.ndarray], count: int, top: int = GALLERY_TOP) -> list[GalleryExample]:
+def read_examples(table: Snapshot, per_query: dict[str, np.ndarray], count: int, top: int = GALLERY_TOP) -> list[GalleryExample]:
     """The first `count` queries with a positive, each with its first `top` ranked results."""
     chosen = per_query["query_id"][per_query["positives"] > 0][:count]
     if len(chosen) == 0:
         return []
-    rows = storage.read_table(
-        table, columns=["query_id", "rank", "gallery_id", "is_match"], filter=pc.field("query_id").isin(pa.array(chosen)) & (pc.field("rank") <= top)
+    rows = read_table(
+        table, ["query_id", "rank", "gallery_id", "is_match"], pc.field("query_id").isin(pa.array(chosen)) & (pc.field("rank") <= top),
+        ("query_id", chosen.tolist()),
     ).sort_by([("query_id", "ascending"), ("rank", "ascending")])
     examples = []
     for query in chosen:
@@ -138,17 +142,16 @@ def _per_category(per_query: dict[str, np.ndarray], categories: np.ndarray, ks: 
 
 
 def _query_categories(
-    features_uri: str | None, query_ids: np.ndarray, notes: list[str]
-) -> tuple[np.ndarray | None, str | None]:
-    """Each query's category from the features table, and the catalog URI its manifest names."""
+    features_uri: str | None, features_version: int | None, query_ids: np.ndarray, notes: list[str]
+) -> tuple[np.ndarray | None, Snapshot | None]:
+    """Each query's category from the features table, and the catalog version the features came from."""
     if not features_uri:
-        notes.append("The rankings manifest names no features table: no per-category table, no gallery picture.")
+        notes.append("The rankings' metadata names no features table: no per-category table, no gallery picture.")
         return None, None
     try:
-        features = storage.resolve(features_uri)
-        manifest = storage.read_manifest(features)
-        rows = storage.read_table(
-            features, columns=["image_id", "category", "split"], filter=pc.field("image_id").isin(pa.array(query_ids))
+        features = open_table(storage.resolve(features_uri), features_version)
+        rows = read_table(
+            features, ["image_id", "category", "split"], pc.field("image_id").isin(pa.array(query_ids)), ("split", ["query"]), ("image_id", query_ids.tolist())
         )
     except TABLE_ERRORS as error:
         notes.append(f"Features table unavailable ({error}): no per-category table, no gallery picture.")
@@ -161,24 +164,26 @@ def _query_categories(
     not_query = sum(1 for split in rows["split"].to_pylist() if split != "query")
     if not_query:
         notes.append(f"{not_query} ranked queries are not split=query rows of the features table.")
-    catalog = manifest.get("catalog")
+    catalog = features.info.get("catalog")
     if not catalog:
-        notes.append(f"The features manifest of {features_uri} names no catalog: no gallery picture.")
-    return categories, catalog
+        notes.append(f"The metadata of the features table {features_uri} names no catalog: no gallery picture.")
+        return categories, None
+    try:
+        return categories, open_table(storage.resolve(catalog), features.info.get("catalog_version"))
+    except TABLE_ERRORS as error:
+        notes.append(f"Catalog unavailable ({error}): no gallery picture.")
+        return categories, None
 
 
-def _gallery(catalog_uri: str | None, examples: list[GalleryExample], notes: list[str]) -> bytes | None:
-    """The gallery picture, reading only the example rows' images from the catalog."""
-    if not catalog_uri or not examples:
+def _gallery(catalog: Snapshot | None, examples: list[GalleryExample], notes: list[str]) -> bytes | None:
+    """The gallery picture, reading only the files and row groups of the example rows' images from the catalog."""
+    if catalog is None or not examples:
         return None
     wanted = sorted(
         {example.query_id for example in examples} | {g for example in examples for g in example.gallery_ids}
     )
     try:
-        catalog = storage.resolve(catalog_uri)
-        rows = storage.read_table(
-            catalog, columns=["image_id", "image"], filter=pc.field("image_id").isin(pa.array(wanted))
-        )
+        rows = read_table(catalog, ["image_id", "image"], pc.field("image_id").isin(pa.array(wanted)), ("image_id", wanted))
     except TABLE_ERRORS as error:
         notes.append(f"Catalog unavailable ({error}): no gallery picture.")
         return None
@@ -186,7 +191,7 @@ def _gallery(catalog_uri: str | None, examples: list[GalleryExample], notes: lis
     if len(images) < len(wanted):
         notes.append(
             f"{len(wanted) - len(images)} of the {len(wanted)} gallery picture images are not in the catalog "
-            f"{catalog_uri}: shown as grey placeholders."
+            f"{catalog.uri} (version {catalog.version}): shown as grey placeholders."
         )
     return gallery_picture(examples, images)
 
@@ -197,29 +202,34 @@ def run(
     depth: int | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     gallery_examples: int = 8,
+    version: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the published rankings table at `rankings`, write the report into `out`.
+    """Evaluate the rankings table at `rankings` (its current version, or `version`), write the report into `out`.
 
     Returns the metrics.json content: `queries` (evaluated, |P| > 0), `excluded_queries`,
     `depth`, `rerank_top`, `global` and `reranked` ({"R@K": ..., "mAP": ...} as fractions),
     `per_category`, `rerank_effect`, `model_id`, `notes` and where it all came from.
     """
     started = time.time()
-    table = storage.resolve(rankings)
-    manifest = storage.read_manifest(table)
-    if "positives" not in manifest:
-        raise storage.StorageError(f"{table.uri}: the rankings list no positives table (written by an older `mga search`): search again")
+    table = open_table(storage.resolve(rankings), version)
+    manifest = table.info
+    if not isinstance(manifest.get("positives"), dict):
+        raise storage.StorageError(f"{table.uri} (version {table.version}): its commits name no positives table (not written by `mga search`?)")
     if depth is not None and depth < 1:
         raise ValueError(f"depth must be positive, got {depth}")
     ks = RetrievalMetrics(ks).ks  # validated and sorted before any work starts
 
     query_ids, query_positives = read_queries(table)
-    positives = storage.read_table(table, columns=["query_id", "rank_global", "rank_reranked"], key="positives")
+    try:
+        positives_table = open_table(storage.resolve(manifest["positives"]["table"]), manifest["positives"]["version"])
+    except TableNotFound as error:
+        raise storage.StorageError(f"{table.uri}: {error}") from None
+    positives = read_table(positives_table, ["query_id", "rank_global", "rank_reranked"])
     per_query = score_positives(positives, query_ids, query_positives, depth)
     examples = read_examples(table, per_query, gallery_examples)
     notes: list[str] = []
-    categories, catalog_uri = _query_categories(manifest.get("features"), per_query["query_id"], notes)
-    gallery_png = _gallery(catalog_uri, examples, notes)
+    categories, catalog = _query_categories(manifest.get("features"), manifest.get("features_version"), per_query["query_id"], notes)
+    gallery_png = _gallery(catalog, examples, notes)
 
     overall = _orderings_metrics(per_query, np.ones(len(per_query["query_id"]), dtype=bool), ks)
     if overall["global"]["queries"] == 0:
@@ -227,7 +237,7 @@ def run(
     if depth is not None and ks[-1] > depth:
         notes.append(f"R@K for K > {depth} (the evaluation depth) can only count matches within the first {depth}.")
     if manifest.get("queries") is not None and int(manifest["queries"]) != len(query_ids):
-        notes.append(f"The rankings manifest counts {manifest['queries']} queries; its files hold {len(query_ids)}.")
+        notes.append(f"The rankings' metadata counts {manifest['queries']} queries; its files hold {len(query_ids)}.")
     metrics: dict[str, Any] = {
         "queries": overall["global"]["queries"],
         "excluded_queries": overall["global"]["excluded_queries"],
@@ -242,7 +252,7 @@ def run(
         "model_id": manifest.get("model_id"),
         "alpha": manifest.get("alpha"),
         "rankings": table.uri,
-        "rankings_snapshot": manifest.get("snapshot"),
+        "rankings_version": table.version,
         "rankings_rows": manifest.get("rows"),
         "positives_rows": positives.num_rows,
         "notes": notes,
@@ -289,10 +299,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         help="comma-separated K of R@K (default: 1,10,20,30,40,50)",
     )
     parser.add_argument("--gallery-examples", type=int, default=8, help="queries shown in the gallery picture")
+    parser.add_argument("--version", type=int, default=None, help="evaluate this version of the rankings table (default: the current one)")
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:
-    return run(args.rankings, args.out, depth=args.depth, ks=args.ks, gallery_examples=args.gallery_examples)
+    return run(args.rankings, args.out, depth=args.depth, ks=args.ks, gallery_examples=args.gallery_examples, version=args.version)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -37,15 +37,7 @@ import torch
 from mga.artifact import unpack_artifact
 from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, merge_top_k, tie_keys
 from pipelines.resources import actor_device
-
-
-def column_matrix(table: pa.Table, name: str, rows_shape: tuple[int, ...] = ()) -> np.ndarray:
-    """A fixed_size_list column as a writable float32 array [rows, *rows_shape or width]."""
-    column = table.column(name).combine_chunks()
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if not flat.flags.writeable:  # Arrow's buffers are read-only; torch wants to own what it wraps
-        flat = flat.copy()
-    return flat.reshape(len(column), *(rows_shape or (column.type.list_size,)))
+from pipelines.schemas import column_matrix
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:

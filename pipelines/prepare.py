@@ -10,8 +10,9 @@ decode every image once, and stream the rows into Parquet shards of at most `--s
 (an item larger than that gets a shard of its own). Each task owns a contiguous range
 of items sorted by `item_id`: every item's rows sit together in ONE shard, sorted by
 (item_id, image_id), which is what the training stream's item grouping relies on. The
-catalog is published (`_manifest.json`, written last) only after every shard is
-written; `rejects.parquet` sits in the same snapshot, listed under "rejects_files".
+catalog is committed to its Delta table in one transaction only after every shard is
+written; the rejected rows go to their own Delta table beside it (`<out>_rejects`), which
+the catalog's commit metadata names with its version.
 
 Rules (what a user of the table can rely on):
 - `image` holds the original encoded bytes, `sha256` their hash; `width`/`height` are the
@@ -84,11 +85,11 @@ import pyarrow.parquet as pq
 from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from pipelines.console import print_summary
 from pipelines.schemas import CATALOG, REJECTS
-from pipelines.storage import Location, StorageError, new_snapshot, publish, resolve, s3_filesystem
+from pipelines.storage import Location, StorageError, resolve, s3_filesystem, write_parquet
+from pipelines.tables import TableWriter, companion
 
-REJECTS_FILE = "rejects.parquet"
 DEFAULT_SHARD_MB = 256.0
-ROW_GROUP_BYTES = 32 * 2**20
+ROW_GROUP_BYTES = 2 * 2**20  # small row groups: a read of a few ids skips the rest of a shard
 ROW_OVERHEAD_BYTES = 256  # the non-image columns of one row, for shard sizing
 INSHOP_FRAME = 256  # In-Shop's img/ images: "centered and resized to 256*256"
 INSHOP_FULL = {"images": 52_712, "items": 7_982, "train": 25_882, "query": 14_218, "gallery": 12_612}
@@ -575,8 +576,10 @@ class _Reader:
 class _ShardWriter:
     """Streams item-aligned row groups into part files of at most `target` bytes."""
 
-    def __init__(self, snapshot: Location, task: int, target: int) -> None:
-        self.snapshot, self.task, self.target = snapshot, task, target
+    def __init__(self, directory: Location, task: int, target: int) -> None:
+        self.directory, self.task, self.target = directory, task, target
+        if not directory.is_s3:  # the job's run directory, inside the table
+            directory.fs.create_dir(directory.path, recursive=True)
         self.row_group = min(ROW_GROUP_BYTES, target)
         self.writer: pq.ParquetWriter | None = None
         self.pending: list[dict[str, Any]] = []
@@ -601,11 +604,11 @@ class _ShardWriter:
             return
         if self.writer is None:
             name = f"part-{self.task:05d}-{len(self.files):04d}.parquet"
-            self.path = self.snapshot.join(name).path
+            self.path = self.directory.join(name).path
             self.writer = pq.ParquetWriter(
                 self.path,
                 CATALOG,
-                filesystem=self.snapshot.fs,
+                filesystem=self.directory.fs,
                 compression={name: ("none" if name == "image" else "zstd") for name in CATALOG.names},
                 use_dictionary=["item_id", "split", "domain", "category"],
                 write_statistics=[name for name in CATALOG.names if name != "image"],
@@ -621,16 +624,15 @@ class _ShardWriter:
             return
         self.writer.close()
         self.writer = None
-        size = self.snapshot.fs.get_file_info(self.path).size
+        size = self.directory.fs.get_file_info(self.path).size
         self.files.append({"path": self.path, "rows": self.shard_rows, "items": len(self.shard_items), "bytes": size})
         self.shard_bytes, self.shard_rows, self.shard_items = 0, 0, set()
 
 
-def write_task(snapshot_uri: str, task: int, entries: list[Entry], target_bytes: int, max_pixels: int) -> dict[str, Any]:
+def write_task(directory_uri: str, task: int, entries: list[Entry], target_bytes: int, max_pixels: int) -> dict[str, Any]:
     """Read, validate and write `entries` (sorted by item, image) as part files of one task."""
-    snapshot = resolve(snapshot_uri)
     reader = _Reader()
-    writer = _ShardWriter(snapshot, task, target_bytes)
+    writer = _ShardWriter(resolve(directory_uri), task, target_bytes)
     rejects: list[tuple[str, str]] = []
     written: list[tuple[str, str, str, str, str]] = []  # (item, split, domain, sha256, image_id)
     bbox_states: Counter[str] = Counter()
@@ -721,11 +723,11 @@ def plan_tasks(entries: list[Entry], target_bytes: int, min_tasks: int) -> list[
     return tasks
 
 
-def _run_tasks(snapshot: Location, tasks: list[list[Entry]], target_bytes: int, max_pixels: int) -> list[dict[str, Any]]:
+def _run_tasks(directory: Location, tasks: list[list[Entry]], target_bytes: int, max_pixels: int) -> list[dict[str, Any]]:
     import ray
 
     remote = ray.remote(num_cpus=1)(write_task)
-    pending = {remote.remote(snapshot.uri, index, entries, target_bytes, max_pixels): len(entries) for index, entries in enumerate(tasks)}
+    pending = {remote.remote(directory.uri, index, entries, target_bytes, max_pixels): len(entries) for index, entries in enumerate(tasks)}
     total = sum(pending.values())
     results, done, started, last = [], 0, time.time(), 0.0
     while pending:
@@ -738,7 +740,7 @@ def _run_tasks(snapshot: Location, tasks: list[list[Entry]], target_bytes: int, 
                 ray.cancel(ref)
             cause = getattr(error, "cause", None)
             if isinstance(cause, (OSError, StorageError)):
-                raise StorageError(f"writing shards into {snapshot.uri}: {cause}") from error
+                raise StorageError(f"writing shards into {directory.uri}: {cause}") from error
             raise
         now = time.time()
         if now - last >= 5 or not pending:
@@ -818,39 +820,27 @@ def run(
         min_shards = int(ray.cluster_resources().get("CPU", 1))
     tasks = plan_tasks(listing.entries, target_bytes, min_shards)
     print(f"prepare: {listing.input:,} images listed, {len(listing.rejects):,} rejected before reading; {len(tasks)} tasks -> {table.uri}", flush=True)
-    snapshot = new_snapshot(table)
-    try:
-        results = _run_tasks(snapshot, tasks, target_bytes, max_pixels) if tasks else []
+    with TableWriter(table) as writer, TableWriter(companion(table, "rejects")) as rejects_writer:
+        results = _run_tasks(writer.run, tasks, target_bytes, max_pixels) if tasks else []
         rejects = list(listing.rejects) + [reject for result in results for reject in result["rejects"]]
         files = sorted((f for result in results for f in result["files"]), key=lambda f: f["path"])
-        if not files:  # an empty but readable table: the rejects say why
-            empty = snapshot.join("part-00000-0000.parquet")
-            pq.write_table(CATALOG.empty_table(), empty.path, filesystem=table.fs)
-            files = [{"path": empty.path, "rows": 0, "items": 0, "bytes": table.fs.get_file_info(empty.path).size}]
-        rejects_location = snapshot.join(REJECTS_FILE)
-        pq.write_table(
+        write_parquet(
+            rejects_writer.file("rejects.parquet"),
             pa.table({"source_path": [r[0] for r in rejects], "reason": [r[1] for r in rejects]}, schema=REJECTS),
-            rejects_location.path,
-            filesystem=table.fs,
-            compression="zstd",
         )
         written = [row for result in results for row in result["written"]]
-        body = _manifest_body(listing, table, rejects_location, rejects, written, results, files, shard_mb, max_pixels)
-        published = publish(table, snapshot, body, files=[f["path"] for f in files])
-    except BaseException:
-        try:
-            table.fs.delete_dir(snapshot.path)
-        except OSError:
-            pass
-        raise
+        rejects_table = rejects_writer.commit(REJECTS, {"table": "rejects", "of": table.uri, "rows": len(rejects)})
+        info = _summary(listing, table, rejects_table, rejects, written, results, files, shard_mb, max_pixels)
+        snapshot = writer.commit(CATALOG, info, files=[f["path"] for f in files])
     seconds = time.time() - started
-    _print(listing, table, published, files, seconds)
-    if published["rows"] == 0:
-        raise ValueError(f"no image of {listing.input:,} could be read: see the rejects table {published['rejects_files'][0]} under {table.uri}")
-    return published
+    info = {**snapshot.info, "version": snapshot.version}
+    _print(listing, table, info, files, seconds)
+    if info["rows"] == 0:
+        raise ValueError(f"no image of {listing.input:,} could be read: see the rejects table {rejects_table.uri}")
+    return info
 
 
-def _manifest_body(listing, table, rejects_location, rejects, written, results, files, shard_mb, max_pixels) -> dict[str, Any]:
+def _summary(listing, table, rejects_table, rejects, written, results, files, shard_mb, max_pixels) -> dict[str, Any]:
     items_per_split: dict[str, set[str]] = defaultdict(set)
     for item, split, *_ in written:
         items_per_split[split].add(item)
@@ -884,7 +874,7 @@ def _manifest_body(listing, table, rejects_location, rejects, written, results, 
         "rows_per_domain": _counts((row[2] for row in written), ("shop", "consumer")),
         "items_per_split": {split: len(items_per_split[split]) for split in _counts((row[1] for row in written), ordered_splits)},
         "rejects_by_reason": _counts((reason_kind(r[1]) for r in rejects), ()),
-        "rejects_files": [posixpath.relpath(rejects_location.path, table.path)],
+        "rejects": {"table": rejects_table.uri, "version": rejects_table.version},
         "bbox": {"kept": bbox["kept"], "clipped": bbox["clipped"], "degenerate": bbox["degenerate"], "none": bbox["none"]},
         "identical_bytes": {"within_item": copies_within, "across_items": copies_across},
         "shards": [{"file": posixpath.relpath(f["path"], table.path), "rows": f["rows"], "items": f["items"], "bytes": f["bytes"]} for f in files],
@@ -899,7 +889,7 @@ def _print(listing: Listing, table: Location, body: dict[str, Any], files: list[
     source = body["source"]
     rows = {
         "source": f"{listing.kind}: {source.get('manifest') or source.get('root')}" + (f" (images in {source['images']}/)" if source.get("images") else ""),
-        "output": f"{table.uri} (snapshot {body['snapshot']})",
+        "output": f"{table.uri} (version {body['version']})",
         "input = written + rejected": f"{body['input']:,} = {body['rows']:,} + {body['rejected']:,}",
     }
     if body["skipped"]:
@@ -910,7 +900,7 @@ def _print(listing: Listing, table: Location, body: dict[str, Any], files: list[
     if listing.kind == "inshop":
         full = INSHOP_FULL
         rows["full In-Shop has"] = f"{full['images']:,} images of {full['items']:,} items: train {full['train']:,} · query {full['query']:,} · gallery {full['gallery']:,}"
-    rows["rejected"] = _fmt(body["rejects_by_reason"]) + (f" (see {body['rejects_files'][0]})" if body["rejected"] else "")
+    rows["rejected"] = _fmt(body["rejects_by_reason"]) + (f" (see the table {body['rejects']['table']})" if body["rejected"] else "")
     box = body["bbox"]
     rows["bbox"] = f"kept {box['kept']:,} · clipped {box['clipped']:,} · degenerate -> null {box['degenerate']:,} · none {box['none']:,}"
     copies = body["identical_bytes"]

@@ -149,7 +149,7 @@ def sections(metrics: Mapping[str, Any], figures: Mapping[str, bytes]) -> list[S
     summary = Section(
         "Summary",
         paragraphs=[
-            f"Rankings: {metrics.get('rankings', 'unknown')}, snapshot {metrics.get('rankings_snapshot', 'unknown')}: "
+            f"Rankings: {metrics.get('rankings', 'unknown')}, version {metrics.get('rankings_version', 'unknown')}: "
             f"{metrics.get('rankings_rows', '?')} ranked rows (the first {metrics.get('rankings_depth', '?')} per query) and "
             f"{metrics.get('positives_rows', '?')} positives with their ranks over the whole gallery of {metrics.get('gallery', '?')} "
             f"(model {metrics.get('model_id') or 'unknown'}).",

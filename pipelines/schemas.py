@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 SPLITS = ("train", "query", "gallery", "val")
@@ -29,12 +30,46 @@ REJECTS = pa.schema([("source_path", pa.string()), ("reason", pa.string())])
 IDENTITY_COLUMNS = ("image_id", "item_id", "split", "domain", "category", "sha256")
 
 
-def features_schema(global_dim: int, token_dims: list[int], token_dtype: pa.DataType = pa.float32()) -> pa.Schema:
+# Token columns: float32 as a list of M*d floats; float16 as binary holding the M*d values as
+# little-endian IEEE halves (Delta Lake has no half-precision type; 2*M*d bytes per row).
+TOKEN_DTYPES = {"float32": pa.list_(pa.float32()), "float16": pa.binary()}
+
+
+def token_type(token_dtype: str, size: int) -> pa.DataType:
+    if token_dtype not in TOKEN_DTYPES:
+        raise ValueError(f"token dtype must be one of {sorted(TOKEN_DTYPES)}, got {token_dtype!r}")
+    return pa.list_(pa.float32(), size) if token_dtype == "float32" else pa.binary()
+
+
+def vector_column(values: np.ndarray, data_type: pa.DataType) -> pa.Array:
+    """Rows of `values` [rows, ...] as a column of `data_type` (a fixed-size float list, or binary halves)."""
+    flat = np.ascontiguousarray(values.reshape(values.shape[0], -1))
+    if pa.types.is_binary(data_type):
+        halves = flat.astype("<f2")
+        offsets = np.arange(flat.shape[0] + 1, dtype=np.int32) * halves.shape[1] * 2
+        return pa.BinaryArray.from_buffers(pa.binary(), flat.shape[0], [None, pa.py_buffer(offsets), pa.py_buffer(halves.tobytes())])
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32).reshape(-1), pa.float32()), flat.shape[1])
+
+
+def column_matrix(table: pa.Table, name: str, rows_shape: tuple[int, ...] = ()) -> np.ndarray:
+    """A vector column (float list, or binary halves) as a writable float32 array [rows, *rows_shape or width]."""
+    column = table.column(name).combine_chunks()
+    rows = len(column)
+    if pa.types.is_binary(column.type):
+        _, offsets, data = column.buffers()
+        bounds = np.frombuffer(offsets, np.int32, rows + 1, column.offset * 4)
+        flat = np.frombuffer(data, "<f2", (bounds[-1] - bounds[0]) // 2, bounds[0]).astype(np.float32)
+    else:
+        flat = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)  # writable: torch owns what it wraps
+    return flat.reshape(rows, *(rows_shape or (-1,)))
+
+
+def features_schema(global_dim: int, token_dims: list[int], token_dtype: str = "float32") -> pa.Schema:
     """Features table: identity columns, model_id, `global` [D], `tokens_<l>` [M*d] per layer."""
     fields = [(name, pa.string()) for name in IDENTITY_COLUMNS]
     fields.append(("model_id", pa.string()))
     fields.append(("global", pa.list_(pa.float32(), global_dim)))
-    fields += [(f"tokens_{layer}", pa.list_(token_dtype, size)) for layer, size in enumerate(token_dims)]
+    fields += [(f"tokens_{layer}", token_type(token_dtype, size)) for layer, size in enumerate(token_dims)]
     fields.append(("embedded_at", pa.timestamp("us", tz="UTC")))
     return pa.schema(fields)
 

@@ -5,7 +5,8 @@ For every query (`split=query` rows of the features table) against the gallery
 `--rerank-top` reranked by the fused score S, the rest below in global order. The job writes
 
 - the **rankings** table: the first `--depth` (default 100) results per query;
-- the **positives** table (listed under `positives` in the rankings manifest): for every
+- the **positives** table beside it (`<out>_positives`, named with its version in the
+  rankings' commit metadata): for every
   gallery image of the query's item, its full-gallery `rank_global` and `rank_reranked`,
   so R@K and mAP over the whole gallery need no queries x gallery rows (mga.metrics).
 
@@ -16,8 +17,9 @@ the depth, not with the gallery. Shortlisting is torch matmul + top-k on each ac
 device, so a GPU has no cap on the depth. `--index ivf|hnsw|ivfpq` shortlists with a faiss
 index instead (pipelines.approximate), and records its recall@100 against the exact scan.
 
-The rankings are published atomically (pipelines.storage): a search that fails or is killed
-leaves the previous rankings as readers saw them; re-running it gives the same rows, however
+The positives and then the rankings are each one Delta commit (pipelines.tables), the
+rankings' naming the positives' version: a search that fails or is killed leaves the
+previous rankings as readers saw them; re-running it gives the same rows, however
 many actors ran and however the gallery was split into blocks.
 """
 
@@ -37,56 +39,59 @@ from mga.retrieval import pair_scores, rerank, reranked_ranks, tie_keys
 from pipelines.approximate import APPROXIMATE, approximate_shortlist, build_index, shortlist_recall
 from pipelines.console import print_summary
 from pipelines.embed import load_artifact
-from pipelines.gallery_scan import ShortlistMerge, ShortlistScan, Shortlisted, TokenScorer, column_matrix
+from pipelines.gallery_scan import ShortlistMerge, ShortlistScan, Shortlisted, TokenScorer
 from pipelines.catalog import table_dataset
 from pipelines.model_store import read_artifact_files
 from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
 from pipelines.runtime import init_ray
 from pipelines.schemas import POSITIVES, RANKINGS
-from pipelines.storage import Location, discard_snapshot, new_snapshot, publish, read_manifest, read_table, resolve, write_parquet
+from pipelines.schemas import column_matrix
+from pipelines.storage import resolve, write_parquet
+from pipelines.tables import Snapshot, TableWriter, companion, open_table, read_table
 
 DEFAULT_DEPTH = 100
 INDEX_KINDS = ("exact", *APPROXIMATE)
 RECALL_QUERIES = 1000  # queries the approximate shortlist's recall is measured on
 
 
-def token_columns(manifest: dict[str, Any]) -> list[str]:
-    return [f"tokens_{layer}" for layer in range(len(manifest["layers"]))]
+def token_columns(info: dict[str, Any]) -> list[str]:
+    return [f"tokens_{layer}" for layer in range(len(info["layers"]))]
 
 
-def read_queries(features: Location, manifest: dict[str, Any]) -> pa.Table:
-    names = token_columns(manifest)
-    queries = read_table(features, columns=["image_id", "item_id", "global", *names], filter=pc.field("split") == "query")
+def read_queries(features: Snapshot) -> pa.Table:
+    names = token_columns(features.info)
+    queries = read_table(features, ["image_id", "item_id", "global", *names], pc.field("split") == "query", ("split", ["query"]))
     if queries.num_rows == 0:
         raise ValueError(f"{features.uri}: no rows with split=query to search for")
     return queries.sort_by("image_id")
 
 
-def find_positives(features: Location, queries: pa.Table) -> dict[str, np.ndarray]:
+def find_positives(features: Snapshot, queries: pa.Table) -> dict[str, np.ndarray]:
     """Every (query, gallery image of its item) pair, with the pair's exact S_global and the image's tie key.
 
     Reads only the gallery rows of the queries' items (a filtered scan), sorted by query then gallery id.
     """
     items = pc.unique(queries.column("item_id"))
     gallery = read_table(
-        features, columns=["image_id", "item_id", "global"], filter=(pc.field("split") == "gallery") & pc.field("item_id").isin(items)
+        features, ["image_id", "item_id", "global"], (pc.field("split") == "gallery") & pc.field("item_id").isin(items),
+        ("split", ["gallery"]), ("item_id", items.to_pylist()),
     )
     left = pa.table({"query": pa.array(np.arange(queries.num_rows)), "item_id": queries.column("item_id")})
     right = pa.table({"row": pa.array(np.arange(gallery.num_rows)), "item_id": gallery.column("item_id"), "gallery_id": gallery.column("image_id")})
     pairs = left.join(right, "item_id", join_type="inner").sort_by([("query", "ascending"), ("gallery_id", "ascending")])
-    query, row = pairs.column("query").to_numpy(), pairs.column("row").to_numpy()
+    query, row = (pairs.column(name).to_numpy().astype(np.int64) for name in ("query", "row"))  # copies torch may index with
     query_global = torch.from_numpy(column_matrix(queries, "global"))
     gallery_global = torch.from_numpy(column_matrix(gallery, "global"))
     ids = pairs.column("gallery_id").combine_chunks()
     return {
-        "positive_query": query.astype(np.int64),
+        "positive_query": query,
         "positive_score": pair_scores(query_global[query], gallery_global[row]).numpy(),
         "positive_key": tie_keys(ids.to_numpy(zero_copy_only=False)),
         "gallery_id": ids,
     }
 
 
-def _gallery_dataset(features: Location, columns: list[str], ids: pa.Array | None = None) -> ray.data.Dataset:
+def _gallery_dataset(features: Snapshot, columns: list[str], ids: pa.Array | None = None) -> ray.data.Dataset:
     """The gallery rows' `columns` (only those of `ids`, if given) as a stream."""
     return table_dataset(features, columns, ("split", ["gallery"]), *([] if ids is None else [("image_id", ids.to_pylist())]))
 
@@ -95,7 +100,7 @@ def _pool_args(gpus: float, cpus_per_actor: float, workers: int) -> dict[str, An
     return {"compute": actor_pool(workers), "num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor), "batch_format": "pyarrow"}
 
 
-def shortlist_scan(features: Location, chunk: dict[str, Any], depth: int, block_rows: int, pool: dict[str, Any]) -> Shortlisted:
+def shortlist_scan(features: Snapshot, chunk: dict[str, Any], depth: int, block_rows: int, pool: dict[str, Any]) -> Shortlisted:
     """Pass 1: the chunk's exact top-`depth` and each positive's count of gallery images before it."""
     merge = ShortlistMerge(len(chunk["global"]), depth, len(chunk["positive_query"]))
     dataset = _gallery_dataset(features, ["image_id", "item_id", "global"]).map_batches(
@@ -114,7 +119,7 @@ def _scalar_value(scalar: pa.Scalar) -> Any:
     return scalar.values if isinstance(scalar, pa.ListScalar) else scalar.as_py()
 
 
-def token_scan(features: Location, manifest: dict[str, Any], chunk: dict[str, Any], shortlisted: Shortlisted, head: int, files: dict[str, bytes], rerank_batch: int, pool: dict[str, Any]) -> torch.Tensor:
+def token_scan(features: Snapshot, chunk: dict[str, Any], shortlisted: Shortlisted, head: int, files: dict[str, bytes], rerank_batch: int, pool: dict[str, Any]) -> torch.Tensor:
     """Pass 2: S_token of each query with the first `head` rows of its shortlist, [Q, head]."""
     count = len(chunk["global"])
     scores = torch.full((count, head), float("nan"))
@@ -126,7 +131,7 @@ def token_scan(features: Location, manifest: dict[str, Any], chunk: dict[str, An
             "head": pa.array(np.tile(np.arange(head), count), pa.int32()),
         }
     )
-    names = token_columns(manifest)
+    names = token_columns(features.info)
     dataset = _gallery_dataset(features, ["image_id", *names], pc.unique(pairs.column("gallery_id"))).map_batches(
         TokenScorer,
         fn_constructor_kwargs={
@@ -145,14 +150,14 @@ def token_scan(features: Location, manifest: dict[str, Any], chunk: dict[str, An
     return scores
 
 
-def _chunk(queries: pa.Table, positives: dict[str, np.ndarray], start: int, stop: int, manifest: dict[str, Any]) -> dict[str, Any]:
+def _chunk(queries: pa.Table, positives: dict[str, np.ndarray], start: int, stop: int, info: dict[str, Any]) -> dict[str, Any]:
     """The arrays the actors need for queries [start, stop), positives renumbered within the chunk."""
     rows = queries.slice(start, stop - start)
     keep = (positives["positive_query"] >= start) & (positives["positive_query"] < stop)
-    shape = (manifest["num_tokens"], manifest["token_dim"])
+    shape = (info["num_tokens"], info["token_dim"])
     return {
         "global": np.ascontiguousarray(column_matrix(rows, "global")),
-        "tokens": [np.ascontiguousarray(column_matrix(rows, name, shape)) for name in token_columns(manifest)],
+        "tokens": [np.ascontiguousarray(column_matrix(rows, name, shape)) for name in token_columns(info)],
         "positive_query": positives["positive_query"][keep] - start,
         "positive_score": positives["positive_score"][keep],
         "positive_key": positives["positive_key"][keep],
@@ -225,16 +230,18 @@ def run(
         raise ValueError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
     actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
-    features_location = resolve(features)
-    manifest = read_manifest(features_location)
-    model_uri = model or manifest["model"]
+    features_table = open_table(resolve(features))
+    info = features_table.info
+    if info.get("table") != "features":
+        raise ValueError(f"{features_table.uri} (version {features_table.version}) was not written by `mga embed`: its commits carry no features metadata")
+    model_uri = model or info["model"]
     files = read_artifact_files(model_uri)
     _, model_id, model_config = load_artifact(files, resolve(model_uri).uri)
-    if model_id != manifest["model_id"]:
-        raise ValueError(f"{features_location.uri} was embedded with model_id {manifest['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
+    if model_id != info["model_id"]:
+        raise ValueError(f"{features_table.uri} was embedded with model_id {info['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
     alpha = float(model_config["model"]["alpha"])
-    queries = read_queries(features_location, manifest)
-    positives = find_positives(features_location, queries)
+    queries = read_queries(features_table)
+    positives = find_positives(features_table, queries)
 
     init_ray()
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
@@ -243,43 +250,40 @@ def run(
     pool = _pool_args(gpus, cpus_per_actor, workers)
     # Pairs per ATA call: an H100 saturates at about 4096 (bench/retrieval_device.py); a CPU at ~128.
     rerank_batch = rerank_batch or (4096 if gpus else 128)
-    approximate = build_index(features_location, index) if index != "exact" else None
+    approximate = build_index(features_table, index) if index != "exact" else None
     recall = None
     if approximate is not None:  # against the exact scan, on the first queries
-        sample = _chunk(queries, positives, 0, min(RECALL_QUERIES, queries.num_rows), manifest)
-        exact = execute(lambda: shortlist_scan(features_location, sample, 100, block_rows, pool), features_location.uri, out)
+        sample = _chunk(queries, positives, 0, min(RECALL_QUERIES, queries.num_rows), info)
+        exact = execute(lambda: shortlist_scan(features_table, sample, 100, block_rows, pool), features_table.uri, out)
         recall = shortlist_recall(approximate_shortlist(*approximate, sample, 100), exact)
     table = resolve(out)
-    snapshot = new_snapshot(table)
     totals = {"rows": 0, "positives": 0, "head": 0}
-    positive_files: list[str] = []
-    try:
+    with TableWriter(table) as writer, TableWriter(companion(table, "positives")) as positives_writer:
         for part, start in enumerate(range(0, queries.num_rows, query_chunk)):
-            chunk = _chunk(queries, positives, start, min(start + query_chunk, queries.num_rows), manifest)
+            chunk = _chunk(queries, positives, start, min(start + query_chunk, queries.num_rows), info)
             shortlisted = (
-                execute(lambda: shortlist_scan(features_location, chunk, depth, block_rows, pool), features_location.uri, table.uri)
+                execute(lambda: shortlist_scan(features_table, chunk, depth, block_rows, pool), features_table.uri, table.uri)
                 if approximate is None else approximate_shortlist(*approximate, chunk, depth)
             )
             head = min(rerank_top, shortlisted.top.rows.shape[1]) if alpha < 1.0 else 0
             token_scores = (
-                execute(lambda: token_scan(features_location, manifest, chunk, shortlisted, head, files, rerank_batch, pool), features_location.uri, table.uri)
+                execute(lambda: token_scan(features_table, chunk, shortlisted, head, files, rerank_batch, pool), features_table.uri, table.uri)
                 if head else torch.zeros(len(chunk["global"]), 0)
             )
             rankings, positive_rows = rank_chunk(chunk, shortlisted, token_scores, alpha)
-            write_parquet(snapshot.join(f"rankings-{part:05d}.parquet"), rankings)
-            positives_file = snapshot.join("_positives", f"positives-{part:05d}.parquet")
-            write_parquet(positives_file, positive_rows)
-            positive_files.append(positives_file.path)
+            write_parquet(writer.file(f"rankings-{part:05d}.parquet"), rankings)
+            write_parquet(positives_writer.file(f"positives-{part:05d}.parquet"), positive_rows)
             totals = {"rows": totals["rows"] + rankings.num_rows, "positives": totals["positives"] + positive_rows.num_rows, "head": max(head, totals["head"])}
         # Every chunk scans the same gallery: its size and the depth are the last chunk's.
         totals.update(gallery=shortlisted.gallery_rows, depth=shortlisted.top.rows.shape[1])
-        result = publish(
-            table,
-            snapshot,
+        positives_table = positives_writer.commit(POSITIVES, {"table": "positives", "of": table.uri, "rows": totals["positives"]})
+        result = writer.commit(
+            RANKINGS,
             {
                 "table": "rankings",
-                "features": features_location.uri,
-                "catalog": manifest.get("catalog"),
+                "features": features_table.uri,
+                "features_version": features_table.version,
+                "catalog": info.get("catalog"),
                 "model_id": model_id,
                 "alpha": alpha,
                 "depth": totals["depth"],
@@ -290,25 +294,23 @@ def run(
                 "gallery": totals["gallery"],
                 "rows": totals["rows"],
                 "positives_rows": totals["positives"],
-                "positives": [path[len(table.path) + 1:] for path in positive_files],
+                "positives": {"table": positives_table.uri, "version": positives_table.version},
             },
         )
-    except BaseException:
-        discard_snapshot(snapshot)
-        raise
     print_summary(
         "mga search",
         {
-            "read": f"{features_location.uri} ({queries.num_rows} queries, {totals['gallery']} gallery images, model_id {model_id})",
+            "read": f"{features_table.uri} version {features_table.version} ({queries.num_rows} queries, {totals['gallery']} gallery images, model_id {model_id})",
             "shortlist": (f"exact (blocked matmul + top-k, {block_rows} gallery rows a block)" if recall is None
                           else f"faiss {index}, recall@100 vs exact {recall:.3f}") + f", depth {totals['depth']}",
             "rerank": f"top {totals['head']} per query by ATA (alpha {alpha}, {rerank_batch} pairs a call)",
-            "wrote": f"{table.uri} (snapshot {result['snapshot']}, {totals['rows']} rankings rows, {totals['positives']} positives with full-gallery ranks)",
+            "wrote": f"{table.uri} (version {result.version}, {totals['rows']} rankings rows); positives with full-gallery ranks: "
+                     f"{positives_table.uri} (version {positives_table.version}, {totals['positives']} rows)",
             "workers": f"up to {workers} x " + (f"{gpus:g} GPU" if gpus else f"{cpus_per_actor:g} CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",
             "wall time": f"{time.time() - started:.1f} s",
         },
     )
-    return result
+    return {**result.info, "version": result.version}
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:

@@ -1,18 +1,8 @@
-"""URIs, filesystems and published tables.
+"""URIs and filesystems: local paths and s3:// prefixes, with the errors that name them.
 
-Every table the pipeline writes (catalog, features, rankings) is a directory holding
-immutable snapshots and one `_manifest.json`:
-
-    URI/_manifest.json          written last; names the current snapshot and its files
-    URI/v-<utc time>-<id>/...   the Parquet files of one snapshot
-
-A writer fills a fresh snapshot directory and then publishes the manifest with a single
-atomic operation (a rename on local disk, one PUT on S3), so a reader that goes through
-the manifest never sees a half-written table. The previous snapshot is kept for readers
-still holding the old manifest; older ones are deleted (see _delete_old_snapshots).
-
-A failed writer deletes its own snapshot (discard_snapshot); a killed one leaves it, unlisted
-in any manifest, for a later publish to remove.
+Tables themselves are Delta Lake tables (pipelines.tables); this module is what they and
+the reports stand on: resolving a URI to a pyarrow filesystem, S3 settings, and small
+file helpers.
 """
 
 from __future__ import annotations
@@ -20,20 +10,13 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import time
-import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-MANIFEST = "_manifest.json"
-SNAPSHOT_PREFIX = "v-"
-TABLE_FORMAT = "mga-table/1"
 
 # S3 settings a local Ray instance forwards to its workers in their runtime env
 # (pipelines.runtime.init_ray). Credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
@@ -67,10 +50,6 @@ _CREDENTIAL_VARS = (
 
 class StorageError(RuntimeError):
     """A URI that cannot be read or written, with the URI in the message."""
-
-
-class TableNotFound(StorageError):
-    """A table URI without a published manifest."""
 
 
 @dataclass(frozen=True)
@@ -203,103 +182,11 @@ def list_files(location: Location, suffix: str = "") -> list[str]:
     return sorted(files)
 
 
-def new_snapshot(table: Location) -> Location:
-    """A fresh, empty snapshot directory under `table` to write a new version into."""
-    name = f"{SNAPSHOT_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    snapshot = table.join(name)
-    try:
-        table.fs.create_dir(snapshot.path, recursive=True)
-    except OSError as error:
-        raise StorageError(f"cannot write {table.uri}: {error}{credentials_hint(table.uri)}") from error
-    return snapshot
-
-
-def discard_snapshot(snapshot: Location) -> None:
-    """Delete an unpublished snapshot (a failed job's); readers never saw it. Best effort."""
-    try:
-        snapshot.fs.delete_dir(snapshot.path)
-    except OSError:
-        pass
-
-
-def read_manifest(table: Location) -> dict[str, Any]:
-    manifest = table.join(MANIFEST)
-    if not manifest.exists():
-        raise TableNotFound(
-            f"{table.uri} has no {MANIFEST}: it is not a published table "
-            f"(wrong path, or the job that writes it has not finished){credentials_hint(table.uri)}"
-        )
-    try:
-        return json.loads(manifest.read_bytes())
-    except json.JSONDecodeError as error:
-        raise StorageError(f"{manifest.uri} is not valid JSON: {error}") from error
-
-
-def publish(table: Location, snapshot: Location, manifest: dict[str, Any], files: Iterable[str] | None = None) -> dict[str, Any]:
-    """Make `snapshot` the table's current version: write the manifest last, atomically.
-
-    `files` defaults to every Parquet file in the snapshot; they are recorded relative to
-    the table so the table can be moved or copied as a whole.
-    """
-    paths = list(files) if files is not None else list_files(snapshot, ".parquet")
-    previous = read_manifest(table).get("snapshot") if table.join(MANIFEST).exists() else None
-    body = {
-        "format": TABLE_FORMAT,
-        "snapshot": posixpath.basename(snapshot.path),
-        "files": [posixpath.relpath(path, table.path) for path in paths],
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **manifest,
-    }
-    data = json.dumps(body, indent=2, sort_keys=True, default=str).encode()
-    target = table.join(MANIFEST)
-    if isinstance(table.fs, pafs.LocalFileSystem):
-        staging = table.join(f"_manifest.{uuid.uuid4().hex}.tmp")
-        staging.write_bytes(data)
-        os.replace(staging.path, target.path)
-    else:
-        target.write_bytes(data)
-    _delete_old_snapshots(table, keep={body["snapshot"], previous})
-    return body
-
-
-def _delete_old_snapshots(table: Location, keep: set[str | None]) -> None:
-    """Delete snapshots older than the oldest one kept (the previous published one).
-
-    Snapshot names sort by the time their writer started, so a snapshot younger than the
-    previous published one may belong to a writer still at work (a second job on the same
-    table) and is left alone; a killed job's leftover is removed by a later publish.
-    """
-    oldest_kept = min(name for name in keep if name)
-    infos = table.fs.get_file_info(pafs.FileSelector(table.path, recursive=False, allow_not_found=True))
-    for info in infos:
-        name = posixpath.basename(info.path)
-        if info.type == pafs.FileType.Directory and name.startswith(SNAPSHOT_PREFIX) and name not in keep and name < oldest_kept:
-            table.fs.delete_dir(info.path)
-
-
-def table_files(table: Location, key: str = "files") -> list[str]:
-    """Absolute paths (on `table.fs`) of the current snapshot's files listed under `key`."""
-    manifest = read_manifest(table)
-    return [posixpath.join(table.path, name) for name in manifest.get(key, [])]
-
-
-def read_table(table: Location, columns: list[str] | None = None, key: str = "files", filter=None) -> pa.Table:
-    """The current snapshot as one Arrow table (for small tables and column subsets)."""
-    files = table_files(table, key)
-    if not files:
-        raise StorageError(f"{table.uri}: the published snapshot lists no files under {key!r}")
-    try:
-        dataset = pads.dataset(files, filesystem=table.fs, format="parquet")
-        return dataset.to_table(columns=columns, filter=filter)
-    except OSError as error:  # e.g. a snapshot deleted under an old manifest, an S3 outage
-        raise StorageError(f"cannot read {table.uri}: {error}{credentials_hint(table.uri)}") from error
-
-
 def write_parquet(location: Location, table: pa.Table, row_group_size: int | None = None) -> None:
     """Write one Parquet file (creating parent directories)."""
     try:
         parent = posixpath.dirname(location.path)
-        if parent:
+        if parent and not location.is_s3:  # no directory marker objects inside tables on S3
             location.fs.create_dir(parent, recursive=True)
         pq.write_table(table, location.path, filesystem=location.fs, row_group_size=row_group_size, compression="zstd")
     except OSError as error:

@@ -1,7 +1,8 @@
 """`mga synth`: write the synthetic fine-grained fashion catalog (DESIGN.md) as a catalog table.
 
-Images are rendered in parallel Ray tasks, one shard per task; every item's images stay
-together in one shard, sorted by item, as the training stream expects.
+Images are rendered in parallel Ray tasks, one shard per task; every item's images of a
+split stay together in one shard, sorted by split and item, as the training stream expects. The shards are
+committed to the catalog's Delta table in one transaction (pipelines.tables).
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from mga.synthetic import PlannedImage, SynthSpec, plan_catalog, render_image
 from pipelines.console import print_summary
 from pipelines.runtime import init_ray
 from pipelines.schemas import CATALOG
-from pipelines.storage import Location, new_snapshot, publish, resolve, write_parquet
+from pipelines.storage import Location, resolve, write_parquet
+from pipelines.tables import TableWriter
+
+# Small row groups: a filtered read (validation, the report's pictures, an incremental embed)
+# reads the row groups holding its ids, not whole shards.
+ROW_GROUP_ROWS = 64
 
 
 @ray.remote(num_cpus=1)
@@ -45,16 +51,19 @@ def render_shard(spec: SynthSpec, planned: list[PlannedImage], shard: Location) 
             ("source_path", f"synth://seed-{spec.seed}/{image.image_id}.jpg"),
         ):
             rows[name].append(value)
-    write_parquet(shard, pa.table(rows, schema=CATALOG), row_group_size=256)
+    write_parquet(shard, pa.table(rows, schema=CATALOG), row_group_size=ROW_GROUP_ROWS)
     return len(planned)
 
 
 def _item_chunks(planned: list[PlannedImage], images_per_shard: int) -> list[list[PlannedImage]]:
-    """Consecutive chunks of about `images_per_shard` images that never split an item."""
-    ordered = sorted(planned, key=lambda image: (image.item_id, image.domain, image.view_index))
+    """Consecutive chunks of about `images_per_shard` images of one split, sorted by item, that
+    never split an item: a read of one split (the training stream's `train`, search's
+    `query`) skips the other splits' files by their statistics alone."""
+    ordered = sorted(planned, key=lambda image: (image.split, image.item_id, image.domain, image.view_index))
     chunks: list[list[PlannedImage]] = [[]]
     for image in ordered:
-        if len(chunks[-1]) >= images_per_shard and chunks[-1][-1].item_id != image.item_id:
+        previous = chunks[-1][-1] if chunks[-1] else None
+        if previous and (previous.split != image.split or (len(chunks[-1]) >= images_per_shard and previous.item_id != image.item_id)):
             chunks.append([])
         chunks[-1].append(image)
     return chunks
@@ -67,16 +76,13 @@ def run(out: str, spec: SynthSpec, images_per_shard: int = 500) -> dict[str, Any
     table = resolve(out)
     planned = plan_catalog(spec)
     init_ray()
-    snapshot = new_snapshot(table)
     chunks = _item_chunks(planned, images_per_shard)
-    written = sum(ray.get([render_shard.remote(spec, chunk, snapshot.join(f"part-{index:05d}.parquet")) for index, chunk in enumerate(chunks)]))
     by_split = Counter(image.split for image in planned)
     by_domain = Counter(image.domain for image in planned)
     items_by_split = {split: len({image.item_id for image in planned if image.split == split}) for split in by_split}
-    manifest = publish(
-        table,
-        snapshot,
-        {
+    with TableWriter(table) as writer:
+        written = sum(ray.get([render_shard.remote(spec, chunk, writer.file(f"part-{index:05d}.parquet")) for index, chunk in enumerate(chunks)]))
+        info = {
             "table": "catalog",
             "source": {"kind": "synth", **dataclasses.asdict(spec)},
             "input": len(planned),
@@ -85,13 +91,12 @@ def run(out: str, spec: SynthSpec, images_per_shard: int = 500) -> dict[str, Any
             "rows_by_split": dict(by_split),
             "rows_by_domain": dict(by_domain),
             "items_by_split": items_by_split,
-            "rejects_files": [],
-        },
-    )
+        }
+        snapshot = writer.commit(CATALOG, info)
     print_summary(
         "mga synth",
         {
-            "wrote": f"{table.uri} (snapshot {manifest['snapshot']}, {len(manifest['files'])} shards)",
+            "wrote": f"{table.uri} (version {snapshot.version}, {snapshot.files.num_rows} files)",
             "images": f"{written} = " + ", ".join(f"{split} {count}" for split, count in sorted(by_split.items())),
             "items": ", ".join(f"{split} {count}" for split, count in sorted(items_by_split.items())),
             "domains": ", ".join(f"{domain} {count}" for domain, count in sorted(by_domain.items())),
@@ -99,7 +104,7 @@ def run(out: str, spec: SynthSpec, images_per_shard: int = 500) -> dict[str, Any
             "wall time": f"{time.time() - started:.1f} s",
         },
     )
-    return manifest
+    return {**snapshot.info, "version": snapshot.version}
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:

@@ -80,7 +80,8 @@ from pipelines.console import JobFailed, print_summary
 from pipelines.stream import DECODE_TASK_CPUS, pk_stream, train_stream
 from pipelines.model_store import write_artifact
 from pipelines.runtime import init_ray
-from pipelines.storage import read_table, resolve
+from pipelines.storage import resolve
+from pipelines.tables import read_table
 
 STATE_FILE = "state.pt"
 SAMPLER_FILE = "sampler-rank{rank}.json"
@@ -190,8 +191,9 @@ def select_validation(catalog: str, max_queries: int, max_gallery: int, seed: in
     (seeded), and the gallery holds every positive of those plus seeded distractors up to
     `max_gallery` images.
     """
-    location, _ = open_catalog(catalog)
-    table = read_table(location, columns=["image_id", "item_id", "split", "domain"], filter=pc.field("split").isin(["val", "query", "gallery"]))
+    snapshot = open_catalog(catalog)
+    held_out = ["val", "query", "gallery"]
+    table = read_table(snapshot, ["image_id", "item_id", "split", "domain"], pc.field("split").isin(held_out), ("split", held_out))
     rows = sorted(table.to_pylist(), key=lambda row: row["image_id"])
     val = [row for row in rows if row["split"] == "val"]
     if val:
@@ -231,6 +233,7 @@ def select_validation(catalog: str, max_queries: int, max_gallery: int, seed: in
     gallery = sorted(positives + distractors, key=lambda row: row["image_id"])
     return {
         "source": source,
+        "catalog_version": snapshot.version,
         "queries": [[row["image_id"], row["item_id"]] for row in queries],
         "gallery": [[row["image_id"], row["item_id"]] for row in gallery],
     }
@@ -254,9 +257,11 @@ class Validator:
 
     def _load(self) -> dict[str, tuple[bytes, Any]]:
         if self._images is None:
-            ids = [image_id for image_id, _ in self.selection["queries"] + self.selection["gallery"]]
-            location, _ = open_catalog(self.catalog)
-            table = read_table(location, columns=["image_id", "image", "bbox"], filter=pc.field("image_id").isin(ids))
+            rows = self.selection["queries"] + self.selection["gallery"]
+            ids = [image_id for image_id, _ in rows]
+            # Only the files and row groups holding these items' rows are read (Snapshot.paths, row-group stats).
+            snapshot = open_catalog(self.catalog, self.selection.get("catalog_version"))
+            table = read_table(snapshot, ["image_id", "image", "bbox"], pc.field("image_id").isin(ids), ("item_id", [item for _, item in rows]), ("image_id", ids))
             self._images = dict(zip(table.column("image_id").to_pylist(), zip(table.column("image").to_pylist(), table.column("bbox").to_pylist())))
             missing = set(ids) - set(self._images)
             if missing:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipelines import evaluate, report, storage
 from pipelines.schemas import POSITIVES, RANKINGS
+from pipelines.tables import TableWriter, companion, open_table
 
 T, F = True, False
 TOPS = "tops & tees <x>"  # needs escaping in HTML
@@ -92,15 +93,19 @@ def positives_table(rows: list[tuple]) -> pa.Table:
     return pa.table(dict(zip(POSITIVES.names, columns)), schema=POSITIVES)
 
 
-def publish_table(uri: str, parts: list[pa.Table], manifest: dict, positives: pa.Table | None = None) -> str:
+def publish_table(uri: str, parts: list[pa.Table], info: dict, positives: pa.Table | None = None) -> str:
+    """A Delta table written by hand, one file per part; with `positives`, the positives table beside it
+    (`<uri>_positives`) is committed first and named with its version, as `mga search` does."""
     table = storage.resolve(uri)
-    snapshot = storage.new_snapshot(table)
-    for index, part in enumerate(parts):
-        storage.write_parquet(snapshot.join(f"part-{index:05d}.parquet"), part)
     if positives is not None:
-        storage.write_parquet(snapshot.join("_positives", "part-0.parquet"), positives)
-        manifest = {**manifest, "positives": [snapshot.path[len(table.path) + 1:] + "/_positives/part-0.parquet"]}
-    storage.publish(table, snapshot, manifest)
+        with TableWriter(companion(table, "positives")) as writer:
+            storage.write_parquet(writer.file("part-0.parquet"), positives)
+            committed = writer.commit(POSITIVES, {"table": "positives", "of": table.uri, "rows": positives.num_rows})
+        info = {**info, "positives": {"table": committed.uri, "version": committed.version}}
+    with TableWriter(table) as writer:
+        for index, part in enumerate(parts):
+            storage.write_parquet(writer.file(f"part-{index:05d}.parquet"), part)
+        writer.commit(parts[0].schema, info)
     return table.uri
 
 
@@ -131,23 +136,29 @@ def build_tables(root, features: bool = True) -> str:
                     }
                 )
             ],
-            {"table": "features", "catalog": catalog},
+            {"table": "features", "catalog": catalog, "catalog_version": 0},
         )
     return publish_table(
         str(root / "rankings"),
         [rankings_table(ROWS_FILE_1), rankings_table(ROWS_FILE_2)],
-        {
-            "table": "rankings",
-            "features": features_uri,
-            "model_id": "model-test",
-            "depth": 4,
-            "rerank_top": 2,
-            "alpha": 0.5,
-            "queries": 4,
-            "gallery": 9,
-        },
+        rankings_info(features_uri, queries=4),
         positives_table(POSITIVE_RANKS),
     )
+
+
+def rankings_info(features_uri: str, queries: int) -> dict:
+    """The rankings' commit metadata as `mga search` writes it (less the positives, which publish_table adds)."""
+    return {
+        "table": "rankings",
+        "features": features_uri,
+        "features_version": 0,
+        "model_id": "model-test",
+        "depth": 4,
+        "rerank_top": 2,
+        "alpha": 0.5,
+        "queries": queries,
+        "gallery": 9,
+    }
 
 
 def test_scores_come_from_the_positives_full_gallery_ranks():
@@ -207,6 +218,7 @@ def test_run_end_to_end(ray_local, tmp_path):
     assert on_disk["rerank_effect"]["worsened"] == pytest.approx(1 / 3)  # qb: 1 -> 2
     assert on_disk["rerank_effect"]["unchanged"] == pytest.approx(1 / 3)  # qd: none either way
     assert on_disk["positives_rows"] == 6 and on_disk["gallery"] == 9
+    assert on_disk["rankings"] == rankings and on_disk["rankings_version"] == 0
     assert any("1 of the 11 gallery picture images are not in the catalog" in note for note in on_disk["notes"])
 
     markdown = (out / "report.md").read_text()
@@ -260,6 +272,19 @@ def test_main_with_smaller_depth_and_no_features(ray_local, tmp_path, capsys):
     whole = evaluate.run(rankings, str(tmp_path / "whole"))
     assert whole["depth"] == "gallery" and whole["global"]["R@10"] == 1.0
     assert whole["global"]["mAP"] == pytest.approx((7 / 12 + (1 + 2 / 4 + 3 / 6) / 3 + 1 / 5) / 3)
+    # A new version of the rankings (qa and qb only, with its own positives version): the current
+    # version is evaluated by default, `--version 0` evaluates the first with ITS positives (Delta
+    # time travel: reading today's positives would find no positive of qd, which v0 counts as 1).
+    first = open_table(storage.resolve(rankings))
+    publish_table(rankings, [rankings_table(ROWS_FILE_1)], rankings_info(str(tmp_path / "features"), queries=2), positives_table(POSITIVE_RANKS[:5]))
+    assert open_table(storage.resolve(rankings)).version == first.version + 1
+    current = evaluate.run(rankings, str(tmp_path / "current"))
+    assert current["rankings_version"] == first.version + 1 and current["queries"] == 2 and current["excluded_queries"] == 0
+    assert current["global"]["mAP"] == pytest.approx((7 / 12 + (1 + 2 / 4 + 3 / 6) / 3) / 2)
+    evaluate.main(["--rankings", rankings, "--out", str(tmp_path / "old"), "--version", str(first.version)])
+    old = json.loads((tmp_path / "old" / "metrics.json").read_text())
+    assert old["rankings_version"] == first.version and old["global"] == whole["global"] and old["reranked"] == whole["reranked"]
+    assert old["queries"] == 3 and old["excluded_queries"] == 1 and old["positives_rows"] == 6
     with pytest.raises(SystemExit):  # the command line turns it into one line on stderr
         evaluate.main(["--rankings", rankings, "--out", str(out), "--depth", "0"])
     assert "mga: error: depth must be positive, got 0" in capsys.readouterr().err

@@ -17,7 +17,8 @@ from pipelines import embed, evaluate, search, synth, train
 from pipelines.config import load_config
 from pipelines.model_store import load_model
 from pipelines.schemas import RANKINGS, features_schema
-from pipelines.storage import read_manifest, read_table, resolve
+from pipelines.storage import resolve
+from pipelines.tables import open_table, read_table, table_exists
 
 SPEC = SynthSpec(seed=3, groups=4, items_per_group=3, test_fraction=0.5, train_views=4, gallery_views=2, query_views=2, image_size=64)
 TRAIN_OVERRIDES = [
@@ -64,9 +65,12 @@ def test_ray_train_with_two_workers_writes_a_loadable_artifact(trained):
 def test_embed_search_evaluate_tables_follow_the_schemas(trained):
     paths, result = trained
     manifest = embed.run(paths["model"], paths["catalog"], paths["features"])
-    features = read_table(resolve(paths["features"]))
-    assert features.schema == features_schema(32, [4 * 16, 4 * 16])
-    assert features.num_rows == manifest["rows"] == read_manifest(resolve(paths["catalog"]))["rows"]
+    catalog = open_table(resolve(paths["catalog"]))
+    features_table = open_table(resolve(paths["features"]))
+    assert features_table.version == manifest["version"] and manifest["catalog_version"] == catalog.version
+    features = read_table(features_table)
+    assert features.schema == features_schema(32, [4 * 16, 4 * 16], "float32")
+    assert features.num_rows == manifest["rows"] == catalog.rows == catalog.info["rows"]
     assert set(features.column("model_id").to_pylist()) == {result["model_id"]}
     global_feature = np.stack(features.column("global").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(global_feature, axis=1), 1.0, atol=1e-5)
@@ -75,9 +79,12 @@ def test_embed_search_evaluate_tables_follow_the_schemas(trained):
     assert {key: manifest[key] for key in ("global_dim", "num_tokens", "token_dim", "layers", "token_dtype")} == {
         "global_dim": 32, "num_tokens": 4, "token_dim": 16, "layers": [3, 4], "token_dtype": "float32"}
 
-    search.run(paths["features"], paths["rankings"], rerank_top=3)
-    rankings = read_table(resolve(paths["rankings"]))
-    assert rankings.schema == RANKINGS
+    searched = search.run(paths["features"], paths["rankings"], rerank_top=3)
+    rankings_table = open_table(resolve(paths["rankings"]))
+    assert rankings_table.version == searched["version"] and searched["features_version"] == features_table.version
+    assert searched["positives"] == {"table": resolve(paths["rankings"]).uri + "_positives", "version": 0}
+    rankings = read_table(rankings_table)
+    assert rankings.schema == RANKINGS and rankings.num_rows == searched["rows"] == rankings_table.rows
     gallery = features.filter(pc.field("split") == "gallery")
     items = dict(zip(features.column("image_id").to_pylist(), features.column("item_id").to_pylist()))
     frame = rankings.to_pandas()
@@ -95,6 +102,7 @@ def test_embed_search_evaluate_tables_follow_the_schemas(trained):
     metrics = evaluate.run(paths["rankings"], paths["report"])
     saved = json.loads((resolve(paths["report"]).join("metrics.json")).read_bytes())
     assert saved["queries"] == 12 and saved["excluded_queries"] == 0
+    assert saved["rankings_version"] == rankings_table.version and saved["rankings_rows"] == rankings.num_rows
     for ordering in ("global", "reranked"):
         assert set(saved[ordering]) == {"R@1", "R@10", "R@20", "R@30", "R@40", "R@50", "mAP"}
         assert all(0.0 <= value <= 1.0 for value in saved[ordering].values())
@@ -105,25 +113,32 @@ def test_embed_search_evaluate_tables_follow_the_schemas(trained):
 @pytest.mark.timeout(600)
 def test_search_ranking_does_not_depend_on_worker_count(trained, tmp_path):
     paths, _ = trained
-    if not resolve(paths["features"]).join("_manifest.json").exists():
+    if not table_exists(resolve(paths["features"])):
         embed.run(paths["model"], paths["catalog"], paths["features"])
     one = search.run(paths["features"], str(tmp_path / "one"), rerank_top=4, workers=1, query_chunk=5, rerank_batch=3)
     two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=4, workers=2, query_chunk=2, block_rows=7, rerank_batch=5)
-    tables = [read_table(resolve(str(tmp_path / name))).sort_by([("query_id", "ascending"), ("rank", "ascending")]) for name in ("one", "two")]
+    tables = [read_table(open_table(resolve(str(tmp_path / name)))).sort_by([("query_id", "ascending"), ("rank", "ascending")]) for name in ("one", "two")]
     assert tables[0].equals(tables[1]) and one["rerank_top"] == two["rerank_top"] == 4
 
 
 @pytest.mark.timeout(600)
-def test_incremental_embed_carries_unchanged_rows(trained, tmp_path):
+def test_incremental_embed_leaves_unchanged_rows_as_stored(trained, tmp_path):
     paths, _ = trained
     out = str(tmp_path / "features")
-    images = read_manifest(resolve(paths["catalog"]))["rows"]
+    images = open_table(resolve(paths["catalog"])).rows
+    # No features table yet: nothing to merge with, so every image is embedded (version 0).
     first = embed.run(paths["model"], paths["catalog"], out, incremental=True)
-    assert first["incremental"] == {"new": images, "changed": 0, "unchanged": 0, "deleted": 0}
-    before = read_table(resolve(out)).sort_by("image_id")
+    assert first["embedded"] == first["rows"] == images and first["version"] == 0
+    stored = open_table(resolve(out))
+    before = read_table(stored).sort_by("image_id")
+    # Nothing changed in the catalog: nothing embedded, no new version, the same files.
     second = embed.run(paths["model"], paths["catalog"], out, incremental=True)
-    assert second["incremental"] == {"new": 0, "changed": 0, "unchanged": images, "deleted": 0} and second["embedded"] == 0
-    after = read_table(resolve(out)).sort_by("image_id")
+    assert second["incremental"] == {"new": 0, "changed": 0, "unchanged": images, "deleted": 0, "rows_written": 0}
+    assert second["embedded"] == 0 and second["version"] == first["version"] and second["rows"] == images
+    current = open_table(resolve(out))
+    assert current.version == stored.version and current.info == stored.info
+    assert current.files.column("path").to_pylist() == stored.files.column("path").to_pylist()
+    after = read_table(current).sort_by("image_id")
     assert after.num_rows == images and after.column("global").equals(before.column("global"))
     assert after.column("image_id").to_pylist() == before.column("image_id").to_pylist()
 
@@ -139,5 +154,6 @@ def test_cli_refuses_bad_configs_and_inputs_with_one_line(tmp_path):
     negative = _mga("train", "--set", "data.image_size=-4", "--catalog", str(tmp_path), "--output", str(tmp_path / "m"))
     assert negative.returncode == 2 and "data.image_size" in negative.stderr
     missing = _mga("embed", "--model", str(tmp_path / "nope"), "--catalog", str(tmp_path / "nothing"), "--out", str(tmp_path / "f"))
-    assert missing.returncode == 2 and "nothing" in missing.stderr and "_manifest.json" in missing.stderr
-    assert not (tmp_path / "f").exists()
+    assert missing.returncode == 2 and "nothing" in missing.stderr and "is not a Delta table" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert not (tmp_path / "f").exists() and not (tmp_path / "f_rejects").exists()

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pipelines import prepare, storage
 from pipelines.schemas import CATALOG, REJECTS
+from pipelines.tables import companion, open_table, read_table
 
 RAY_TIMEOUT = 300
 
@@ -64,8 +65,10 @@ def deepfashion_file(path, header: str, rows: list[str], count: int | None = Non
 
 
 def read_catalog(uri: str) -> dict[str, dict]:
-    table = storage.read_table(storage.resolve(uri))
+    snapshot = open_table(storage.resolve(uri))
+    table = read_table(snapshot)
     assert table.schema.equals(CATALOG), table.schema
+    assert table.num_rows == snapshot.rows == snapshot.info["rows"]
     rows = table.to_pylist()
     ids = [row["image_id"] for row in rows]
     assert len(ids) == len(set(ids)), "image_id is unique"
@@ -73,8 +76,20 @@ def read_catalog(uri: str) -> dict[str, dict]:
 
 
 def read_rejects(uri: str) -> dict[str, str]:
-    table = storage.read_table(storage.resolve(uri), key="rejects_files")
+    """The rejects companion table, at the version the catalog's current version names."""
+    location = storage.resolve(uri)
+    catalog = open_table(location)
+    named = catalog.info["rejects"]
+    assert named["table"] == companion(location, "rejects").uri == location.uri + "_rejects"
+    snapshot = open_table(storage.resolve(named["table"]), named["version"])
+    assert snapshot.info["table"] == "rejects" and snapshot.info["of"] == location.uri
+    table = read_table(snapshot)
     assert table.schema.equals(REJECTS)
+    assert table.num_rows == snapshot.info["rows"] == catalog.info["rejected"]
+    # The rejects are never rows of the catalog: none of its files lies in the rejects table.
+    catalog_files = catalog.files.column("path").to_pylist()
+    assert catalog_files and all(path.startswith(location.path + "/run-") for path in catalog_files), catalog_files
+    assert not set(catalog_files) & set(snapshot.files.column("path").to_pylist())
     return dict(zip(table["source_path"].to_pylist(), table["reason"].to_pylist(), strict=True))
 
 
@@ -190,7 +205,8 @@ def check_inshop(out: str, root: str, tree: dict, image_dir: str = "img") -> dic
     assert set(rejects) == set(expected), rejects
     for path, reason in expected.items():
         assert rejects[path].startswith(reason), (path, rejects[path])
-    manifest = storage.read_manifest(storage.resolve(out))
+    snapshot = open_table(storage.resolve(out))
+    manifest = {**snapshot.info, "version": snapshot.version}
     assert manifest["input"] == 18 and manifest["rows"] == 9 and manifest["rejected"] == 9
     assert manifest["input"] == manifest["rows"] + manifest["rejected"]
     assert manifest["rows_per_split"] == {"train": 4, "query": 2, "gallery": 3}
@@ -202,8 +218,14 @@ def check_inshop(out: str, root: str, tree: dict, image_dir: str = "img") -> dic
     assert manifest["bbox"] == {"kept": 5, "clipped": 1, "degenerate": 2, "none": 1}
     assert manifest["identical_bytes"] == {"within_item": 1, "across_items": 0}
     assert manifest["table"] == "catalog" and manifest["source"]["kind"] == "inshop"
-    assert manifest["rejects_files"] == [f"{manifest['snapshot']}/rejects.parquet"]
-    assert all(name.startswith(manifest["snapshot"] + "/part-") for name in manifest["files"])
+    # One job, one commit: version 0 of a new table, every shard in the job's one run directory,
+    # the rejects in the companion table's version 0, which the catalog's commit names.
+    assert snapshot.version == 0
+    assert manifest["rejects"] == {"table": storage.resolve(out).uri + "_rejects", "version": 0}
+    files = [os.path.relpath(path, snapshot.location.path) for path in snapshot.files.column("path").to_pylist()]
+    runs = {name.split("/")[0] for name in files}
+    assert len(runs) == 1 and runs.pop().startswith("run-") and all(name.split("/")[1].startswith("part-") for name in files), files
+    assert sorted(shard["file"] for shard in manifest["shards"]) == sorted(files)
     return manifest
 
 
@@ -245,7 +267,7 @@ def test_inshop_highres_layout_maps_boxes(ray_local, tmp_path):
     assert rows[f"{D1}/01_2_side.jpg"]["source_path"] == f"{root}/img_highres/{D1[4:]}/01_2_side.jpg"
     # 40x30 image: scale 6.4, offset y (256-192)/2 = 32 -> (2/6.4, (3-32)/6.4, 30/6.4, (25-32)/6.4)
     assert rows[f"{D1}/01_1_front.jpg"]["bbox"] is None  # entirely above the image
-    manifest = storage.read_manifest(storage.resolve(out))
+    manifest = open_table(storage.resolve(out)).info
     assert manifest["source"]["images"] == "img_highres"
     assert manifest["input"] == manifest["rows"] + manifest["rejected"] == 18
 
@@ -571,7 +593,7 @@ def check_shards(out: str, manifest: dict, target_bytes: int | None = None) -> l
     table = storage.resolve(out)
     item_files: dict[str, str] = {}
     per_file = []
-    for path in storage.table_files(table):
+    for path in sorted(open_table(table).files.column("path").to_pylist()):
         rows = pq.read_table(path, filesystem=table.fs, columns=["item_id", "image_id", "image"]).to_pylist()
         keys = [(row["item_id"], row["image_id"]) for row in rows]
         assert keys == sorted(keys), f"{path} is not sorted by item"
@@ -607,7 +629,7 @@ def test_tiny_shards_never_split_an_item(ray_local, tmp_path):
     per_file = check_shards(out, manifest, target_bytes=16_000)
     assert len(per_file) >= 4, per_file
     assert manifest["rows"] == sum(1 + item % 4 for item in range(12)) and manifest["rejected"] == 0
-    assert len(manifest["files"]) == len(per_file) == len(manifest["shards"])
+    assert open_table(storage.resolve(out)).files.num_rows == len(per_file) == len(manifest["shards"])
 
 
 def test_plan_tasks_balances_whole_items():
@@ -637,7 +659,15 @@ def test_s3_round_trip(ray_local, s3_env, tmp_path):
     out = f"s3://{s3_env['bucket']}/catalog"
     prepare.main(["inshop", "--root", root, "--out", out, "--max-pixels", "10000", "--shard-mb", "0.001"])
     manifest = check_inshop(out, root, tree)
-    assert manifest == storage.read_manifest(storage.resolve(out))
+    # A reader outside our code (delta-rs, endpoint from storage_options) sees the same commit.
+    from deltalake import DeltaTable
+
+    from pipelines.tables import storage_options
+
+    outside = DeltaTable(out, storage_options=storage_options(storage.resolve(out)))
+    assert outside.version() == manifest["version"] == 0
+    assert outside.history(1)[0]["mga"] == {key: value for key, value in manifest.items() if key != "version"}
+    assert sorted(outside.to_pyarrow_table(columns=["image_id"]).column("image_id").to_pylist()) == sorted(EXPECTED_INSHOP)
     per_file = check_shards(out, manifest)
     assert len(per_file) == 4  # 4 items, one per shard at this size
 

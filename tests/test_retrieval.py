@@ -1,5 +1,5 @@
-"""Retrieval at catalog scale: float16 tokens, atomic publish, incremental embed, approximate
-shortlists, the tables in DuckDB, and the GPU switches of embed and search.
+"""Retrieval at catalog scale: float16 tokens, atomic commits, incremental embed (a merge),
+approximate shortlists, the Delta tables in DuckDB, and the GPU switches of embed and search.
 
 The model is a randomly initialised tiny MGA network packed as an artifact (no training:
 these tests are about the pipeline, and a random network ranks well enough to measure
@@ -19,6 +19,8 @@ import sys
 import time
 
 import duckdb
+import functools
+import importlib.util
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,8 +37,9 @@ from mga.model import MGAModel
 from mga.synthetic import SynthSpec
 from pipelines import embed, evaluate, resources, search, synth
 from pipelines.model_store import write_artifact
-from pipelines.schemas import CATALOG, features_schema
-from pipelines.storage import MANIFEST, list_files, new_snapshot, publish, read_manifest, read_table, resolve, table_files, write_parquet
+from pipelines.schemas import CATALOG, column_matrix, features_schema
+from pipelines.storage import resolve, write_parquet
+from pipelines.tables import TableWriter, open_table, read_table, vacuum
 
 MODEL = ModelConfig(backbone="tf_efficientnetv2_b0", layers=(3, 4), global_dim=32, token_dim=16, num_tokens=4, heads=2)
 SPEC = SynthSpec(seed=5, groups=6, items_per_group=4, test_fraction=0.5, train_views=2, gallery_views=3, query_views=3, image_size=64)
@@ -53,12 +56,23 @@ def write_random_model(uri: str, seed: int = 0, image_size: int = 64) -> str:
     return json.loads(files["artifact.json"])["model_id"]
 
 
-def sorted_table(uri: str, keys=("image_id",)) -> pa.Table:
-    return read_table(resolve(uri)).sort_by([(key, "ascending") for key in keys])
+def sorted_table(uri: str, keys=("image_id",), version: int | None = None) -> pa.Table:
+    """The rows of the table's current version (or `version`), sorted."""
+    return read_table(open_table(resolve(uri), version)).sort_by([(key, "ascending") for key in keys])
 
 
-def manifest_of(uri: str) -> dict:
-    return read_manifest(resolve(uri))
+def info_of(uri: str) -> dict:
+    """The commit metadata our jobs attach to the table's current version."""
+    return open_table(resolve(uri)).info
+
+
+def commit_rows(uri: str, table: pa.Table, info: dict, files: int = 1) -> int:
+    """Commit `table` as the next version (an overwrite) of the table at `uri`, in `files` files; returns the version."""
+    per_file = max(1, -(-table.num_rows // files))
+    with TableWriter(resolve(uri)) as writer:
+        for number, start in enumerate(range(0, max(table.num_rows, 1), per_file)):
+            write_parquet(writer.file(f"part-{number:05d}.parquet"), table.slice(start, per_file))
+        return writer.commit(table.schema, info).version
 
 
 @pytest.fixture(scope="module")
@@ -82,29 +96,32 @@ def _metrics(report: str) -> dict:
 @pytest.mark.timeout(600)
 def test_float16_tokens_cost_little_accuracy(world, tmp_path):
     f16, r16, rep16 = (str(tmp_path / name) for name in ("features16", "rankings16", "report16"))
-    manifest = embed.run(world["model"], world["catalog"], f16, batch_size=16, token_dtype="float16")
-    assert manifest["token_dtype"] == "float16" and manifest["rows"] == IMAGES
+    result = embed.run(world["model"], world["catalog"], f16, batch_size=16, token_dtype="float16")
+    assert result["token_dtype"] == "float16" and result["rows"] == IMAGES and result["version"] == 0
     table16 = sorted_table(f16)
-    assert table16.schema == features_schema(32, [64, 64], pa.float16())
+    # Delta has no half type: float16 tokens are binary, 2 bytes per value (little-endian halves).
+    assert table16.schema == features_schema(32, [64, 64], "float16")
+    assert pa.types.is_binary(table16.schema.field("tokens_1").type) and set(pc.binary_length(table16.column("tokens_1")).to_pylist()) == {2 * 64}
     table32 = sorted_table(world["features"])
     assert table16.column("image_id").equals(table32.column("image_id"))
-    tokens16 = np.stack(table16.column("tokens_1").to_numpy(zero_copy_only=False)).astype(np.float32)
-    tokens32 = np.stack(table32.column("tokens_1").to_numpy(zero_copy_only=False))
+    tokens16 = column_matrix(table16, "tokens_1", (4, 16))
+    tokens32 = column_matrix(table32, "tokens_1", (4, 16))
     token_error = float(np.abs(tokens16 - tokens32).max())
     assert token_error < 2e-3  # float16 keeps ~3 decimal digits of a unit-norm token
+    assert np.array_equal(tokens16, tokens32.astype(np.float16).astype(np.float32))  # halves of the float32 values, round to nearest
 
     search.run(f16, r16, rerank_top=RERANK)
     evaluate.run(r16, rep16, gallery_examples=0)
     m32, m16 = _metrics(world["report"]), _metrics(rep16)
     pairs = _sql(
         f"""SELECT max(abs(a.score_token - b.score_token)) AS worst, count(*) AS n
-            FROM read_parquet({_files(world['rankings'])}) a JOIN read_parquet({_files(r16)}) b USING (query_id, gallery_id)
+            FROM {_scan(world['rankings'])} a JOIN {_scan(r16)} b USING (query_id, gallery_id)
             WHERE a.score_token IS NOT NULL AND b.score_token IS NOT NULL"""
     ).fetchone()
     delta_map = m16["reranked"]["mAP"] - m32["reranked"]["mAP"]
     delta_r1 = m16["reranked"]["R@1"] - m32["reranked"]["R@1"]
-    size32 = sum(os.path.getsize(p) for p in list_files(resolve(world["features"]), ".parquet"))
-    size16 = sum(os.path.getsize(p) for p in list_files(resolve(f16), ".parquet"))
+    size32 = _table_bytes(world["features"])
+    size16 = _table_bytes(f16)
     print(
         f"\nfloat16 tokens vs float32 ({m32['queries']} queries, rerank top {RERANK}): "
         f"mAP {m32['reranked']['mAP']:.4f} -> {m16['reranked']['mAP']:.4f} (delta {delta_map:+.4f}), "
@@ -116,43 +133,60 @@ def test_float16_tokens_cost_little_accuracy(world, tmp_path):
     assert pairs[0] < 0.01
     assert abs(delta_map) <= 0.02 and abs(delta_r1) <= 2 / m32["queries"] + 1e-9
     assert m16["global"] == m32["global"]  # the global feature stays float32
+    assert size16 < size32
 
-    # DuckDB reads the float16 columns (Parquet FLOAT16) as FLOAT, with the same values.
-    column_type = _sql(f"SELECT typeof(tokens_1) FROM read_parquet({_files(f16)}) LIMIT 1").fetchone()[0]
-    assert column_type == "FLOAT[]"
-    first = _sql(f"SELECT image_id, tokens_1 FROM read_parquet({_files(f16)}) ORDER BY image_id LIMIT 1").fetchone()
+    # DuckDB reads the float16 columns through the Delta table as BLOBs holding the same halves.
+    column_type = _sql(f"SELECT typeof(tokens_1) FROM {_scan(f16)} LIMIT 1").fetchone()[0]
+    assert column_type == "BLOB"
+    first = _sql(f"SELECT image_id, tokens_1 FROM {_scan(f16)} ORDER BY image_id LIMIT 1").fetchone()
     assert first[0] == table16.column("image_id")[0].as_py()
-    np.testing.assert_array_equal(np.array(first[1], np.float32), tokens16[0])
+    np.testing.assert_array_equal(np.frombuffer(first[1], "<f2").astype(np.float32).reshape(4, 16), tokens16[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _duckdb() -> duckdb.DuckDBPyConnection:
+    """One DuckDB connection with the delta extension of the duckdb-ext-delta package loaded (no download)."""
+    package = importlib.util.find_spec("duckdb_ext")
+    assert package is not None, "the duckdb-ext-delta package (DuckDB's delta extension) is not installed"
+    folder = os.path.join(list(package.submodule_search_locations)[0], "extensions")
+    connection = duckdb.connect(config={"extension_directory": folder})
+    connection.execute("LOAD delta")
+    return connection
 
 
 def _sql(query: str):
-    """A query on a fresh in-memory DuckDB connection (DuckDB 2: results come from a cursor)."""
-    return duckdb.connect().execute(query)
+    """A query on a fresh cursor of the DuckDB connection (DuckDB 2: results come from a cursor)."""
+    return _duckdb().cursor().execute(query)
 
 
-def _files(uri: str) -> str:
-    """The published snapshot's files as a DuckDB list literal."""
-    table = resolve(uri)
-    return "[" + ", ".join(f"'{table.join(name).path}'" for name in read_manifest(table)["files"]) + "]"
+def _scan(uri: str) -> str:
+    """The Delta table at `uri` (its current version, through its log) as a DuckDB table expression."""
+    return f"delta_scan('{resolve(uri).path}')"
+
+
+def _table_bytes(uri: str) -> int:
+    """Bytes of the data files of the table's current version (older versions' files do not count)."""
+    snapshot = open_table(resolve(uri))
+    return snapshot.bytes(snapshot.paths())
 
 
 @pytest.mark.timeout(300)
-def test_tables_open_in_duckdb_as_they_are(world):
+def test_tables_open_in_duckdb_as_they_are(world, tmp_path):
     metrics = _metrics(world["report"])
-    features, rankings = _files(world["features"]), _files(world["rankings"])
-    catalog = manifest_of(world["catalog"])
-    per_split = dict(_sql(f"SELECT split, count(*) FROM read_parquet({features}) GROUP BY split").fetchall())
+    features, rankings = _scan(world["features"]), _scan(world["rankings"])
+    catalog = info_of(world["catalog"])
+    per_split = dict(_sql(f"SELECT split, count(*) FROM {features} GROUP BY split").fetchall())
     assert per_split == catalog["rows_by_split"]
 
     # Join rankings to features on both ids: every row's is_match is the item equality.
     joined = _sql(
         f"""SELECT count(*), sum(CASE WHEN r.is_match = (q.item_id = g.item_id) THEN 1 ELSE 0 END),
                    count(DISTINCT r.query_id), min(q.split), max(q.split), min(g.split), max(g.split)
-            FROM read_parquet({rankings}) r
-            JOIN read_parquet({features}) q ON r.query_id = q.image_id
-            JOIN read_parquet({features}) g ON r.gallery_id = g.image_id"""
+            FROM {rankings} r
+            JOIN {features} q ON r.query_id = q.image_id
+            JOIN {features} g ON r.gallery_id = g.image_id"""
     ).fetchone()
-    assert joined[0] == joined[1] == manifest_of(world["rankings"])["rows"]
+    assert joined[0] == joined[1] == info_of(world["rankings"])["rows"]
     assert joined[2] == metrics["queries"] and joined[3:] == ("query", "query", "gallery", "gallery")
 
     # R@1 in SQL, both orderings, equals metrics.json.
@@ -160,24 +194,36 @@ def test_tables_open_in_duckdb_as_they_are(world):
         f"""WITH ranked AS (
               SELECT query_id, is_match, query_positives,
                      row_number() OVER (PARTITION BY query_id ORDER BY score_global DESC, gallery_id) AS position
-              FROM read_parquet({rankings}))
+              FROM {rankings})
             SELECT avg(CASE WHEN is_match THEN 1.0 ELSE 0.0 END) FROM ranked WHERE position = 1 AND query_positives > 0"""
     ).fetchone()[0]
     reranked_r1 = _sql(
-        f"SELECT avg(CASE WHEN is_match THEN 1.0 ELSE 0.0 END) FROM read_parquet({rankings}) WHERE rank = 1 AND query_positives > 0"
+        f"SELECT avg(CASE WHEN is_match THEN 1.0 ELSE 0.0 END) FROM {rankings} WHERE rank = 1 AND query_positives > 0"
     ).fetchone()[0]
     print(f"\nDuckDB R@1 global {global_r1:.4f} reranked {reranked_r1:.4f}; metrics.json {metrics['global']['R@1']:.4f} {metrics['reranked']['R@1']:.4f}")
     assert abs(float(global_r1) - metrics["global"]["R@1"]) < 1e-12
     assert abs(float(reranked_r1) - metrics["reranked"]["R@1"]) < 1e-12
 
     # The catalog too: bytes, boxes and hashes as written.
-    row = _sql(f"SELECT image, sha256, bbox FROM read_parquet({_files(world['catalog'])}) LIMIT 1").fetchone()
+    row = _sql(f"SELECT image, sha256, bbox FROM {_scan(world['catalog'])} LIMIT 1").fetchone()
     assert hashlib.sha256(row[0]).hexdigest() == row[1] and len(row[2]) == 4
+
+    # A table with two versions: DuckDB reads the current one only, not the files of the old one
+    # that are still on disk (what a glob of the table's Parquet files would wrongly add up).
+    copy = str(tmp_path / "rankings")
+    shutil.copytree(world["rankings"], copy)
+    old_rows = info_of(copy)["rows"]
+    top = sorted_table(copy, ("query_id", "rank")).filter(pc.field("rank") <= 3)
+    version = commit_rows(copy, top, {**info_of(copy), "rows": top.num_rows, "depth": 3}, files=2)
+    assert version == open_table(resolve(world["rankings"])).version + 1 and 0 < top.num_rows < old_rows
+    on_disk = _sql(f"SELECT count(*) FROM read_parquet('{resolve(copy).path}/**/*.parquet')").fetchone()[0]
+    assert on_disk == old_rows + top.num_rows
+    assert _sql(f"SELECT count(*), max(rank) FROM {_scan(copy)}").fetchone() == (top.num_rows, 3) == (open_table(resolve(copy)).rows, 3)
 
 
 def _edited_catalog(world, out: str) -> tuple[str, str]:
-    """The catalog with one image removed and one image's bytes changed, published at `out`."""
-    table = read_table(resolve(world["catalog"])).sort_by("image_id")
+    """The catalog with one image removed and one image's bytes changed, committed at `out`."""
+    table = sorted_table(world["catalog"])
     ids = table.column("image_id").to_pylist()
     removed, changed = ids[3], ids[10]
     table = table.filter(pc.field("image_id") != removed)
@@ -188,23 +234,46 @@ def _edited_catalog(world, out: str) -> tuple[str, str]:
             ImageOps.mirror(Image.open(io.BytesIO(row["image"]))).save(buffer, "JPEG", quality=90)
             row["image"] = buffer.getvalue()
             row["sha256"] = hashlib.sha256(row["image"]).hexdigest()
-    location = resolve(out)
-    snapshot = new_snapshot(location)
-    write_parquet(snapshot.join("part-00000.parquet"), pa.Table.from_pylist(rows, schema=CATALOG))
-    publish(location, snapshot, {"table": "catalog", "rows": len(rows), "rejected": 0, "rejects_files": []})
+    commit_rows(out, pa.Table.from_pylist(rows, schema=CATALOG), {"table": "catalog", "rows": len(rows), "rejected": 0})
     return removed, changed
+
+
+def _run_dirs(uri: str) -> set[str]:
+    return {name for name in os.listdir(uri) if name.startswith("run-")}
+
+
+def _files_holding(snapshot, image_ids: list[str]) -> set[str]:
+    """The data files of `snapshot` that hold any of `image_ids`."""
+    rows = read_table(snapshot, ["image_id", "__filename"])
+    return set(rows.filter(pc.is_in(rows.column("image_id"), pa.array(image_ids))).column("__filename").to_pylist())
 
 
 @pytest.mark.timeout(600)
 def test_incremental_embed_drops_deleted_and_reembeds_changed(world, tmp_path):
     out = str(tmp_path / "features")
-    shutil.copytree(world["features"], out)  # manifests name files relative to the table
+    shutil.copytree(world["features"], out)  # Delta logs name files relative to the table
+    # The stored rows as they are, laid out in four files (by image_id) as a new version: the
+    # merge below must rewrite only the file holding the changed and the deleted image.
+    commit_rows(out, sorted_table(out), info_of(out), files=4)
     catalog = str(tmp_path / "catalog")
     removed, changed = _edited_catalog(world, catalog)
+    base = open_table(resolve(out))
     before = sorted_table(out)
-    manifest = embed.run(world["model"], catalog, out, incremental=True, batch_size=16)
-    assert manifest["incremental"] == {"new": 0, "changed": 1, "unchanged": IMAGES - 2, "deleted": 1}
-    assert manifest["embedded"] == 1 and manifest["carried"] == IMAGES - 2 and manifest["rows"] == IMAGES - 1
+    stale_files = _files_holding(base, [removed, changed])
+    stale_rows = sum(rows for path, rows in zip(base.files["path"].to_pylist(), base.files["num_records"].to_pylist()) if path in stale_files)
+    runs_before = _run_dirs(out)
+    result = embed.run(world["model"], catalog, out, incremental=True, batch_size=16)
+    # A merge: the changed image re-embedded; the files holding the changed and the deleted rows
+    # rewritten without them (their other rows copied as stored), every other file untouched.
+    assert result["incremental"] == {"new": 0, "changed": 1, "unchanged": IMAGES - 2, "deleted": 1, "rows_written": 1 + stale_rows - 2}
+    assert result["embedded"] == 1 and result["rows"] == IMAGES - 1 and "carried" not in result
+    assert result["version"] == base.version + 1 and result["catalog"] == resolve(catalog).uri
+    merged = open_table(resolve(out))
+    assert merged.version == result["version"] and merged.rows == IMAGES - 1
+    old_files, new_files = set(base.paths()), set(merged.paths())
+    assert old_files - new_files == stale_files and len(stale_files) == 1 and len(old_files) == 4
+    new_runs = _run_dirs(out) - runs_before
+    assert len(new_runs) == 1 and {os.path.relpath(path, out).split("/")[0] for path in new_files - old_files} == new_runs
     after = sorted_table(out)
     ids = after.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == IMAGES - 1 and removed not in ids and changed in ids
@@ -213,17 +282,30 @@ def test_incremental_embed_drops_deleted_and_reembeds_changed(world, tmp_path):
     assert new[changed]["sha256"] != old[changed]["sha256"] and new[changed]["global"] != old[changed]["global"]
     assert new[changed]["embedded_at"] > old[changed]["embedded_at"]
     unchanged = [image_id for image_id in ids if image_id != changed]
-    assert all(new[i]["global"] == old[i]["global"] and new[i]["tokens_0"] == old[i]["tokens_0"] for i in unchanged)
+    assert all(new[i] == old[i] for i in unchanged)  # every stored value, embedded_at included
     # The catalog's rows are what the features hold (the changed image's hash included).
-    catalog_rows = {r["image_id"]: r["sha256"] for r in read_table(resolve(catalog), columns=["image_id", "sha256"]).to_pylist()}
+    catalog_rows = {r["image_id"]: r["sha256"] for r in read_table(open_table(resolve(catalog)), ["image_id", "sha256"]).to_pylist()}
     assert {i: new[i]["sha256"] for i in ids} == catalog_rows
+    # The version before the merge is still readable by its number (time travel), as it was.
+    assert sorted_table(out, version=base.version).equals(before)
 
-    # A change of token dtype converts the carried rows too: one schema in the snapshot.
-    again = embed.run(world["model"], catalog, out, incremental=True, token_dtype="float16")
-    assert again["incremental"] == {"new": 0, "changed": 0, "unchanged": IMAGES - 1, "deleted": 0} and again["embedded"] == 0
-    schemas = [pq.read_schema(path) for path in table_files(resolve(out))]
-    assert schemas and all(schema == features_schema(32, [64, 64], pa.float16()) for schema in schemas)
-    assert sorted_table(out).num_rows == IMAGES - 1
+    # Nothing changed since: no new version, no files written, the table as it was.
+    runs = _run_dirs(out)
+    same = embed.run(world["model"], catalog, out, incremental=True, batch_size=16)
+    assert same["incremental"] == {"new": 0, "changed": 0, "unchanged": IMAGES - 1, "deleted": 0, "rows_written": 0} and same["embedded"] == 0
+    assert same["version"] == merged.version == open_table(resolve(out)).version and same["rows"] == IMAGES - 1
+    assert _run_dirs(out) == runs and sorted_table(out).equals(after)
+
+    # A change of token dtype is no merge: everything is embedded again, one schema in the version.
+    # (A few images of the catalog: the branch is what is tested, not the model's throughput.)
+    few = str(tmp_path / "few")
+    commit_rows(few, sorted_table(catalog).slice(0, 6), {"table": "catalog", "rows": 6, "rejected": 0})
+    again = embed.run(world["model"], few, out, incremental=True, token_dtype="float16")
+    assert "incremental" not in again and again["embedded"] == again["rows"] == 6 and again["version"] == merged.version + 1
+    converted = open_table(resolve(out))
+    schemas = [pq.read_schema(path) for path in converted.paths()]
+    assert schemas and all(schema == features_schema(32, [64, 64], "float16") for schema in schemas)
+    assert sorted_table(out).column("image_id").to_pylist() == ids[:6]
 
 
 def _features_table(uri: str, model_id: str, gallery: int, queries: int, seed: int = 0) -> np.ndarray:
@@ -249,10 +331,8 @@ def _features_table(uri: str, model_id: str, gallery: int, queries: int, seed: i
         "tokens_1": pa.FixedSizeListArray.from_arrays(pa.array(tokens[:, ::-1].reshape(-1)), 64),
         "embedded_at": pa.array([0] * count, pa.timestamp("us", tz="UTC")),
     }
-    location = resolve(uri)
-    snapshot = new_snapshot(location)
-    write_parquet(snapshot.join("part-0.parquet"), pa.table(columns, schema=schema))
-    publish(location, snapshot, {"table": "features", "model_id": model_id, "global_dim": 32, "num_tokens": 4, "token_dim": 16, "layers": [3, 4], "token_dtype": "float32"})
+    commit_rows(uri, pa.table(columns, schema=schema),
+                {"table": "features", "model_id": model_id, "global_dim": 32, "num_tokens": 4, "token_dim": 16, "layers": [3, 4], "token_dtype": "float32"})
     return vectors
 
 
@@ -262,18 +342,18 @@ def test_approximate_indexes_report_recall_against_exact(world, tmp_path):
     features = str(tmp_path / "random")
     _features_table(features, world["model_id"], gallery, queries)
     exact = search.run(features, str(tmp_path / "exact"), depth=depth, rerank_top=3, model=world["model"])
-    truth = read_table(resolve(str(tmp_path / "exact"))).to_pandas().groupby("query_id").gallery_id.apply(set)
+    truth = read_table(open_table(resolve(str(tmp_path / "exact")))).to_pandas().groupby("query_id").gallery_id.apply(set)
     figures = {}
     for kind in ("hnsw", "ivf", "ivfpq"):
         out = str(tmp_path / kind)
-        manifest = search.run(features, out, depth=depth, rerank_top=3, index=kind, model=world["model"])
-        ranked = read_table(resolve(out)).to_pandas()
-        assert manifest["index"] == kind and manifest["rows"] == len(ranked) <= queries * depth
+        result = search.run(features, out, depth=depth, rerank_top=3, index=kind, model=world["model"])
+        ranked = read_table(open_table(resolve(out))).to_pandas()
+        assert result["index"] == kind and result["rows"] == len(ranked) <= queries * depth
         assert ranked.groupby("query_id").size().max() <= depth and ranked.query_id.nunique() == queries
         assert not ranked.duplicated(["query_id", "gallery_id"]).any()
         assert ranked[ranked["rank"] <= 3].score_token.notna().all() and ranked[ranked["rank"] > 3].score_token.isna().all()
         overlap = float(np.mean([len(set(rows.gallery_id) & truth[q]) / depth for q, rows in ranked.groupby("query_id")]))
-        figures[kind] = (manifest["shortlist_recall_at_100"], overlap)
+        figures[kind] = (result["shortlist_recall_at_100"], overlap)
         # Positives the index missed are not ranked (null): metrics count them as not retrieved.
         metrics = evaluate.run(out, str(tmp_path / f"report-{kind}"), gallery_examples=0)
         assert 0 <= metrics["global"]["mAP"] <= 1
@@ -305,17 +385,13 @@ def test_gpu_switches_for_autoscaling_clusters():
         assert parser.parse_args(base).use_gpu == "auto"
 
 
-def _snapshot_dirs(uri: str) -> set[str]:
-    return {name for name in os.listdir(uri) if name.startswith("v-")}
-
-
 @pytest.mark.timeout(600)
-def test_interrupted_embed_leaves_the_previous_snapshot_and_a_rerun_publishes(world, tmp_path):
+def test_interrupted_embed_leaves_the_previous_version_and_a_rerun_commits(world, tmp_path):
     out = str(tmp_path / "features")
     shutil.copytree(world["features"], out)
-    manifest_before = open(os.path.join(out, MANIFEST), "rb").read()
+    previous = open_table(resolve(out))
     rows_before = sorted_table(out)
-    old_snapshots = _snapshot_dirs(out)
+    old_runs = _run_dirs(out)
     # The job joins the test session's Ray instance as a second driver, as `ray job submit`
     # would run it on a cluster; SIGKILLing the driver makes Ray reap its actors and tasks.
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=REPO)
@@ -323,9 +399,9 @@ def test_interrupted_embed_leaves_the_previous_snapshot_and_a_rerun_publishes(wo
         [sys.executable, "-m", "pipelines.embed", "--model", world["model"], "--catalog", world["catalog"], "--out", out, "--batch-size", "4"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True,
     )
-    # To land the kill between "data files written" and "manifest published" every time, the
+    # To land the kill between "data files written" and "version committed" every time, the
     # job's RejectLog actor (which the driver asks for the rejects after the data is written and
-    # before it publishes) is frozen with SIGSTOP as soon as it exists: the driver then waits
+    # before it commits) is frozen with SIGSTOP as soon as it exists: the driver then waits
     # there with its data files on disk, and is SIGKILLed.
     own_job = ray.get_runtime_context().get_job_id()
     killed_with, frozen = None, None
@@ -338,11 +414,9 @@ def test_interrupted_embed_leaves_the_previous_snapshot_and_a_rerun_publishes(wo
                 if logs:
                     frozen = logs[0]["Pid"]
                     os.kill(frozen, signal.SIGSTOP)
-            fresh = _snapshot_dirs(out) - old_snapshots
-            written = [f for name in fresh for f in os.listdir(os.path.join(out, name)) if f.endswith(".parquet")]
-            if frozen and written:
+            if frozen and _parquet_files(out, _run_dirs(out) - old_runs):
                 time.sleep(0.5)  # let the write task finish its file
-                killed_with = len([f for name in fresh for f in os.listdir(os.path.join(out, name)) if f.endswith(".parquet")])
+                killed_with = len(_parquet_files(out, _run_dirs(out) - old_runs))
                 break
             time.sleep(0.05)
         # The driver, SIGKILLed: nothing of it can clean up; Ray reaps the job's actors and tasks.
@@ -357,23 +431,42 @@ def test_interrupted_embed_leaves_the_previous_snapshot_and_a_rerun_publishes(wo
             except ProcessLookupError:
                 pass
     assert killed_with, "the embed subprocess never wrote a data file"
-    # Killed with part of the new snapshot on disk: readers still see the old table, unchanged.
-    orphans = _snapshot_dirs(out) - old_snapshots
-    assert orphans and open(os.path.join(out, MANIFEST), "rb").read() == manifest_before
+    # Killed with part of its run on disk: the table is at its previous version, unchanged; the
+    # killed run's files are an orphan run directory that no version lists.
+    orphans = _run_dirs(out) - old_runs
+    current = open_table(resolve(out))
+    assert orphans and current.version == previous.version and current.info == previous.info
+    assert set(current.paths()) == set(previous.paths()) and not set(current.paths()) & set(_parquet_files(out, orphans))
     assert sorted_table(out).equals(rows_before)
 
-    manifest = embed.run(world["model"], world["catalog"], out, batch_size=16)
+    result = embed.run(world["model"], world["catalog"], out, batch_size=16)
     after = sorted_table(out)
     ids = after.column("image_id").to_pylist()
-    assert manifest["rows"] == len(ids) == len(set(ids)) == IMAGES
+    assert result["version"] == previous.version + 1 and result["rows"] == len(ids) == len(set(ids)) == IMAGES
     assert ids == rows_before.column("image_id").to_pylist()
-    np.testing.assert_allclose(np.stack(after.column("global").to_numpy(zero_copy_only=False)),
-                               np.stack(rows_before.column("global").to_numpy(zero_copy_only=False)), atol=1e-5)
-    # The manifest names the new snapshot only; the previous one is kept for its readers. The killed
-    # job's files are in no manifest; they are younger than the previous snapshot (they could be a
-    # second writer's, still at work), so the next publish removes them.
-    assert {name.split("/")[0] for name in manifest["files"]} == {manifest["snapshot"]}
-    assert _snapshot_dirs(out) == old_snapshots | {manifest["snapshot"]} | orphans
+    np.testing.assert_allclose(column_matrix(after, "global"), column_matrix(rows_before, "global"), atol=1e-5)
+    # The new version lists the re-run's files only; the previous version stays readable by its number.
+    rerun = _run_dirs(out) - old_runs - orphans
+    assert len(rerun) == 1 and {os.path.relpath(path, out).split("/")[0] for path in open_table(resolve(out)).paths()} == rerun
+    assert sorted_table(out, version=previous.version).equals(rows_before)
+    # Vacuum with no retention: the killed run's orphan and the previous version's files go, the
+    # current version stays readable as it is.
+    vacuum(resolve(out), retain_hours=0)
+    assert not _files(out, orphans | old_runs)
+    assert sorted_table(out).equals(after)
+    runs, vacuumed = _run_dirs(out), open_table(resolve(out)).version  # (vacuum commits versions of its own, no data change)
     later = embed.run(world["model"], world["catalog"], out, incremental=True)
-    assert later["embedded"] == 0 and _snapshot_dirs(out) == {manifest["snapshot"], later["snapshot"]}
-    print(f"\nembed SIGKILLed with {killed_with} data file(s) of its snapshot written: old snapshot intact, re-run published {len(ids)} rows, 0 duplicates")
+    assert later["embedded"] == 0 and later["version"] == vacuumed == open_table(resolve(out)).version and _run_dirs(out) == runs
+    print(f"\nembed SIGKILLed with {killed_with} data file(s) of its run written: previous version intact, re-run committed {len(ids)} rows, 0 duplicates; "
+          f"vacuum removed the orphan run")
+    # Last, the directories: only the re-run's is left (the killed run's and the previous version's went with their files).
+    assert _run_dirs(out) == rerun, f"run directories left after vacuum: {sorted(_run_dirs(out) - rerun)}"
+
+
+def _files(uri: str, runs: set[str]) -> list[str]:
+    """The files below the run directories `runs` of the table at `uri`."""
+    return [os.path.join(folder, name) for run in runs for folder, _, names in os.walk(os.path.join(uri, run)) for name in names]
+
+
+def _parquet_files(uri: str, runs: set[str]) -> list[str]:
+    return [path for path in _files(uri, runs) if path.endswith(".parquet")]

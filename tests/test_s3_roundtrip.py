@@ -11,7 +11,8 @@ from mga.synthetic import SynthSpec, plan_catalog, render_image
 from pipelines import embed, prepare, train
 from pipelines.config import load_config
 from pipelines.model_store import load_model
-from pipelines.storage import read_manifest, read_table, resolve
+from pipelines.storage import resolve
+from pipelines.tables import open_table, read_table
 
 
 @pytest.mark.timeout(600)
@@ -33,7 +34,11 @@ def test_prepare_train_embed_through_s3(ray_local, s3_env, tmp_path):
     bucket = f"s3://{s3_env['bucket']}"
     prepared = prepare.run("manifest", f"{bucket}/catalog", manifest=str(manifest_csv))
     assert prepared["rows"] == len(rows) and prepared["rejected"] == 0
-    assert read_manifest(resolve(f"{bucket}/catalog"))["snapshot"] == prepared["snapshot"]
+    catalog = open_table(resolve(f"{bucket}/catalog"))
+    assert catalog.version == prepared["version"] == 0 and catalog.rows == len(rows)
+    assert catalog.info == {key: value for key, value in prepared.items() if key != "version"}
+    rejects = open_table(resolve(prepared["rejects"]["table"]), prepared["rejects"]["version"])
+    assert prepared["rejects"]["table"] == f"{bucket}/catalog_rejects" and rejects.rows == 0
 
     config = load_config(
         "tiny",
@@ -48,5 +53,9 @@ def test_prepare_train_embed_through_s3(ray_local, s3_env, tmp_path):
 
     features = embed.run(f"{bucket}/model", f"{bucket}/catalog", f"{bucket}/features")
     assert features["rows"] == len(rows) and features["rejected"] == 0
-    table = read_table(resolve(f"{bucket}/features"), columns=["image_id", "model_id"])
+    assert features["catalog"] == f"{bucket}/catalog" and features["catalog_version"] == catalog.version
+    snapshot = open_table(resolve(f"{bucket}/features"))
+    assert snapshot.version == features["version"] == 0
+    table = read_table(snapshot, ["image_id", "model_id"])
     assert table.num_rows == len(rows) and set(table.column("model_id").to_pylist()) == {model_id}
+    assert sorted(table.column("image_id").to_pylist()) == sorted(read_table(catalog, ["image_id"]).column("image_id").to_pylist())

@@ -20,8 +20,9 @@ from mga.metrics import RetrievalMetrics
 from mga.retrieval import pair_scores, tie_keys
 from pipelines import evaluate, search
 from pipelines.model_store import load_model
-from pipelines.schemas import features_schema
-from pipelines.storage import new_snapshot, publish, read_manifest, read_table, resolve, table_files, write_parquet
+from pipelines.schemas import POSITIVES, RANKINGS, features_schema
+from pipelines.storage import resolve, write_parquet
+from pipelines.tables import TableWriter, companion, open_table, read_table
 from tests.test_retrieval import write_random_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -55,14 +56,26 @@ def write_features(uri: str, model_id: str, seed: int = 0) -> pa.Table:
         "embedded_at": pa.array([0] * count, pa.timestamp("us", tz="UTC")),
     }
     table = pa.table(columns, schema=features_schema(32, [64, 64]))
-    location = resolve(uri)
-    snapshot = new_snapshot(location)
     shuffled = table.take(pa.array(rng.permutation(count)))  # a query's positives spread over files
-    for part, start in enumerate(range(0, count, 250)):
-        write_parquet(snapshot.join(f"part-{part}.parquet"), shuffled.slice(start, 250))
-    publish(location, snapshot, {"table": "features", "model_id": model_id, "model": uri + "-model", "global_dim": 32,
-                                 "num_tokens": 4, "token_dim": 16, "layers": [3, 4], "token_dtype": "float32"})
+    with TableWriter(resolve(uri)) as writer:
+        for part, start in enumerate(range(0, count, 250)):
+            write_parquet(writer.file(f"part-{part}.parquet"), shuffled.slice(start, 250))
+        written = writer.commit(table.schema, {"table": "features", "model_id": model_id, "model": uri + "-model", "global_dim": 32,
+                                               "num_tokens": 4, "token_dim": 16, "layers": [3, 4], "token_dtype": "float32"})
+    assert written.files.num_rows == 3 and written.rows == count
     return table
+
+
+def rows(uri: str) -> pa.Table:
+    """The current version of the table at `uri`."""
+    return read_table(open_table(resolve(uri)))
+
+
+def positives_of(uri: str) -> pa.Table:
+    """The positives table the rankings at `uri` name in their commit metadata, at the version named."""
+    pointer = open_table(resolve(uri)).info["positives"]
+    assert pointer["table"] == companion(resolve(uri), "positives").uri
+    return read_table(open_table(resolve(pointer["table"]), pointer["version"]))
 
 
 def brute_force(table: pa.Table, model_uri: str) -> dict:
@@ -100,14 +113,15 @@ def searched(ray_local, tmp_path_factory):
     model_uri = str(root / "features-model")
     model_id = write_random_model(model_uri)
     table = write_features(str(root / "features"), model_id)
-    manifest = search.run(str(root / "features"), str(root / "rankings"), depth=DEPTH, rerank_top=RERANK, block_rows=128, query_chunk=12)
-    return {"root": root, "model": model_uri, "manifest": manifest, "truth": brute_force(table, model_uri)}
+    result = search.run(str(root / "features"), str(root / "rankings"), depth=DEPTH, rerank_top=RERANK, block_rows=128, query_chunk=12)
+    return {"root": root, "model": model_uri, "result": result, "truth": brute_force(table, model_uri)}
 
 
 def test_rankings_are_the_first_rows_of_the_full_ranking(searched):
-    truth, manifest = searched["truth"], searched["manifest"]
-    rankings = read_table(resolve(str(searched["root"] / "rankings"))).sort_by([("query_id", "ascending"), ("rank", "ascending")])
-    assert manifest["rows"] == rankings.num_rows == QUERIES * DEPTH and manifest["depth"] == DEPTH and manifest["gallery"] == GALLERY
+    truth, result = searched["truth"], searched["result"]
+    rankings = rows(str(searched["root"] / "rankings")).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    assert result["rows"] == rankings.num_rows == QUERIES * DEPTH and result["depth"] == DEPTH and result["gallery"] == GALLERY
+    assert result["version"] == 0 and result["positives"]["version"] == 0 and result["positives_rows"] == positives_of(str(searched["root"] / "rankings")).num_rows
     ids = np.array(rankings.column("gallery_id").to_pylist()).reshape(QUERIES, DEPTH)
     assert np.array_equal(ids, truth["ranked_ids"][:, :DEPTH])
     scored = np.array(rankings.column("score_token").is_valid()).reshape(QUERIES, DEPTH)
@@ -125,7 +139,7 @@ def test_metrics_over_the_whole_gallery_equal_brute_force(searched, tmp_path):
         expected = {name: value for name, value in reference.result().items() if name.startswith("R@") or name == "mAP"}
         assert metrics[ordering] == pytest.approx(expected), ordering
     # Some positives lie beyond the depth (item-000 has 40): the rankings alone could not give this mAP.
-    positives = read_table(resolve(str(searched["root"] / "rankings")), key="positives")
+    positives = positives_of(str(searched["root"] / "rankings"))
     assert pc.max(positives.column("rank_global")).as_py() > DEPTH
     # An evaluation depth cuts: positives below it count as not retrieved.
     cut = evaluate.run(str(searched["root"] / "rankings"), str(tmp_path / "cut"), depth=5, gallery_examples=0)
@@ -138,23 +152,25 @@ def test_a_query_split_across_files_and_any_blocking_give_the_same_answer(search
     root = searched["root"]
     # Another blocking, chunking and pool: the same rankings and positives.
     again = search.run(str(root / "features"), str(tmp_path / "again"), depth=DEPTH, rerank_top=RERANK, block_rows=1000, query_chunk=100, workers=2)
-    for key in ("files", "positives"):
-        first = read_table(resolve(str(root / "rankings")), key=key).sort_by([("query_id", "ascending"), ("gallery_id", "ascending")])
-        second = read_table(resolve(str(tmp_path / "again")), key=key).sort_by([("query_id", "ascending"), ("gallery_id", "ascending")])
-        assert first.equals(second), key
-    assert again["rows"] == searched["manifest"]["rows"]
+    order = [("query_id", "ascending"), ("gallery_id", "ascending")]
+    for read in (rows, positives_of):
+        first = read(str(root / "rankings")).sort_by(order)
+        second = read(str(tmp_path / "again")).sort_by(order)
+        assert first.equals(second), read.__name__
+    assert again["rows"] == searched["result"]["rows"]
     # The same rows with every query's rows split over two files (by rank): the same metrics.
     table = resolve(str(root / "rankings"))
-    rows = read_table(table)
+    ranked, info = rows(table.uri), open_table(table).info
     split = resolve(str(tmp_path / "split"))
-    snapshot = new_snapshot(split)
-    write_parquet(snapshot.join("top.parquet"), rows.filter(pc.field("rank") <= 3))
-    write_parquet(snapshot.join("rest.parquet"), rows.filter(pc.field("rank") > 3))
-    write_parquet(snapshot.join("_positives", "p.parquet"), read_table(table, key="positives"))
-    manifest = {k: v for k, v in read_manifest(table).items() if k not in ("files", "snapshot", "created_at", "format")}
-    publish(split, snapshot, {**manifest, "positives": [snapshot.path[len(split.path) + 1:] + "/_positives/p.parquet"]})
+    with TableWriter(companion(split, "positives")) as writer:
+        write_parquet(writer.file("p.parquet"), positives_of(table.uri))
+        positives = writer.commit(POSITIVES, {"table": "positives", "of": split.uri, "rows": info["positives_rows"]})
+    with TableWriter(split) as writer:
+        write_parquet(writer.file("top.parquet"), ranked.filter(pc.field("rank") <= 3))
+        write_parquet(writer.file("rest.parquet"), ranked.filter(pc.field("rank") > 3))
+        writer.commit(RANKINGS, {**info, "positives": {"table": positives.uri, "version": positives.version}})
     one = evaluate.run(table.uri, str(tmp_path / "one"), gallery_examples=0)
     two = evaluate.run(split.uri, str(tmp_path / "two"), gallery_examples=0)
-    assert len(table_files(split)) == 2
+    assert open_table(split).files.num_rows == 2
     assert one["global"] == two["global"] and one["reranked"] == two["reranked"]
     assert json.loads(resolve(str(tmp_path / "two")).join("metrics.json").read_bytes())["queries"] == QUERIES - 1

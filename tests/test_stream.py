@@ -9,7 +9,7 @@ import pytest
 
 from mga.synthetic import SynthSpec
 from pipelines import synth
-from pipelines.catalog import train_item_ids
+from pipelines.catalog import open_catalog, train_item_ids
 from pipelines.stream import pk_stream, train_stream
 
 # Items of 3 train views with K = 4: every item needs images drawn with replacement.
@@ -20,6 +20,8 @@ SPEC = SynthSpec(seed=11, groups=6, items_per_group=3, test_fraction=0.34, train
 def test_training_stream_gives_p_items_of_k_images(ray_local, tmp_path):
     catalog = str(tmp_path / "catalog")
     synth.run(catalog, SPEC, images_per_shard=7)  # several shards, so several blocks feed the stream
+    snapshot = open_catalog(catalog)
+    assert snapshot.version == 0 and snapshot.files.num_rows > 1  # one commit of several files
     items = set(train_item_ids(catalog))
     P, K, size = 3, 4, 48
     stream = train_stream(catalog, images_per_item=K, image_size=size, augment=True, max_pixels=10**7)

@@ -371,38 +371,47 @@ def test_a_training_job_submitted_through_the_jobs_api(catalog, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_validation_selection_prefers_the_val_split_and_caps_queries_and_gallery(monkeypatch):
+def test_validation_selection_prefers_the_val_split_and_caps_queries_and_gallery(tmp_path):
     import pyarrow as pa
 
+    from pipelines.schemas import CATALOG
+    from pipelines.storage import write_parquet
+    from pipelines.tables import TableWriter
+
+    uri = str(tmp_path / "catalog")
+
     def catalog(rows):
-        table = pa.Table.from_pylist([dict(zip(("image_id", "item_id", "split", "domain"), row)) for row in rows])
-        monkeypatch.setattr(train, "open_catalog", lambda uri: (None, {}))
-        monkeypatch.setattr(train, "read_table", lambda location, columns, filter: table.filter(filter).select(columns))
+        """A real catalog table holding `rows` (image bytes and the other columns null), as its next version."""
+        table = pa.Table.from_pylist([dict(zip(("image_id", "item_id", "split", "domain"), row)) for row in rows], schema=CATALOG)
+        with TableWriter(resolve(uri)) as writer:
+            write_parquet(writer.file("part-0.parquet"), table, row_group_size=8)
+            return writer.commit(CATALOG, {"table": "catalog", "rows": table.num_rows}).version
 
     test_rows = [(f"t{i}{v}", f"t{i}", "query" if v < 2 else "gallery", "consumer" if v < 2 else "shop") for i in range(6) for v in range(4)]
     val_rows = [(f"v{i}{v}", f"v{i}", "val", "consumer" if v == 0 else "shop") for i in range(5) for v in range(3)]
-    catalog(test_rows + val_rows)
-    chosen = train.select_validation("c", max_queries=3, max_gallery=8, seed=0)
+    version = catalog(test_rows + val_rows)
+    chosen = train.select_validation(uri, max_queries=3, max_gallery=8, seed=0)
+    assert chosen["catalog_version"] == version == 0  # the Validator reads the images at this version
     assert chosen["source"].startswith("val split: consumer queries")
     assert len(chosen["queries"]) == 3 and {image_id[0] for image_id, _ in chosen["queries"] + chosen["gallery"]} == {"v"}
     query_items = {item for _, item in chosen["queries"]}
     gallery_items = [item for _, item in chosen["gallery"]]
     # Every positive of the sampled queries is in the gallery, then distractors up to the cap.
     assert all(gallery_items.count(item) == 2 for item in query_items) and len(gallery_items) == 8
-    assert chosen == train.select_validation("c", max_queries=3, max_gallery=8, seed=0)  # seeded
+    assert chosen == train.select_validation(uri, max_queries=3, max_gallery=8, seed=0)  # seeded
 
-    catalog(test_rows)  # no val split: the held-out query/gallery items, and it says so
-    chosen = train.select_validation("c", max_queries=100, max_gallery=100, seed=0)
+    assert catalog(test_rows) == 1  # no val split: the held-out query/gallery items, and it says so
+    chosen = train.select_validation(uri, max_queries=100, max_gallery=100, seed=0)
     assert "query/gallery" in chosen["source"] and "optimistic" in chosen["source"]
-    assert len(chosen["queries"]) == 12 and len(chosen["gallery"]) == 12
+    assert len(chosen["queries"]) == 12 and len(chosen["gallery"]) == 12 and chosen["catalog_version"] == 1
 
     catalog([(f"s{i}{v}", f"s{i}", "val", "shop") for i in range(3) for v in range(3)] + [("lone", "x", "val", "shop")])
-    chosen = train.select_validation("c", max_queries=100, max_gallery=100, seed=0)  # one domain: first image queries
+    chosen = train.select_validation(uri, max_queries=100, max_gallery=100, seed=0)  # one domain: first image queries
     assert chosen["source"].endswith("first image queries its others")
     assert [image_id for image_id, _ in chosen["queries"]] == ["s00", "s10", "s20"] and len(chosen["gallery"]) == 7
 
     catalog([("q", "a", "train", "shop")])
-    assert train.select_validation("c", 10, 10, 0) is None
+    assert train.select_validation(uri, 10, 10, 0) is None
 
 
 @pytest.mark.timeout(120)

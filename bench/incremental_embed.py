@@ -24,6 +24,7 @@ Counts, not timings: they do not depend on the machine's load.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import os
@@ -32,7 +33,6 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
@@ -41,7 +41,7 @@ from bench.common import git_revision, machine, tiny_model_config, write_random_
 from mga.synthetic import SynthSpec
 from pipelines import embed, synth
 from pipelines.schemas import CATALOG
-from pipelines.storage import resolve, write_parquet
+from pipelines.storage import Location, resolve, write_parquet
 from pipelines.tables import TableWriter, open_table, read_table
 from pipelines.train import select_validation
 
@@ -152,11 +152,12 @@ def image_bytes(paths: list[str]) -> int:
 
 
 def counted_read(catalog, columns: list[str], filter: pc.Expression, *where) -> tuple[int, int, int]:
-    """(rows, bytes read, files read) of a pruned, filtered read of the catalog, as our readers make it."""
-    paths = catalog.paths(*where)
+    """(rows, bytes read, files read) of a filtered read of the catalog through tables.read_table's
+    pruning (files by statistics, then row groups by footer statistics), the bytes counted."""
     handler = CountingHandler()
-    table = pads.dataset(paths, filesystem=pafs.PyFileSystem(handler), format="parquet").to_table(columns=columns, filter=filter)
-    return table.num_rows, handler.counter[0], len(paths)
+    counting = dataclasses.replace(catalog, location=Location(pafs.PyFileSystem(handler), catalog.location.path, catalog.location.uri))
+    table = read_table(counting, columns, filter, *where)
+    return table.num_rows, handler.counter[0], len(catalog.paths(*where))
 
 
 def replay_read(catalog_uri: str, features_uri: str, model_id: str) -> dict[str, int]:

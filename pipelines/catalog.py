@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Iterable
+from typing import Iterable, Iterator
 
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray.data
-from ray.data.expressions import col
 
-from pipelines.storage import resolve
-from pipelines.tables import Snapshot, open_table, read_table
+from pipelines.storage import Location, resolve
+from pipelines.tables import Snapshot, open_table, read_table, row_groups
 
 
 def open_catalog(uri: str, version: int | None = None) -> Snapshot:
@@ -22,21 +23,28 @@ def open_catalog(uri: str, version: int | None = None) -> Snapshot:
 def table_dataset(table: Snapshot, columns: list[str], *where: tuple[str, Iterable[str]]) -> ray.data.Dataset:
     """A streaming Ray dataset of one table version's rows, `where` each `column in values`.
 
-    Files whose statistics exclude the values are not read at all (Snapshot.paths); in the
-    files that are, the predicate is an Arrow expression Ray Data pushes into the Parquet
-    read, so row groups outside it are skipped too.
+    Without `where`, Ray Data reads the version's files. With it, only the files whose
+    statistics may hold the values (Snapshot.paths), and in them only such row groups
+    (read from the footers on the driver), are read, by one task per file: Ray Data's own
+    pushdown would read every row group of a file against a long `is_in`.
     """
-    read_columns = list(columns) + [name for name in dict.fromkeys(name for name, _ in where) if name not in columns]
-    paths = table.paths(*where)
-    if not paths:
+    if not where:
+        return ray.data.read_parquet(table.paths(), filesystem=table.location.fs, columns=list(columns))
+    pieces = [{"path": path, "row_groups": groups} for path in table.paths(*where) if (groups := row_groups(table.location, path, where))]
+    if not pieces:
         return ray.data.from_arrow(read_table(table, list(columns), None, *where).slice(0, 0))
-    dataset = ray.data.read_parquet(paths, filesystem=table.location.fs, columns=read_columns)
-    if where:
-        conditions = [col(name).is_in(sorted(set(values))) for name, values in where]
-        dataset = dataset.filter(expr=functools.reduce(operator.and_, conditions))
-        if read_columns != list(columns):
-            dataset = dataset.select_columns(list(columns))
-    return dataset
+    condition = functools.reduce(operator.and_, [pc.field(name).isin(sorted(set(values))) for name, values in where])
+    return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+        _read_pieces, fn_kwargs={"location": table.location, "columns": list(columns), "condition": condition}, batch_size=1, batch_format="pyarrow"
+    )
+
+
+def _read_pieces(pieces: pa.Table, location: Location, columns: list[str], condition: pc.Expression) -> Iterator[pa.Table]:
+    """Ray Data task: the rows of the given row groups that satisfy `condition`, a row group at a time."""
+    parquet = pads.ParquetFileFormat()
+    for path, groups in zip(pieces.column("path").to_pylist(), pieces.column("row_groups").to_pylist()):
+        for group in groups:
+            yield parquet.make_fragment(path, filesystem=location.fs, row_groups=[group]).to_table(columns=columns, filter=condition)
 
 
 def catalog_dataset(uri: str, columns: list[str], splits: tuple[str, ...] | None = None) -> ray.data.Dataset:

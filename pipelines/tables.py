@@ -28,6 +28,7 @@ import bisect
 import json
 import os
 import posixpath
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -76,8 +77,14 @@ def storage_options(location: Location) -> dict[str, str]:
     return options
 
 
+def _first_line(error: Exception) -> str:
+    """deltalake's messages run over many lines (and colour codes); the first says what failed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _delta_error(location: Location, error: Exception) -> StorageError:
-    return StorageError(f"cannot read {location.uri}: {error}{credentials_hint(location.uri)}")
+    return StorageError(f"cannot read {location.uri}: {_first_line(error)}{credentials_hint(location.uri)}")
 
 
 def _delta_table(location: Location, version: int | None = None):
@@ -94,7 +101,7 @@ def _delta_table(location: Location, version: int | None = None):
         raise _delta_error(location, error) from error
     except Exception as error:  # deltalake raises its own DeltaError for a version that does not exist
         if "version" in str(error).lower() and version is not None:
-            raise StorageError(f"{location.uri} has no version {version}: {error}") from None
+            raise StorageError(f"{location.uri} has no version {version}: {_first_line(error)}") from None
         raise _delta_error(location, error) from error
 
 
@@ -104,6 +111,14 @@ def _file_path(location: Location, path: str) -> str:
         parsed = urlparse(path)
         return unquote(parsed.path) if parsed.scheme == "file" else unquote(parsed.netloc + parsed.path)
     return posixpath.join(location.path, unquote(path))
+
+
+def _may_hold(wanted: list, low: Any, high: Any) -> bool:
+    """Whether sorted `wanted` has a value in [low, high] (unknown bounds: maybe)."""
+    if low is None or high is None:
+        return True
+    first = bisect.bisect_left(wanted, low)
+    return first < len(wanted) and wanted[first] <= high
 
 
 @dataclass(frozen=True)
@@ -131,14 +146,11 @@ class Snapshot:
         """
         keep = [True] * self.files.num_rows
         for column, values in where:
-            wanted = sorted(set(values))
             if f"min.{column}" not in self.files.column_names:
                 continue
+            wanted = sorted(set(values))
             lows, highs = self.files.column(f"min.{column}").to_pylist(), self.files.column(f"max.{column}").to_pylist()
-            for row, (low, high) in enumerate(zip(lows, highs)):
-                if keep[row] and low is not None and high is not None:
-                    first = bisect.bisect_left(wanted, low)
-                    keep[row] = first < len(wanted) and wanted[first] <= high
+            keep = [kept and _may_hold(wanted, low, high) for kept, low, high in zip(keep, lows, highs)]
         return [path for path, kept in zip(self.files.column("path").to_pylist(), keep) if kept]
 
     def bytes(self, paths: Iterable[str]) -> int:
@@ -190,16 +202,43 @@ def table_exists(location: Location) -> bool:
         return False
 
 
+def row_groups(location: Location, path: str, where: Iterable[tuple[str, Iterable[str]]]) -> list[int]:
+    """The row groups of one Parquet file whose min/max statistics may hold every `column in values`."""
+    metadata = pq.read_metadata(path, filesystem=location.fs)
+    names = metadata.schema.to_arrow_schema().names
+    conditions = [(names.index(column), sorted(set(values))) for column, values in where if column in names]
+    kept = []
+    for group in range(metadata.num_row_groups):
+        chunks = metadata.row_group(group)
+        if all(_may_hold(wanted, *_bounds(chunks.column(index).statistics)) for index, wanted in conditions):
+            kept.append(group)
+    return kept
+
+
+def _bounds(statistics) -> tuple[Any, Any]:
+    return (statistics.min, statistics.max) if statistics is not None and statistics.has_min_max else (None, None)
+
+
 def read_table(snapshot: Snapshot, columns: list[str] | None = None, filter: pads.Expression | None = None, *where: tuple[str, Iterable[str]]) -> pa.Table:
-    """Rows of `snapshot` as one Arrow table (small tables and column subsets), files pruned by `where`."""
+    """Rows of `snapshot` as one Arrow table (small tables and column subsets).
+
+    With `where`, only the files and then the row groups whose statistics may hold the
+    values are read (pyarrow's own pushdown does not prune row groups on a long `is_in`).
+    """
     paths = snapshot.paths(*where)
-    if not paths:
-        schema = pq.read_schema(snapshot.files.column("path")[0].as_py(), filesystem=snapshot.location.fs) if snapshot.files.num_rows else None
-        if schema is None:
-            raise StorageError(f"{snapshot.uri} (version {snapshot.version}) has no data files")
-        return schema.empty_table().select(columns) if columns else schema.empty_table()
+    fs = snapshot.location.fs
     try:
-        return pads.dataset(paths, filesystem=snapshot.location.fs, format="parquet").to_table(columns=columns, filter=filter)
+        if not paths:
+            schema = pq.read_schema(snapshot.files.column("path")[0].as_py(), filesystem=fs) if snapshot.files.num_rows else None
+            if schema is None:
+                raise StorageError(f"{snapshot.uri} (version {snapshot.version}) has no data files")
+            return schema.empty_table().select(columns) if columns else schema.empty_table()
+        if not where:
+            return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter)
+        parquet = pads.ParquetFileFormat()
+        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=groups) for path in paths if (groups := row_groups(snapshot.location, path, where))]
+        schema = pq.read_schema(paths[0], filesystem=fs)
+        return pads.FileSystemDataset(fragments, schema, parquet, fs).to_table(columns=columns, filter=filter)
     except OSError as error:  # a file vacuumed under an old version, an S3 outage
         raise StorageError(f"cannot read {snapshot.uri} (version {snapshot.version}): {error}{credentials_hint(snapshot.uri)}") from error
 
@@ -323,7 +362,7 @@ class TableWriter:
         return open_table(self.location)
 
     def _commit_error(self, error: Exception) -> StorageError:
-        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        text = _first_line(error)
         conflict = type(error).__name__ == "CommitFailedError" or "already exists" in text or "concurrent" in text.lower()
         if not conflict:
             return StorageError(f"cannot commit to {self.location.uri}: {text}{credentials_hint(self.location.uri)}")
@@ -364,7 +403,7 @@ def vacuum(location: Location, retain_hours: float) -> list[str]:
             commit_properties=CommitProperties(custom_metadata={INFO_KEY: info}) if info else None,
         )
     except Exception as error:  # noqa: BLE001 - deltalake's own errors; name the table
-        raise StorageError(f"cannot vacuum {location.uri}: {error}") from error
+        raise StorageError(f"cannot vacuum {location.uri}: {_first_line(error)}") from error
     finally:
         del table
     _remove_empty_run_dirs(location)
@@ -377,5 +416,6 @@ def _remove_empty_run_dirs(location: Location) -> None:
         return
     for info in location.fs.get_file_info(pafs.FileSelector(location.path, allow_not_found=True)):
         if info.type == pafs.FileType.Directory and info.base_name.startswith("run-"):
-            if not location.fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
+            inside = location.fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+            if not any(entry.type == pafs.FileType.File for entry in inside):
                 location.fs.delete_dir(info.path)

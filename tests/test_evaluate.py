@@ -278,10 +278,10 @@ def test_main_with_smaller_depth_and_no_features(ray_local, tmp_path, capsys):
     first = open_table(storage.resolve(rankings))
     publish_table(rankings, [rankings_table(ROWS_FILE_1)], rankings_info(str(tmp_path / "features"), queries=2), positives_table(POSITIVE_RANKS[:5]))
     assert open_table(storage.resolve(rankings)).version == first.version + 1
-    current = evaluate.run(rankings, str(tmp_path / "current"))
+    current = evaluate.run(rankings, str(tmp_path / "current"), gallery_examples=0)
     assert current["rankings_version"] == first.version + 1 and current["queries"] == 2 and current["excluded_queries"] == 0
     assert current["global"]["mAP"] == pytest.approx((7 / 12 + (1 + 2 / 4 + 3 / 6) / 3) / 2)
-    evaluate.main(["--rankings", rankings, "--out", str(tmp_path / "old"), "--version", str(first.version)])
+    evaluate.main(["--rankings", rankings, "--out", str(tmp_path / "old"), "--version", str(first.version), "--gallery-examples", "0"])
     old = json.loads((tmp_path / "old" / "metrics.json").read_text())
     assert old["rankings_version"] == first.version and old["global"] == whole["global"] and old["reranked"] == whole["reranked"]
     assert old["queries"] == 3 and old["excluded_queries"] == 1 and old["positives_rows"] == 6

@@ -48,7 +48,6 @@ IMAGES = 4 * 3 // 2 * (2 + 2 + 2)  # 36
 COPIES = 4  # the killed-actor test's catalog: 144 images, at 128 px: seconds of model time on one CPU
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "a-distinctive-secret-7f3c9e1b5d"
-DELTA_MULTILINE_HINT = "(no AWS credentials found"  # see test_bad_arguments_are_one_line_errors_and_write_nothing
 
 
 # ------------------------------------------------------------------------------ images
@@ -608,20 +607,12 @@ def test_bad_arguments_are_one_line_errors_and_write_nothing(base, tmp_path):
         assert code == 2, f"{name}: exit {code}\n{stderr[-2000:]}"
         assert "Traceback" not in stderr and len(errors) == 1, f"{name}: {stderr[-2000:]}"
         lines[name] = errors[0]
-        if name == "s3 without credentials" and "credentials" not in errors[0] and DELTA_MULTILINE_HINT in stderr.split(errors[0], 1)[1]:
-            continue  # the known pipelines bug below; every other check of the case holds
         assert all(part in errors[0] for part in named), f"{name}: {errors[0]!r} does not name {named}"
     assert not os.path.exists(tmp_path / "out"), os.listdir(tmp_path / "out")
     assert not (tmp_path / "PWNED").exists()
     print(f"\nbad arguments: {len(cases)} cases ({len(alone)} as their own processes), each exit 2 with one line, nothing written:")
     for name, line in lines.items():
         print(f"  {name}: {line[:220]}")
-    if "credentials" not in lines["s3 without credentials"]:
-        pytest.xfail(
-            "pipelines/tables.py _delta_error (used by _delta_table): the StorageError embeds deltalake's multi-line error "
-            "(ANSI-coloured credential-chain report) whole, so the 'mga: error:' line is cut after 'Kernel error -> ...' and the "
-            "no-credentials hint lands lines below it; it should keep the first line, as TableWriter._commit_error does"
-        )
 
 
 # ------------------------------------------------------------------------------ security

@@ -32,7 +32,7 @@ IDENTITY_COLUMNS = ("image_id", "item_id", "split", "domain", "category", "sha25
 
 # Token columns: float32 as a list of M*d floats; float16 as binary holding the M*d values as
 # little-endian IEEE halves (Delta Lake has no half-precision type; 2*M*d bytes per row).
-TOKEN_DTYPES = {"float32": pa.list_(pa.float32()), "float16": pa.binary()}
+TOKEN_DTYPES = ("float32", "float16")
 
 
 def token_type(token_dtype: str, size: int) -> pa.DataType:

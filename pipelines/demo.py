@@ -1,7 +1,8 @@
 """`mga demo`: synth -> train -> embed -> search -> evaluate on one machine (local Ray, CPU, minutes).
 
 The model is trained on the synthetic catalog's train items and evaluated on held-out
-items, so the numbers it prints are real (from random initialisation: no downloads).
+items, so the numbers it prints are real (from ImageNet Lite0 weights installed with the
+project: no downloads).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pipelines import embed, evaluate, search, synth, train
 from pipelines.config import load_config
 from pipelines.console import print_summary
 
-DEMO_SPEC = SynthSpec(seed=0, groups=32, items_per_group=4, test_fraction=0.5, train_views=6, gallery_views=2, query_views=2, image_size=128)
+# Groups of 12 look-alike items: the pretrained backbone's zero-shot global R@1 on the
+# held-out items is about 0.24 consumer->shop (0.61 shop->shop), so details must be learnt.
+DEMO_SPEC = SynthSpec(seed=0, groups=20, items_per_group=12, test_fraction=0.5, train_views=6, gallery_views=2, query_views=2, image_size=128)
 
 
 def run(workdir: str = "mga_demo", config: str = "tiny", overrides: list[str] | None = None, seed: int = 0) -> dict[str, Any]:

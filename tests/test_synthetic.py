@@ -22,6 +22,7 @@ from mga.synthetic import (
     PlannedImage,
     SynthSpec,
     _garment,
+    _ViewParams,
     item_details,
     plan_catalog,
     render_image,
@@ -160,9 +161,13 @@ def test_items_of_a_group_differ_in_at_least_two_details():
         item_details(spec, spec.groups * spec.items_per_group)
 
 
+# Upright, facing the camera, evenly lit, print unshifted.
+CANONICAL = _ViewParams(1.0, 1.0, 0.0, (0.0, 0.0), False, 1.0, 1.0, (1.0, 1.0, 1.0), 0.0, (0.0, 0.0), 0.0, 0.0)
+
+
 def _changed_share(spec: SynthSpec, a: int, b: int) -> float:
     """Share of the two items' garment pixels that differ visibly in the canonical pose."""
-    layers = [np.asarray(_garment(spec, i), np.float32) for i in (a, b)]
+    layers = [np.asarray(_garment(spec, i, CANONICAL), np.float32) for i in (a, b)]
     colours = [rgba[..., :3] * rgba[..., 3:] / 255 for rgba in layers]
     garment = (layers[0][..., 3] > 127) | (layers[1][..., 3] > 127)
     changed = np.abs(colours[0] - colours[1]).max(axis=2) > 24

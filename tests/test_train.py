@@ -137,14 +137,14 @@ def test_pretrained_without_a_hub_is_one_clear_line(tmp_path):
     env.pop("RAY_ADDRESS", None)
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.train", "--config", "tiny", "--set", "run.pretrained=true",
+        [sys.executable, "-m", "pipelines.train", "--config", "tiny", "--set", "run.pretrained=hub",
          "--catalog", str(tmp_path / "catalog"), "--output", str(tmp_path / "model")],
         capture_output=True, text=True, timeout=200, env=env, cwd=REPO,
     )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "run.pretrained=true" in lines[0] and "run.weights_file" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert "run.pretrained=hub" in lines[0] and "run.weights_file" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
     # It failed in the driver, before a Ray instance was started.
     assert "Started a local Ray instance" not in done.stdout + done.stderr, time.time() - started
 
@@ -158,7 +158,7 @@ def test_weights_file_local_or_s3_is_loaded_and_a_bad_one_is_refused(tmp_path, s
 
     from mga.model import MGAModel
 
-    reference = timm.create_model("tf_efficientnetv2_b0")
+    reference = timm.create_model("tf_efficientnet_lite0")
     weights = tmp_path / "b0.safetensors"
     save_file({name: tensor.contiguous() for name, tensor in reference.state_dict().items()}, str(weights))
     boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1").upload_file(str(weights), s3_env["bucket"], "weights/b0.safetensors")
@@ -177,7 +177,7 @@ def test_weights_file_local_or_s3_is_loaded_and_a_bad_one_is_refused(tmp_path, s
         train.check_backbone_weights(missing)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"conv_stem.weight": torch.zeros(3, 3, 3, 3)}, str(wrong))
-    with pytest.raises(ValueError, match=r"run.weights_file: .*wrong.safetensors cannot be loaded into tf_efficientnetv2_b0"):
+    with pytest.raises(ValueError, match=r"run.weights_file: .*wrong.safetensors cannot be loaded into tf_efficientnet_lite0"):
         train.check_backbone_weights(load_config("tiny", TINY + [f"run.weights_file={wrong}"]))
 
 

@@ -21,12 +21,9 @@ import dataclasses
 import statistics
 import tempfile
 
-from bench.common import git_revision, machine
-from mga.artifact import pack_artifact
-from mga.model import MGAModel
+from bench.common import git_revision, machine, write_random_artifact
 from pipelines import demo, embed, evaluate, search, synth, train
-from pipelines.config import TrainConfig, load_config
-from pipelines.model_store import write_artifact
+from pipelines.config import load_config
 from pipelines.runtime import init_ray
 from pipelines.train import backbone_weights_file
 
@@ -37,12 +34,6 @@ MODELS = {
 }
 ZERO_SHOT = "zero-shot pretrained (untrained)"
 SPLITS = {"consumer->shop": "consumer", "shop->shop": "shop"}
-
-
-def write_zero_shot(config: TrainConfig, uri: str) -> None:
-    """The artifact of the untrained model: pretrained backbone, random projection and heads."""
-    model = MGAModel(config.model.model_copy(update={"alpha": 1.0}), weights_file=backbone_weights_file(config)).eval()
-    write_artifact(uri, pack_artifact(model, {"image_size": config.data.image_size}))
 
 
 def evaluate_model(workdir: str, tag: str, model_uri: str) -> dict[str, dict]:
@@ -84,7 +75,9 @@ def main() -> None:
         for domain in SPLITS.values():
             synth.run(f"{seed_dir}/catalog-{domain}", dataclasses.replace(base, query_domain=domain))
         config = load_config("tiny", [f"run.seed={seed}", *args.overrides], extra={"data": {"catalog": f"{seed_dir}/catalog-consumer"}})
-        write_zero_shot(config, f"{seed_dir}/zero-shot")
+        # The untrained model: pretrained backbone, random projection and heads, global only.
+        zero_shot = config.model.model_copy(update={"alpha": 1.0})
+        write_random_artifact(f"{seed_dir}/zero-shot", zero_shot, config.data.image_size, seed, backbone_weights_file(config))
         record(ZERO_SHOT, evaluate_model(seed_dir, "zero-shot", f"{seed_dir}/zero-shot"), ("global",))
         for number, (label, overrides) in enumerate(MODELS.items()):
             config = load_config(

@@ -39,9 +39,10 @@ def tiny_model_config(**changes) -> tuple[ModelConfig, int]:
     return config.model.model_copy(update=changes), config.data.image_size
 
 
-def write_random_artifact(uri: str, model_config: ModelConfig, image_size: int, seed: int = 0) -> MGAModel:
+def write_random_artifact(uri: str, model_config: ModelConfig, image_size: int, seed: int = 0, weights_file: str | None = None) -> MGAModel:
+    """An untrained model's artifact: random init, or a backbone from `weights_file` with random heads."""
     torch.manual_seed(seed)
-    model = MGAModel(model_config).eval()
+    model = MGAModel(model_config, weights_file=weights_file).eval()
     write_artifact(uri, pack_artifact(model, {"image_size": image_size}))
     return model
 

@@ -92,15 +92,13 @@ def efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor], stage_depths: l
     A key this mapping does not know is an error, so nothing is dropped silently.
     """
     positions = [(stage, index) for stage, depth in enumerate(stage_depths) for index in range(depth)]
-    separable = {int(m.group(1)) for key in state if (m := _BLOCK_KEY.match(key))} - {
-        int(m.group(1)) for key in state if (m := _BLOCK_KEY.match(key)) and m.group(2) == "_expand_conv"
-    }
+    expanded = {int(m.group(1)) for key in state if (m := _BLOCK_KEY.match(key)) and m.group(2) == "_expand_conv"}
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         block = _BLOCK_KEY.match(key)
         if block:
             number, layer, rest = int(block.group(1)), block.group(2), block.group(3)
-            names = _SEPARABLE if number in separable else _INVERTED_RESIDUAL
+            names = _INVERTED_RESIDUAL if number in expanded else _SEPARABLE
             if number >= len(positions) or layer not in names:
                 raise WeightsError(f"EfficientNet-PyTorch key {key!r} has no place in a backbone of {len(positions)} blocks")
             stage, index = positions[number]

@@ -5,18 +5,21 @@
 Also the other filtered reads of the catalog (the training stream's split, validation's
 images, the report's gallery picture), replayed the same way.
 
-The catalog is synthesised, embedded once, then 1% of it changes the way a catalog rebuild
-(`mga synth`/`mga prepare` overwriting the catalog) changes it: half of the changed images get
-new bytes (re-encoded: a new sha256), a quarter are deleted, a quarter are new images of
-existing items; the rebuilt catalog is laid out as synth lays it out (sorted by item, 64-row
-row groups). Then:
+A retailer's catalog is made the way a user has one: JPEG files and a manifest CSV
+(exported from a synthetic catalog), prepared with `mga prepare manifest` and embedded
+once. Then 1% of it changes: half of the changed images get new bytes (re-encoded: a new
+sha256), a quarter leave the manifest, a quarter are new images of existing items; the
+catalog is rebuilt with `mga prepare manifest --incremental` (a merge: new and changed
+images go to new files, unchanged ones stay where they are stored). Then:
 
-- image bytes read: the catalog read that `embed --incremental` makes (its file pruning and
-  the id filter pushed into the Parquet scan) is replayed through a byte-counting filesystem,
-  against the total size of the catalog's `image` column chunks and of its files;
+- image bytes read: the catalog read that `embed --incremental` makes (the catalog files
+  its plan found the rows to embed in, their row groups pruned by statistics, the id
+  filter pushed into the scan) is replayed through a byte-counting filesystem, against
+  the total size of the catalog's files and of its `image` column chunks;
 - rows written: the real `embed.run(incremental=True)` reports the rows it wrote (new and
   re-embedded rows, plus the unchanged rows of every stored file it had to rewrite because a
-  changed or deleted row sat in it) against the table's rows.
+  changed or deleted row sat in it) against the table's rows; the merge of the catalog
+  reports the same for the catalog.
 
 Counts, not timings: they do not depend on the machine's load.
 """
@@ -25,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import io
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -39,11 +42,12 @@ from PIL import Image
 
 from bench.common import git_revision, machine, tiny_model_config, write_random_artifact
 from mga.synthetic import SynthSpec
-from pipelines import embed, synth
-from pipelines.schemas import CATALOG
-from pipelines.storage import Location, resolve, write_parquet
-from pipelines.tables import TableWriter, open_table, read_table
+from pipelines import embed, prepare, synth
+from pipelines.storage import Location, resolve
+from pipelines.tables import open_table, read_table
 from pipelines.train import select_validation
+
+SHARD_MB = 1.0
 
 
 class CountingFile:
@@ -109,36 +113,47 @@ class CountingHandler(pafs.FileSystemHandler):
     open_output_stream = open_append_stream = None
 
 
-def change_catalog(uri: str, fraction: float, seed: int) -> dict[str, int]:
-    """Rewrite the catalog as a rebuild would after `fraction` of its images changed."""
-    catalog = open_table(resolve(uri))
-    rows = read_table(catalog)
+def export_manifest(catalog_uri: str, directory: str) -> str:
+    """The catalog's images as JPEG files under `directory` plus a manifest CSV naming them."""
+    rows = read_table(open_table(resolve(catalog_uri)), ["image_id", "item_id", "split", "domain", "category", "image"])
+    lines = ["path,item_id,split,domain,category"]
+    for image_id, item, split, domain, category, data in zip(*(rows.column(name).to_pylist() for name in rows.column_names)):
+        path = f"images/{image_id}.jpg"
+        os.makedirs(os.path.dirname(os.path.join(directory, path)), exist_ok=True)
+        with open(os.path.join(directory, path), "wb") as handle:
+            handle.write(data)
+        lines.append(f"{path},{item},{split},{domain},{category}")
+    manifest = os.path.join(directory, "catalog.csv")
+    with open(manifest, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return manifest
+
+
+def change_manifest(manifest: str, fraction: float, seed: int) -> dict[str, int]:
+    """Change `fraction` of the manifest's images on disk and in the CSV, as a catalog's day does."""
+    directory = os.path.dirname(manifest)
+    with open(manifest) as handle:
+        header, *lines = handle.read().splitlines()
     rng = np.random.default_rng(seed)
-    count = max(4, int(round(rows.num_rows * fraction)))
-    picked = rng.choice(rows.num_rows, size=count, replace=False)
+    count = max(4, int(round(len(lines) * fraction)))
+    picked = rng.choice(len(lines), size=count, replace=False)
     changed, deleted, copied = np.split(picked, [count // 2, count // 2 + count // 4])
-    images = rows.column("image").to_pylist()
-    sha = rows.column("sha256").to_pylist()
-    for row in changed:  # new bytes for the same image id
+    for row in changed:  # new bytes under the same path
+        path = os.path.join(directory, lines[row].split(",")[0])
         buffer = io.BytesIO()
-        Image.open(io.BytesIO(images[row])).save(buffer, format="JPEG", quality=70)
-        images[row] = buffer.getvalue()
-        sha[row] = hashlib.sha256(images[row]).hexdigest()
-    rows = rows.set_column(rows.column_names.index("image"), "image", pa.array(images, pa.binary()))
-    rows = rows.set_column(rows.column_names.index("sha256"), "sha256", pa.array(sha, pa.string()))
-    new = rows.take(pa.array(copied))
-    new = new.set_column(0, "image_id", pc.binary_join_element_wise(new.column("image_id"), pa.scalar("-new"), ""))
-    keep = np.ones(rows.num_rows, bool)
-    keep[deleted] = False
-    rebuilt = pa.concat_tables([rows.filter(pa.array(keep)), new]).sort_by([(key, "ascending") for key in ("split", "item_id", "image_id")])
-    with TableWriter(resolve(uri)) as writer:  # synth's layout: files of one split, sorted by item, 64-row row groups
-        for split in pc.unique(rebuilt.column("split")).to_pylist():
-            part = rebuilt.filter(pc.equal(rebuilt.column("split"), split))
-            for start in range(0, part.num_rows, 500):
-                name = f"{split}-{start // 500:05d}.parquet"
-                write_parquet(writer.file(name), part.slice(start, 500).cast(CATALOG), row_group_size=synth.ROW_GROUP_ROWS)
-        writer.commit(CATALOG, {**catalog.info, "rows": rebuilt.num_rows})
-    return {"changed": len(changed), "deleted": len(deleted), "new": len(copied), "rows": rebuilt.num_rows}
+        Image.open(path).save(buffer, format="JPEG", quality=70)
+        with open(path, "wb") as handle:
+            handle.write(buffer.getvalue())
+    new_lines = []
+    for row in copied:  # a new photo of an existing item
+        relative, rest = lines[row].split(",", 1)
+        target = relative.replace(".jpg", "-new.jpg")
+        shutil.copyfile(os.path.join(directory, relative), os.path.join(directory, target))
+        new_lines.append(f"{target},{rest}")
+    kept = [line for index, line in enumerate(lines) if index not in set(deleted.tolist())]
+    with open(manifest, "w") as handle:
+        handle.write("\n".join([header, *kept, *new_lines]) + "\n")
+    return {"changed": len(changed), "deleted": len(deleted), "new": len(copied), "rows": len(kept) + len(new_lines)}
 
 
 def image_bytes(paths: list[str]) -> int:
@@ -164,8 +179,8 @@ def replay_read(catalog_uri: str, features_uri: str, model_id: str) -> dict[str,
     """The catalog bytes `embed --incremental` reads: its plan, its pruning, its pushed-down filter."""
     catalog = open_table(resolve(catalog_uri))
     plan = embed.plan_incremental(open_table(resolve(features_uri)), catalog, model_id)
-    where = [("item_id", plan.embed_items.to_pylist()), ("image_id", plan.embed_ids.to_pylist())]
-    rows, read, files = counted_read(catalog, ["image_id", "image", "bbox"], pc.field("image_id").isin(plan.embed_ids), *where)
+    where = [("image_id", plan.embed_ids.to_pylist())]
+    rows, read, files = counted_read(catalog.only(plan.embed_files), ["image_id", "image", "bbox"], pc.field("image_id").isin(plan.embed_ids), *where)
     assert rows == len(plan.embed_ids), (rows, len(plan.embed_ids))
     all_paths = catalog.paths()
     return {
@@ -181,9 +196,9 @@ def filtered_reads(catalog_uri: str) -> dict[str, tuple[int, int, int]]:
     selection = select_validation(catalog_uri, max_queries=200, max_gallery=1000, seed=0)
     pairs = selection["queries"] + selection["gallery"]
     ids, items = [image_id for image_id, _ in pairs], [item for _, item in pairs]
-    validation = counted_read(catalog, ["image_id", "image", "bbox"], pc.field("image_id").isin(ids), ("item_id", items), ("image_id", ids))
+    validation = counted_read(catalog, ["image_id", "image", "bbox"], pc.field("image_id").isin(ids), ("split", ["val", "query", "gallery"]), ("item_id", items), ("image_id", ids))
     picture_ids = sorted(read_table(catalog, ["image_id"], pc.field("split") == "gallery", ("split", ["gallery"])).column("image_id").to_pylist())[::97][:48]
-    picture = counted_read(catalog, ["image_id", "image"], pc.field("image_id").isin(picture_ids), ("image_id", picture_ids))
+    picture = counted_read(catalog, ["image_id", "image"], pc.field("image_id").isin(picture_ids), ("split", ["val", "query", "gallery"]), ("image_id", picture_ids))
     return {"training stream (split=train)": train_rows, f"validation ({len(ids)} images)": validation, f"report picture ({len(picture_ids)} images)": picture}
 
 
@@ -194,14 +209,19 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="mga-incremental-")
-    paths = {name: os.path.join(workdir, name) for name in ("catalog", "model", "features")}
+    paths = {name: os.path.join(workdir, name) for name in ("synth", "files", "catalog", "model", "features")}
     # Items of 5 images on average (train 6, test 2 + 2): groups of 4 items.
     spec = SynthSpec(seed=0, groups=max(1, args.images // 20), items_per_group=4, test_fraction=0.5, train_views=6, gallery_views=2, query_views=2, image_size=64)
-    synth.run(paths["catalog"], spec)
+    synth.run(paths["synth"], spec)
+    manifest = export_manifest(paths["synth"], paths["files"])
+    # 1 MB shards: about as many files per image as 256 MB shards of 100 KB photos give a real catalog.
+    prepare.run("manifest", paths["catalog"], manifest=manifest, shard_mb=SHARD_MB)
     model_config, image_size = tiny_model_config()
     write_random_artifact(paths["model"], model_config, image_size)
     first = embed.run(paths["model"], paths["catalog"], paths["features"], batch_size=64)
-    change = change_catalog(paths["catalog"], args.changed, seed=1)
+    change = change_manifest(manifest, args.changed, seed=1)
+    rebuilt = prepare.run("manifest", paths["catalog"], manifest=manifest, shard_mb=SHARD_MB, incremental=True)["incremental"]
+    assert {key: rebuilt[key] for key in ("new", "changed", "deleted")} == {key: change[key] for key in ("new", "changed", "deleted")}, (rebuilt, change)
     read = replay_read(paths["catalog"], paths["features"], first["model_id"])
     merged = embed.run(paths["model"], paths["catalog"], paths["features"], incremental=True, batch_size=64)
     counts = merged["incremental"]
@@ -216,6 +236,10 @@ def main() -> None:
     total = read["catalog_bytes"]
     for name, (rows, bytes_read, files) in filtered_reads(paths["catalog"]).items():
         print(f"read:    {name}: {rows} rows, {bytes_read / 2**20:.2f} MiB ({bytes_read / total:.1%} of the catalog), {files} of {read['files']} files")
+    print(
+        f"catalog merge (prepare --incremental) wrote {rebuilt['rows_written']} of {change['rows']} rows "
+        f"({rebuilt['rows_written'] / change['rows']:.1%}; {rebuilt['files_rewritten']} stored files rewritten without stale rows)"
+    )
     print(
         f"written: {counts['rows_written']} of {merged['rows']} rows ({counts['rows_written'] / merged['rows']:.1%}): "
         f"{merged['embedded']} embedded + {counts['rows_written'] - merged['embedded']} unchanged rows of rewritten files"

@@ -1,10 +1,10 @@
-"""Published tables as Ray datasets, and the catalog's train classes."""
+"""Published tables as Ray datasets, copy-on-write of their files from Ray tasks, and the catalog's train classes."""
 
 from __future__ import annotations
 
 import functools
 import operator
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 import ray.data
 
 from pipelines.storage import Location, resolve
-from pipelines.tables import Snapshot, open_table, read_table, row_groups
+from pipelines.tables import Snapshot, TableWriter, copy_without, open_table, read_table, row_groups
 
 
 def open_catalog(uri: str, version: int | None = None) -> Snapshot:
@@ -55,3 +55,13 @@ def train_item_ids(uri: str) -> list[str]:
     """Sorted item ids of the train split: the identity classifier's classes (ids only, no images)."""
     table = read_table(open_catalog(uri), ["item_id"], pc.field("split") == "train", ("split", ["train"]))
     return sorted(set(table.column("item_id").to_pylist()))
+
+
+def rewrite_without(writer: TableWriter, stale: dict[str, list[str]], schema: pa.Schema, **parquet_options: Any) -> tuple[list[str], int, int]:
+    """Rewrite each stored file of `writer`'s table without its `stale` image ids, one Ray task
+    per file, into the writer's run directory; (new files, rows kept, rows dropped). The
+    caller commits the new files and removes the old ones in its one commit."""
+    targets = {path: writer.file(f"rewritten/part-{number:05d}.parquet") for number, path in enumerate(sorted(stale))}
+    copy = ray.remote(num_cpus=0.5)(copy_without)
+    results = ray.get([copy.remote(writer.location, path, ids, targets[path], schema, **parquet_options) for path, ids in stale.items()])
+    return [target.path for target in targets.values()], sum(kept for kept, _ in results), sum(dropped for _, dropped in results)

@@ -46,7 +46,7 @@ import torch
 
 from mga.artifact import ArtifactError, unpack_artifact
 from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
-from pipelines.catalog import open_catalog, table_dataset
+from pipelines.catalog import open_catalog, rewrite_without, table_dataset
 from pipelines.console import print_summary
 from pipelines.model_store import read_artifact_files
 from pipelines.resources import actor_cpus, actor_device, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
@@ -139,7 +139,7 @@ class IncrementalPlan:
     """What a merge changes: the catalog rows to embed, and the stored files to rewrite without their stale rows."""
 
     embed_ids: pa.Array  # image_id of new and changed rows
-    embed_items: pa.Array  # their item_id (file pruning)
+    embed_files: list[str]  # the catalog files that hold them: the only files whose images are read
     rewrite: dict[str, list[str]]  # stored file -> image_ids to drop from it (changed or deleted)
     counts: dict[str, int]
 
@@ -150,7 +150,7 @@ def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> In
     Only id and hash columns are read, and the comparison is an Arrow hash join: no image
     bytes, no Python object per row.
     """
-    now = read_table(catalog, ["image_id", *CHANGE_KEY])
+    now = read_table(catalog, ["image_id", *CHANGE_KEY, "__filename"]).rename_columns(["image_id", *CHANGE_KEY, "catalog_file"])
     now = now.append_column("in_catalog", pa.array(np.ones(now.num_rows, bool)))
     stored = read_table(features, ["image_id", *CHANGE_KEY, "model_id", "__filename"])
     stored = stored.rename_columns([name if name in ("image_id", "__filename") else f"stored_{name}" for name in stored.column_names])
@@ -171,23 +171,8 @@ def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> In
     for path, image_id in zip(stale.column("__filename").to_pylist(), stale.column("image_id").to_pylist()):
         rewrite.setdefault(path, []).append(image_id)
     counts = {name: int(pc.sum(mask).as_py() or 0) for name, mask in (("new", new), ("changed", changed), ("unchanged", unchanged), ("deleted", deleted))}
-    return IncrementalPlan(embed.column("image_id").combine_chunks(), embed.column("item_id").combine_chunks(), rewrite, counts)
-
-
-@ray.remote(num_cpus=0.5)
-def rewrite_file(table: Location, source: str, drop_ids: list[str], target: Location, schema: pa.Schema) -> tuple[int, int]:
-    """Copy `source` into `target` without the rows in `drop_ids`, a record batch at a time; (kept, dropped)."""
-    dropped = pa.array(sorted(drop_ids), pa.string())
-    kept = removed = 0
-    with pq.ParquetWriter(target.path, schema, filesystem=target.fs, compression="zstd") as writer:
-        for batch in pq.ParquetFile(source, filesystem=table.fs).iter_batches(batch_size=4096):
-            stale = pc.is_in(batch.column("image_id"), value_set=dropped)
-            rows = batch.filter(pc.invert(stale))
-            removed += batch.num_rows - rows.num_rows
-            if rows.num_rows:
-                writer.write_table(pa.Table.from_batches([rows]).select(schema.names).cast(schema))
-                kept += rows.num_rows
-    return kept, removed
+    files = pc.unique(embed.column("catalog_file")).to_pylist()
+    return IncrementalPlan(embed.column("image_id").combine_chunks(), files, rewrite, counts)
 
 
 def check_exactly_once(table: Location, data_files: list[str], rejected: pa.Array, expected: pa.Array) -> int:
@@ -250,15 +235,16 @@ def run(
         merge = incremental and writer.base is not None and _mergeable(writer.base, model_id, token_dtype)
         if merge:
             plan = plan_incremental(writer.base, catalog_table, model_id)
-            expected, where = plan.embed_ids, [("item_id", plan.embed_items.to_pylist()), ("image_id", plan.embed_ids.to_pylist())]
+            source, where = catalog_table.only(plan.embed_files), [("image_id", plan.embed_ids.to_pylist())]
+            expected = plan.embed_ids
         else:
-            plan = None
-            expected, where = read_table(catalog_table, ["image_id"]).column("image_id").combine_chunks(), []
+            plan, source, where = None, catalog_table, []
+            expected = read_table(catalog_table, ["image_id"]).column("image_id").combine_chunks()
         reject_log = RejectLog.remote()
         if len(expected):
 
             def job() -> None:
-                dataset = table_dataset(catalog_table, [*IDENTITY_COLUMNS, "image", "bbox", "source_path"], *where)
+                dataset = table_dataset(source, [*IDENTITY_COLUMNS, "image", "bbox", "source_path"], *where)
                 dataset = dataset.map_batches(
                     prepare_batch,
                     fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "reject_log": reject_log},
@@ -286,9 +272,7 @@ def run(
         embedded = check_exactly_once(table, embedded_files, pa.array([row[0] for row in rejects], pa.string()), expected)
         kept = dropped = 0
         if plan is not None and plan.rewrite:
-            targets = {path: writer.file(f"rewritten/part-{number:05d}.parquet") for number, path in enumerate(sorted(plan.rewrite))}
-            results = ray.get([rewrite_file.remote(table, path, ids, targets[path], schema) for path, ids in plan.rewrite.items()])
-            kept, dropped = sum(result[0] for result in results), sum(result[1] for result in results)
+            _, kept, dropped = rewrite_without(writer, plan.rewrite, schema, compression="zstd")
             if dropped != plan.counts["changed"] + plan.counts["deleted"]:
                 raise RuntimeError(f"embed: {plan.counts['changed'] + plan.counts['deleted']} stale rows to drop from {table.uri}, found {dropped}")
         if plan is not None and not len(expected) and not plan.rewrite:

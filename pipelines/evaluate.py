@@ -183,7 +183,9 @@ def _gallery(catalog: Snapshot | None, examples: list[GalleryExample], notes: li
         {example.query_id for example in examples} | {g for example in examples for g in example.gallery_ids}
     )
     try:
-        rows = read_table(catalog, ["image_id", "image"], pc.field("image_id").isin(pa.array(wanted)), ("image_id", wanted))
+        # Queries and gallery images are never train rows: the split condition skips train files.
+        held_out = ("split", ["val", "query", "gallery"])
+        rows = read_table(catalog, ["image_id", "image"], pc.field("image_id").isin(pa.array(wanted)), held_out, ("image_id", wanted))
     except TABLE_ERRORS as error:
         notes.append(f"Catalog unavailable ({error}): no gallery picture.")
         return None

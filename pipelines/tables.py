@@ -153,6 +153,11 @@ class Snapshot:
             keep = [kept and _may_hold(wanted, low, high) for kept, low, high in zip(keep, lows, highs)]
         return [path for path, kept in zip(self.files.column("path").to_pylist(), keep) if kept]
 
+    def only(self, paths: Iterable[str]) -> "Snapshot":
+        """This version restricted to the data files `paths` (a reader that knows where its rows are)."""
+        keep = pc.is_in(self.files.column("path"), value_set=pa.array(sorted(set(paths)), pa.string()))
+        return Snapshot(self.location, self.version, self.info, self.files.filter(keep))
+
     def bytes(self, paths: Iterable[str]) -> int:
         sizes = dict(zip(self.files.column("path").to_pylist(), self.files.column("size_bytes").to_pylist()))
         return sum(sizes[path] for path in paths)
@@ -419,3 +424,22 @@ def _remove_empty_run_dirs(location: Location) -> None:
             inside = location.fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
             if not any(entry.type == pafs.FileType.File for entry in inside):
                 location.fs.delete_dir(info.path)
+
+
+def copy_without(table: Location, source: str, drop_ids: list[str], target: Location, schema: pa.Schema, **parquet_options: Any) -> tuple[int, int]:
+    """Copy the data file `source` of `table` into `target` without the rows whose image_id is
+    in `drop_ids`, a row group at a time (row groups keep their rows, so readers prune as
+    before); returns (rows kept, rows dropped). Copy-on-write: delta-rs cannot write
+    deletion vectors, and the readers we promise (deltalake, Polars) refuse them."""
+    dropped = pa.array(sorted(drop_ids), pa.string())
+    kept = removed = 0
+    source_file = pq.ParquetFile(source, filesystem=table.fs)
+    with pq.ParquetWriter(target.path, schema, filesystem=target.fs, **parquet_options) as writer:
+        for group in range(source_file.num_row_groups):
+            rows = source_file.read_row_group(group)
+            rows = rows.filter(pc.invert(pc.is_in(rows.column("image_id"), value_set=dropped)))
+            removed += source_file.metadata.row_group(group).num_rows - rows.num_rows
+            if rows.num_rows:
+                writer.write_table(rows.select(schema.names).cast(schema), row_group_size=rows.num_rows)
+                kept += rows.num_rows
+    return kept, removed

@@ -275,7 +275,7 @@ class Validator:
             ids = [image_id for image_id, _ in rows]
             # Only the files and row groups holding these items' rows are read (Snapshot.paths, row-group stats).
             snapshot = open_catalog(self.catalog, self.selection.get("catalog_version"))
-            table = read_table(snapshot, ["image_id", "image", "bbox"], pc.field("image_id").isin(ids), ("item_id", [item for _, item in rows]), ("image_id", ids))
+            table = read_table(snapshot, ["image_id", "image", "bbox"], pc.field("image_id").isin(ids), ("split", ["val", "query", "gallery"]), ("item_id", [item for _, item in rows]), ("image_id", ids))
             self._images = dict(zip(table.column("image_id").to_pylist(), zip(table.column("image").to_pylist(), table.column("bbox").to_pylist())))
             missing = set(ids) - set(self._images)
             if missing:

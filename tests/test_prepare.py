@@ -10,9 +10,14 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
-from pipelines import prepare, storage
+from mga.artifact import pack_artifact
+from mga.config import ModelConfig
+from mga.model import MGAModel
+from pipelines import embed, prepare, storage
+from pipelines.model_store import write_artifact
 from pipelines.schemas import CATALOG, REJECTS
 from pipelines.tables import companion, open_table, read_table
 
@@ -532,6 +537,70 @@ def test_manifest_with_all_columns(ray_local, tmp_path):
     assert manifest["source"] == {"kind": "manifest", "manifest": csv_path, "root": base, "seed": 0, "test_fraction": 0.2}
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_incremental_prepare_merges_and_writes_only_what_changed(ray_local, tmp_path, capsys):
+    base = tmp_path / "shop"
+    files = {f"images/sku{item}/{view}.jpg": jpeg(400 + item * 10 + view) for item in range(1, 7) for view in range(3)}
+    for relative, data in files.items():
+        put(base, relative, data)
+    rows = {relative: [relative, relative.split("/")[1], "train", "shop", "tops"] for relative in files}
+
+    def write_manifest() -> str:
+        path = os.path.join(base, "catalog.csv")
+        with open(path, "w") as handle:
+            handle.write("path,item_id,split,domain,category\n" + "".join(",".join(row) + "\n" for row in rows.values()))
+        return path
+
+    out = str(tmp_path / "catalog")
+    first = prepare.run("manifest", out, manifest=write_manifest(), min_shards=3)
+    assert "incremental" not in first
+    model, features = str(tmp_path / "model"), str(tmp_path / "features")
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="tf_efficientnetv2_b0", layers=(3, 4), global_dim=32, token_dim=16, num_tokens=4, heads=2)
+    write_artifact(model, pack_artifact(MGAModel(config), {"image_size": 64}))
+    model_id = embed.run(model, out, features, batch_size=8, actors=1, cpus_per_actor=0.5)["model_id"]
+    before = open_table(storage.resolve(out))
+    put(base, "images/sku1/0.jpg", jpeg(999))  # new bytes
+    rows["images/sku2/0.jpg"][4] = "dresses"  # new metadata, same bytes
+    del rows["images/sku3/1.jpg"]  # no longer listed
+    put(base, "images/sku4/2.jpg", jpeg(444)[:100])  # now undecodable: rejected, removed
+    put(base, "images/sku7/0.jpg", jpeg(777))  # a new image
+    rows["images/sku7/0.jpg"] = ["images/sku7/0.jpg", "sku7", "train", "shop", "tops"]
+    capsys.readouterr()
+    merged = prepare.run("manifest", out, manifest=write_manifest(), min_shards=3, incremental=True)
+    printed = capsys.readouterr().out
+
+    after = open_table(storage.resolve(out))
+    assert merged["incremental"]["new"] == 1 and merged["incremental"]["changed"] == 2 and merged["incremental"]["deleted"] == 2
+    assert merged["incremental"]["unchanged"] == 18 - 4 and merged["rows"] == after.rows == 17
+    assert "new 1 · changed 2 · unchanged 14 · deleted 2" in printed
+    catalog = read_catalog(out)
+    assert set(catalog) == set(rows) - {"images/sku4/2.jpg"}
+    assert catalog["images/sku1/0.jpg"]["image"] == jpeg(999) and catalog["images/sku2/0.jpg"]["category"] == "dresses"
+    assert read_rejects(out)[os.path.join(base, "images/sku4/2.jpg")].startswith("cannot decode")
+    # Stored files without a stale row are untouched; the ones with one are rewritten without it.
+    old_files, new_files = set(before.files.column("path").to_pylist()), set(after.files.column("path").to_pylist())
+    stale_ids = {"images/sku1/0.jpg", "images/sku2/0.jpg", "images/sku3/1.jpg", "images/sku4/2.jpg"}
+    holders = {path for path in old_files if stale_ids & set(pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist())}
+    assert old_files - new_files == holders and len(holders) == merged["incremental"]["files_rewritten"]
+    # The new and changed rows sit in files of their own: nothing else's image bytes come along.
+    added = new_files - old_files
+    embedded = {path for path in added if set(pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()) <= {"images/sku1/0.jpg", "images/sku2/0.jpg", "images/sku7/0.jpg"}}
+    assert sum(pq.read_metadata(path).num_rows for path in embedded) == 3
+    unchanged_rows = sum(pq.read_metadata(path).num_rows for path in added - embedded)
+    assert merged["incremental"]["rows_written"] == 3 + unchanged_rows
+    # The incremental embed reads the images of those files alone, and merges the features.
+    assert set(embed.plan_incremental(open_table(storage.resolve(features)), after, model_id).embed_files) == embedded
+    merged_features = embed.run(model, out, features, incremental=True, batch_size=8, actors=1, cpus_per_actor=0.5)
+    assert {key: merged_features["incremental"][key] for key in ("new", "changed", "unchanged", "deleted")} == {"new": 1, "changed": 2, "unchanged": 14, "deleted": 2}
+    stored_ids = read_table(open_table(storage.resolve(features)), ["image_id"]).column("image_id").to_pylist()
+    assert sorted(stored_ids) == sorted(catalog) and merged_features["embedded"] == 3
+    # Nothing changed: no new version.
+    again = prepare.run("manifest", out, manifest=write_manifest(), min_shards=3, incremental=True)
+    assert again["version"] == after.version and again["incremental"]["unchanged"] == 17 and again["incremental"]["rows_written"] == 0
+
+
 def test_manifest_without_split_is_seeded_by_item(tmp_path):
     base, _ = manifest_tree(tmp_path)
     csv_path = os.path.join(base, "catalog.csv")
@@ -542,7 +611,7 @@ def test_manifest_without_split_is_seeded_by_item(tmp_path):
             for view in (2, 0, 1):  # not in path order
                 handle.write(f"images/{item}/{view}.jpg,{item}\n")
     listing = prepare.list_manifest(csv_path, seed=3, test_fraction=0.5)
-    test_items = {item for item in items if prepare._test_item(3, item, 0.5)}
+    test_items = {item for item in items if prepare.is_test_item(3, item, 0.5)}
     assert 0 < len(test_items) < len(items)  # this seed draws some of each
     for entry in listing.entries:
         assert entry.domain == "shop"
@@ -594,18 +663,21 @@ def check_shards(out: str, manifest: dict, target_bytes: int | None = None) -> l
     item_files: dict[str, str] = {}
     per_file = []
     for path in sorted(open_table(table).files.column("path").to_pylist()):
-        rows = pq.read_table(path, filesystem=table.fs, columns=["item_id", "image_id", "image"]).to_pylist()
+        rows = pq.read_table(path, filesystem=table.fs, columns=["item_id", "image_id", "image", "split"]).to_pylist()
         keys = [(row["item_id"], row["image_id"]) for row in rows]
         assert keys == sorted(keys), f"{path} is not sorted by item"
+        groups = {"test" if row["split"] in ("query", "gallery") else row["split"] for row in rows}
+        assert len(groups) == 1, f"{path} mixes {sorted(groups)} items"
         for item in {row["item_id"] for row in rows}:
             assert item not in item_files, f"{item} is split across {item_files.get(item)} and {path}"
             item_files[item] = path
         if target_bytes is not None and len({row["item_id"] for row in rows}) > 1:
             assert sum(len(row["image"]) for row in rows) <= target_bytes, path
-        per_file.append(sorted({row["item_id"] for row in rows}))
-    # the files, in name order, hold the items in order
-    flattened = [item for items in per_file for item in items]
+        per_file.append((groups.pop(), sorted({row["item_id"] for row in rows})))
+    # the files, in name order, hold the items in order: by split group (train, test, val), then item
+    flattened = [(group, item) for group, items in per_file for item in items]
     assert flattened == sorted(flattened)
+    per_file = [items for _, items in per_file]
     assert sum(shard["rows"] for shard in manifest["shards"]) == manifest["rows"]
     return per_file
 
@@ -644,6 +716,18 @@ def test_plan_tasks_balances_whole_items():
     assert all(len(set(task) & set(other)) == 0 for n, task in enumerate(items) for other in items[n + 1:])
     # the byte target forces more tasks than min_tasks
     assert len(prepare.plan_tasks(entries, target_bytes=2_500, min_tasks=1)) >= 8
+    # Tasks (so files) never mix train, test (query + gallery) and val items; an item that
+    # has images in two of them stays whole, in a "mixed" task of its own kind.
+    splits = {0: ["train"], 1: ["query", "gallery"], 2: ["val"], 3: ["train", "gallery"]}
+    mixed = [
+        prepare.Entry(image_id=f"{item}/{view}", source="", item_id=f"item{item:02d}", split=splits[item % 4][view % len(splits[item % 4])], domain="shop", category="", size=1000)
+        for item in range(12) for view in range(3)
+    ]
+    tasks = prepare.plan_tasks(mixed, target_bytes=10**9, min_tasks=1)
+    kinds = [{"train" if e.split == "train" else "val" if e.split == "val" else "test" for e in task} for task in tasks]
+    assert sorted(map(sorted, kinds)) == [["test"], ["test", "train"], ["train"], ["val"]]
+    items = [{e.item_id for e in task} for task in tasks]
+    assert sum(len(task) for task in items) == 12 and len(set().union(*items)) == 12
 
 
 # ------------------------------------------------------------------------------ S3

@@ -1,0 +1,5 @@
+"""`python -m pipelines.prepare`: the same flags as `mga prepare`."""
+
+from pipelines.prepare.job import main
+
+main()

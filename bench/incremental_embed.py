@@ -43,7 +43,7 @@ from pipelines import embed, synth
 from pipelines.schemas import CATALOG
 from pipelines.storage import Location, resolve, write_parquet
 from pipelines.tables import TableWriter, open_table, read_table
-from pipelines.train import select_validation
+from pipelines.train.validation import select_validation
 
 
 class CountingFile:

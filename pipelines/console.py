@@ -14,3 +14,9 @@ def print_summary(title: str, rows: dict[str, Any]) -> None:
 
 class JobFailed(RuntimeError):
     """A job that ran and failed (as opposed to bad input): one line, exit code 1."""
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: first line of the message`: enough to name a failure in a one-line error."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0].rstrip('.') if text else ''}".rstrip(": ")

@@ -44,11 +44,11 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from mga.artifact import ArtifactError, unpack_artifact
+from mga.artifact import unpack_artifact
 from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 from pipelines.catalog import open_catalog, table_dataset
 from pipelines.console import print_summary
-from pipelines.model_store import read_artifact_files
+from pipelines.model_store import load_artifact, read_artifact_files
 from pipelines.resources import actor_cpus, actor_device, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
 from pipelines.runtime import init_ray
 from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, TOKEN_DTYPES, features_schema, vector_column
@@ -121,17 +121,6 @@ class Embedder:
             columns[name] = vector_column(tokens.float().cpu().numpy(), self.schema.field(name).type)
         columns["embedded_at"] = pa.array([datetime.now(timezone.utc)] * rows, pa.timestamp("us", tz="UTC"))
         return pa.table(columns, schema=self.schema)
-
-
-def load_artifact(files: dict[str, bytes], where: str) -> tuple[Any, str, dict[str, Any]]:
-    """unpack_artifact, with whatever a corrupt or hostile artifact raises (safetensors, JSON,
-    config errors) reported as an ArtifactError naming it: a one-line error, never a traceback."""
-    try:
-        return unpack_artifact(files, where=where)
-    except ArtifactError:
-        raise
-    except Exception as error:  # noqa: BLE001
-        raise ArtifactError(f"{where}: not a loadable model artifact ({type(error).__name__}: {error})") from error
 
 
 @dataclass

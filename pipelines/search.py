@@ -38,10 +38,9 @@ import torch
 from mga.retrieval import pair_scores, rerank, reranked_ranks, tie_keys
 from pipelines.approximate import APPROXIMATE, approximate_shortlist, build_index, shortlist_recall
 from pipelines.console import print_summary
-from pipelines.embed import load_artifact
 from pipelines.gallery_scan import ShortlistMerge, ShortlistScan, Shortlisted, TokenScorer
 from pipelines.catalog import table_dataset
-from pipelines.model_store import read_artifact_files
+from pipelines.model_store import load_artifact, read_artifact_files
 from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
 from pipelines.runtime import init_ray
 from pipelines.schemas import POSITIVES, RANKINGS

@@ -546,9 +546,10 @@ def _referenced(pattern: str) -> list[str]:
 @pytest.mark.parametrize("module", _referenced(r"python3? -m pipelines\.(\w+)"))
 def test_referenced_pipeline_module_exists(module):
     assert module in PIPELINE_MODULES
-    path = ROOT / "pipelines" / f"{module}.py"
-    assert path.exists(), f"pipelines/{module}.py does not exist (yet)"
-    assert re.search(r"""if __name__ == ["']__main__["']""", path.read_text()), f"`python -m pipelines.{module}` would do nothing"
+    path, package_main = ROOT / "pipelines" / f"{module}.py", ROOT / "pipelines" / module / "__main__.py"
+    assert path.exists() or package_main.exists(), f"neither pipelines/{module}.py nor pipelines/{module}/__main__.py exists"
+    runs = package_main.exists() or re.search(r"""if __name__ == ["']__main__["']""", path.read_text())
+    assert runs, f"`python -m pipelines.{module}` would do nothing"
 
 
 @pytest.mark.parametrize("name", _referenced(r"pipelines/configs/(\w+)\.yaml"))

@@ -26,6 +26,8 @@ from pydantic import BaseModel
 
 from mga.synthetic import SynthSpec
 from pipelines import synth, train
+from pipelines.train import loop, validation, weights
+from pipelines.train.checkpoints import TrainingFailed
 from pipelines.config import ConfigError, TrainConfig, load_config
 from pipelines.model_store import load_model
 from pipelines.storage import resolve
@@ -159,26 +161,26 @@ def test_weights_file_local_or_s3_is_loaded_and_a_bad_one_is_refused(tmp_path, s
     from mga.model import MGAModel
 
     reference = timm.create_model("tf_efficientnet_lite0")
-    weights = tmp_path / "b0.safetensors"
-    save_file({name: tensor.contiguous() for name, tensor in reference.state_dict().items()}, str(weights))
-    boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1").upload_file(str(weights), s3_env["bucket"], "weights/b0.safetensors")
+    weights_path = tmp_path / "b0.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in reference.state_dict().items()}, str(weights_path))
+    boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1").upload_file(str(weights_path), s3_env["bucket"], "weights/b0.safetensors")
 
-    for uri in (str(weights), f"s3://{s3_env['bucket']}/weights/b0.safetensors"):
+    for uri in (str(weights_path), f"s3://{s3_env['bucket']}/weights/b0.safetensors"):
         config = load_config("tiny", TINY + [f"run.weights_file={uri}"])
-        train.check_backbone_weights(config)  # the driver's check passes
-        path = train.local_weights_file(uri)
-        assert Path(path).read_bytes() == weights.read_bytes()
+        weights.check_backbone_weights(config)  # the driver's check passes
+        path = weights.local_weights_file(uri)
+        assert Path(path).read_bytes() == weights_path.read_bytes()
         model = MGAModel(config.model, weights_file=path)
         torch.testing.assert_close(model.backbone.body.conv_stem.weight, reference.conv_stem.weight)
-    assert train.describe_weights(config).startswith("file s3://")
+    assert weights.describe_weights(config).startswith("file s3://")
 
     missing = load_config("tiny", TINY + [f"run.weights_file={tmp_path / 'nope.safetensors'}"])
     with pytest.raises(FileNotFoundError, match="run.weights_file: .*nope.safetensors does not exist"):
-        train.check_backbone_weights(missing)
+        weights.check_backbone_weights(missing)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"conv_stem.weight": torch.zeros(3, 3, 3, 3)}, str(wrong))
     with pytest.raises(ValueError, match=r"run.weights_file: .*wrong.safetensors cannot be loaded into tf_efficientnet_lite0"):
-        train.check_backbone_weights(load_config("tiny", TINY + [f"run.weights_file={wrong}"]))
+        weights.check_backbone_weights(load_config("tiny", TINY + [f"run.weights_file={wrong}"]))
 
 
 # --------------------------------------------------------------------------- validation, best checkpoint, resume
@@ -196,13 +198,13 @@ def test_interrupted_run_resumes_and_the_best_checkpoint_is_kept(ray_local, cata
     config = _config(catalog, tmp_path, "resume", *settings)
 
     # 1. Interrupted after epoch 2 (rank 0 raises once its checkpoint is reported).
-    monkeypatch.setenv(train.HOOKS_ENV, json.dumps({"fail_after_epoch": 2, "events": str(events)}))
-    with pytest.raises(train.TrainingFailed, match=r"resumes from the checkpoint after epoch 2"):
+    monkeypatch.setenv(loop.HOOKS_ENV, json.dumps({"fail_after_epoch": 2, "events": str(events)}))
+    with pytest.raises(TrainingFailed, match=r"resumes from the checkpoint after epoch 2"):
         train.run(config)
     assert not resolve(config.run.output).join("artifact.json").exists()
 
     # 2. The same command again: it resumes after epoch 2 and runs epoch 3 only.
-    monkeypatch.setenv(train.HOOKS_ENV, json.dumps({"events": str(events)}))
+    monkeypatch.setenv(loop.HOOKS_ENV, json.dumps({"events": str(events)}))
     result = train.run(config)
     starts = [event["epoch"] for event in _events(events) if event["event"] == "start"]
     assert starts == [1, 2, 3]
@@ -249,7 +251,7 @@ def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(
     config = _config(catalog, tmp_path, "killed", "optim.epochs=3", "scaling.num_workers=2", "run.checkpoint_every=1",
                      "run.validate_every=0", "run.max_failures=1")
     # Rank 1 writes its pid at the start of epoch 2 and waits there to be killed.
-    monkeypatch.setenv(train.HOOKS_ENV, json.dumps({"events": str(events), "block": {"rank": 1, "epoch": 2, "pid_file": str(pid_file)}}))
+    monkeypatch.setenv(loop.HOOKS_ENV, json.dumps({"events": str(events), "block": {"rank": 1, "epoch": 2, "pid_file": str(pid_file)}}))
     outcome: dict = {}
 
     def fit():
@@ -390,7 +392,7 @@ def test_validation_selection_prefers_the_val_split_and_caps_queries_and_gallery
     test_rows = [(f"t{i}{v}", f"t{i}", "query" if v < 2 else "gallery", "consumer" if v < 2 else "shop") for i in range(6) for v in range(4)]
     val_rows = [(f"v{i}{v}", f"v{i}", "val", "consumer" if v == 0 else "shop") for i in range(5) for v in range(3)]
     version = catalog(test_rows + val_rows)
-    chosen = train.select_validation(uri, max_queries=3, max_gallery=8, seed=0)
+    chosen = validation.select_validation(uri, max_queries=3, max_gallery=8, seed=0)
     assert chosen["catalog_version"] == version == 0  # the Validator reads the images at this version
     assert chosen["source"].startswith("val split: consumer queries")
     assert len(chosen["queries"]) == 3 and {image_id[0] for image_id, _ in chosen["queries"] + chosen["gallery"]} == {"v"}
@@ -398,20 +400,20 @@ def test_validation_selection_prefers_the_val_split_and_caps_queries_and_gallery
     gallery_items = [item for _, item in chosen["gallery"]]
     # Every positive of the sampled queries is in the gallery, then distractors up to the cap.
     assert all(gallery_items.count(item) == 2 for item in query_items) and len(gallery_items) == 8
-    assert chosen == train.select_validation(uri, max_queries=3, max_gallery=8, seed=0)  # seeded
+    assert chosen == validation.select_validation(uri, max_queries=3, max_gallery=8, seed=0)  # seeded
 
     assert catalog(test_rows) == 1  # no val split: the held-out query/gallery items, and it says so
-    chosen = train.select_validation(uri, max_queries=100, max_gallery=100, seed=0)
+    chosen = validation.select_validation(uri, max_queries=100, max_gallery=100, seed=0)
     assert "query/gallery" in chosen["source"] and "optimistic" in chosen["source"]
     assert len(chosen["queries"]) == 12 and len(chosen["gallery"]) == 12 and chosen["catalog_version"] == 1
 
     catalog([(f"s{i}{v}", f"s{i}", "val", "shop") for i in range(3) for v in range(3)] + [("lone", "x", "val", "shop")])
-    chosen = train.select_validation(uri, max_queries=100, max_gallery=100, seed=0)  # one domain: first image queries
+    chosen = validation.select_validation(uri, max_queries=100, max_gallery=100, seed=0)  # one domain: first image queries
     assert chosen["source"].endswith("first image queries its others")
     assert [image_id for image_id, _ in chosen["queries"]] == ["s00", "s10", "s20"] and len(chosen["gallery"]) == 7
 
     catalog([("q", "a", "train", "shop")])
-    assert train.select_validation(uri, 10, 10, 0) is None
+    assert validation.select_validation(uri, 10, 10, 0) is None
 
 
 @pytest.mark.timeout(120)

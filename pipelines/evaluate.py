@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from mga.metrics import DEFAULT_KS, RetrievalMetrics, rank_metrics
 from pipelines import storage
+from pipelines.command import module_main
 from pipelines.tables import Snapshot, TableNotFound, open_table, read_table
 from pipelines.report import GalleryExample, gallery_picture, write_report
 
@@ -307,8 +308,6 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from pipelines.cli import module_main
-
     module_main(__name__, argv)
 
 

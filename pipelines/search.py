@@ -37,6 +37,7 @@ import torch
 
 from mga.retrieval import pair_scores, rerank, reranked_ranks, tie_keys
 from pipelines.approximate import APPROXIMATE, approximate_shortlist, build_index, shortlist_recall
+from pipelines.command import module_main
 from pipelines.console import print_summary
 from pipelines.gallery_scan import ShortlistMerge, ShortlistScan, Shortlisted, TokenScorer
 from pipelines.catalog import table_dataset
@@ -334,8 +335,6 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import module_main
-
     module_main(__name__, argv)
 
 

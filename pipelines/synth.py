@@ -125,7 +125,7 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import module_main
+    from pipelines.command import module_main
 
     module_main(__name__, argv)
 

@@ -23,6 +23,7 @@ import tempfile
 import time
 from typing import Any
 
+from pipelines.command import module_main
 from pipelines.config import TrainConfig, load_config
 from pipelines.console import print_summary
 from pipelines.storage import resolve
@@ -133,6 +134,4 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import module_main
-
     module_main(__name__, argv)

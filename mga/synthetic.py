@@ -30,6 +30,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mga.errors import InputError
+
 RGB = tuple[int, int, int]
 Point = tuple[float, float]
 
@@ -73,27 +75,27 @@ class SynthSpec:
 
     def __post_init__(self) -> None:
         if self.seed < 0:
-            raise ValueError(f"SynthSpec.seed must be >= 0, got {self.seed}")
+            raise InputError(f"SynthSpec.seed must be >= 0, got {self.seed}")
         for name in ("groups", "items_per_group", "train_views", "gallery_views", "query_views"):
             value = getattr(self, name)
             if value < 1:
-                raise ValueError(f"SynthSpec.{name} must be positive, got {value}")
+                raise InputError(f"SynthSpec.{name} must be positive, got {value}")
         if self.items_per_group > MAX_ITEMS_PER_GROUP:
-            raise ValueError(
+            raise InputError(
                 f"SynthSpec.items_per_group must be <= {MAX_ITEMS_PER_GROUP}, got {self.items_per_group}"
             )
         # Range first: round() of NaN would raise an error that names nothing.
         if not 0 < self.test_fraction < 1 or not 1 <= self.test_group_count <= self.groups - 1:
-            raise ValueError(
+            raise InputError(
                 f"SynthSpec.test_fraction must be in (0, 1) and leave at least one of the "
                 f"{self.groups} groups on each side, got {self.test_fraction}"
             )
         if self.query_domain not in QUERY_DOMAINS:
-            raise ValueError(f"SynthSpec.query_domain must be one of {QUERY_DOMAINS}, got {self.query_domain!r}")
+            raise InputError(f"SynthSpec.query_domain must be one of {QUERY_DOMAINS}, got {self.query_domain!r}")
         if self.image_size < 32:
-            raise ValueError(f"SynthSpec.image_size must be >= 32, got {self.image_size}")
+            raise InputError(f"SynthSpec.image_size must be >= 32, got {self.image_size}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"SynthSpec.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+            raise InputError(f"SynthSpec.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 
     @property
     def test_group_count(self) -> int:

@@ -14,6 +14,8 @@ from typing import Any, Callable, NoReturn
 
 from pydantic import ValidationError
 
+from mga.errors import MGAError
+
 
 class CommandParser(argparse.ArgumentParser):
     """argparse whose usage error is one line, pointing at --help instead of printing the usage."""
@@ -23,26 +25,30 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def run_command(action: Callable[[], Any]) -> Any:
-    """Run a command; expected failures become one line on stderr and exit code 2."""
-    from mga.artifact import ArtifactError
-    from mga.transforms import ImageDecodeError
-    from pipelines.config import ConfigError, format_validation_error
-    from pipelines.console import JobFailed
-    from pipelines.storage import StorageError
+    """Run a command the way a user wants its failures told.
 
+    The project's own errors (mga.errors.MGAError: bad input, a storage failure, a failed
+    job) and invalid settings become one line on stderr: exit code 1 for a job that ran and
+    failed, 2 for anything the user can correct. Ctrl-C is one line and exit code 130.
+    Anything else is a bug and keeps its traceback. MGA_DEBUG=1 shows tracebacks for all.
+    """
+    from pipelines.config import format_validation_error
+    from pipelines.console import JobFailed
+
+    if os.environ.get("MGA_DEBUG", "").strip() not in ("", "0"):
+        return action()
     try:
         return action()
+    except KeyboardInterrupt:
+        print("mga: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
     except JobFailed as error:
         print(f"mga: failed: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
-    except ValidationError as error:
-        message = format_validation_error(error)
-    except (ConfigError, StorageError, ArtifactError, ImageDecodeError, FileNotFoundError, ValueError) as error:
-        message = str(error)
-    except KeyboardInterrupt:
-        message = "interrupted"
-    print(f"mga: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    except (MGAError, ValidationError) as error:
+        message = format_validation_error(error) if isinstance(error, ValidationError) else str(error)
+        print(f"mga: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def add_s3_flags(parser: argparse.ArgumentParser) -> None:

@@ -45,6 +45,7 @@ import ray
 import torch
 
 from mga.artifact import unpack_artifact
+from mga.errors import InputError
 from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 from pipelines.catalog import open_catalog, table_dataset
 from pipelines.console import print_summary
@@ -214,13 +215,13 @@ def run(
     cpus_per_actor: float = 2.0,
 ) -> dict[str, Any]:
     if token_dtype not in TOKEN_DTYPES:
-        raise ValueError(f"--token-dtype must be one of {sorted(TOKEN_DTYPES)}, got {token_dtype!r}")
+        raise InputError(f"--token-dtype must be one of {sorted(TOKEN_DTYPES)}, got {token_dtype!r}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+        raise InputError(f"--batch-size must be positive, got {batch_size}")
     if actors is not None and actors < 1:
-        raise ValueError(f"--actors must be positive, got {actors}")
+        raise InputError(f"--actors must be positive, got {actors}")
     if max_pixels < 1:
-        raise ValueError(f"--max-pixels must be positive, got {max_pixels}")
+        raise InputError(f"--max-pixels must be positive, got {max_pixels}")
     actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
     catalog_table = open_catalog(catalog)

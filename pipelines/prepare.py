@@ -82,6 +82,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mga.errors import InputError, MissingInput
 from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from pipelines.console import print_summary
 from pipelines.schemas import CATALOG, REJECTS
@@ -228,11 +229,11 @@ class _Collector:
 def _read_lines(path: str) -> list[str]:
     location = resolve(path)
     if not location.exists():
-        raise FileNotFoundError(f"{location.uri}: no such file")
+        raise MissingInput(f"{location.uri}: no such file")
     try:
         return location.read_bytes().decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
-        raise ValueError(f"{location.uri}: not UTF-8 text ({error})") from None
+        raise InputError(f"{location.uri}: not UTF-8 text ({error})") from None
 
 
 def parse_table(path: str, header: tuple[str, ...]) -> list[tuple[int, list[str]]]:
@@ -243,28 +244,28 @@ def parse_table(path: str, header: tuple[str, ...]) -> list[tuple[int, list[str]
     """
     lines = _read_lines(path)
     if not lines or not lines[0].strip():
-        raise ValueError(f"{path}:1: expected the number of rows, found {'an empty file' if not lines else 'an empty line'}")
+        raise InputError(f"{path}:1: expected the number of rows, found {'an empty file' if not lines else 'an empty line'}")
     first = lines[0].split()
     if len(first) != 1 or not first[0].isdigit():
-        raise ValueError(f"{path}:1: expected the number of rows (one integer), found {lines[0].strip()!r}")
+        raise InputError(f"{path}:1: expected the number of rows (one integer), found {lines[0].strip()!r}")
     count = int(first[0])
     expected_header = " ".join(header)
     if len(lines) < 2:
-        raise ValueError(f"{path}:2: expected the header {expected_header!r}, found the end of the file")
+        raise InputError(f"{path}:2: expected the header {expected_header!r}, found the end of the file")
     if lines[1].split() != list(header):
-        raise ValueError(f"{path}:2: expected the header {expected_header!r}, found {lines[1].strip()!r}")
+        raise InputError(f"{path}:2: expected the header {expected_header!r}, found {lines[1].strip()!r}")
     rows = []
     for number, line in enumerate(lines[2:], start=3):
         columns = line.split()
         if not columns:
             continue
         if len(columns) != len(header):
-            raise ValueError(
+            raise InputError(
                 f"{path}:{number}: expected {len(header)} columns ({expected_header}), found {len(columns)}: {line.strip()!r}"
             )
         rows.append((number, columns))
     if count != len(rows):
-        raise ValueError(f"{path}:1: the count line says {count} rows but the file has {len(rows)} rows")
+        raise InputError(f"{path}:1: the count line says {count} rows but the file has {len(rows)} rows")
     return rows
 
 
@@ -272,7 +273,7 @@ def _integer(path: str, number: int, column: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{path}:{number}: expected an integer in column {column}, found {value!r}") from None
+        raise InputError(f"{path}:{number}: expected an integer in column {column}, found {value!r}") from None
 
 
 def parse_bbox_file(path: str, header: tuple[str, ...], type_column_values: set[int] | None = None) -> dict[str, tuple[int, tuple[int, int, int, int], int]]:
@@ -282,11 +283,11 @@ def parse_bbox_file(path: str, header: tuple[str, ...], type_column_values: set[
         name = posixpath.normpath(columns[0])
         values = [_integer(path, number, header[i], columns[i]) for i in range(1, 7)]
         if type_column_values is not None and values[1] not in type_column_values:
-            raise ValueError(
+            raise InputError(
                 f"{path}:{number}: unknown {header[2]} {columns[2]!r}: expected one of {', '.join(map(str, sorted(type_column_values)))}"
             )
         if name in boxes:
-            raise ValueError(f"{path}:{number}: {name} already has a box at line {boxes[name][0]}")
+            raise InputError(f"{path}:{number}: {name} already has a box at line {boxes[name][0]}")
         boxes[name] = (number, (values[2], values[3], values[4], values[5]), values[1])
     return boxes
 
@@ -301,9 +302,9 @@ def _category(listed: str) -> str:
 
 def _local_root(root: str) -> _LocalRoot:
     if root.startswith("s3://") or "://" in root:
-        raise ValueError(f"--root {root}: DeepFashion roots must be a local directory (for images in a bucket use `mga prepare manifest`)")
+        raise InputError(f"--root {root}: DeepFashion roots must be a local directory (for images in a bucket use `mga prepare manifest`)")
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--root {root}: no such directory")
+        raise MissingInput(f"--root {root}: no such directory")
     return _LocalRoot(root)
 
 
@@ -317,7 +318,7 @@ def _image_prefix(root: _LocalRoot, layout: str, allow_highres: bool) -> str:
             if root.exists(parent + name):
                 return parent + name
     if layout != "auto":
-        raise FileNotFoundError(f"--layout {layout}: neither {root.path}/{layout} nor {root.path}/Img/{layout} exists")
+        raise MissingInput(f"--layout {layout}: neither {root.path}/{layout} nor {root.path}/Img/{layout} exists")
     return "img"  # nothing there: every image will be rejected as missing, and say so
 
 
@@ -330,7 +331,7 @@ def _read_path(listed: str, prefix: str) -> str:
 def list_inshop(root: str, layout: str = "auto", bbox: bool = True) -> Listing:
     """DeepFashion In-Shop under `root` as planned entries (no image is read here)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     base = _local_root(root)
     prefix = _image_prefix(base, layout, allow_highres=True)
     partition_path = os.path.join(base.path, "Eval", "list_eval_partition.txt")
@@ -342,7 +343,7 @@ def list_inshop(root: str, layout: str = "auto", bbox: bool = True) -> Listing:
     listed_names = set()
     for number, (name, item_id, status) in rows:
         if status not in ("train", "query", "gallery"):
-            raise ValueError(f"{partition_path}:{number}: unknown evaluation_status {status!r}: expected train, query or gallery")
+            raise InputError(f"{partition_path}:{number}: unknown evaluation_status {status!r}: expected train, query or gallery")
         image_id = posixpath.normpath(name)
         listed_names.add(image_id)
         box = boxes.get(image_id)
@@ -368,7 +369,7 @@ def list_inshop(root: str, layout: str = "auto", bbox: bool = True) -> Listing:
 def list_consumer2shop(root: str, val_as: str = "val", bbox: bool = True) -> Listing:
     """DeepFashion Consumer-to-Shop under `root`: one entry per distinct image of the pairs."""
     if val_as not in VAL_AS:
-        raise ValueError(f"--val-as {val_as!r}: expected one of {', '.join(VAL_AS)}")
+        raise InputError(f"--val-as {val_as!r}: expected one of {', '.join(VAL_AS)}")
     base = _local_root(root)
     prefix = _image_prefix(base, "auto", allow_highres=False)
     partition_path = os.path.join(base.path, "Eval", "list_eval_partition.txt")
@@ -381,7 +382,7 @@ def list_consumer2shop(root: str, val_as: str = "val", bbox: bool = True) -> Lis
     conflicts: list[str] = []
     for number, (consumer, shop, item_id, status) in rows:
         if status not in ("train", "val", "test"):
-            raise ValueError(f"{partition_path}:{number}: unknown evaluation_status {status!r}: expected train, val or test")
+            raise InputError(f"{partition_path}:{number}: unknown evaluation_status {status!r}: expected train, val or test")
         for name, domain in ((consumer, "consumer"), (shop, "shop")):
             image_id = posixpath.normpath(name)
             where = f"{partition_path}:{number}"
@@ -429,15 +430,15 @@ def _manifest_box(path: str, number: int, record: dict[str, str]) -> tuple[int, 
         return None
     if not all(cells):
         missing = [name for name, cell in zip(BBOX_COLUMNS, cells) if not cell]
-        raise ValueError(f"{path}:{number}: a box needs all of x1,y1,x2,y2 or none; {','.join(missing)} empty")
+        raise InputError(f"{path}:{number}: a box needs all of x1,y1,x2,y2 or none; {','.join(missing)} empty")
     values = []
     for name, cell in zip(BBOX_COLUMNS, cells):
         try:
             value = float(cell)
         except ValueError:
-            raise ValueError(f"{path}:{number}: expected a number in column {name}, found {cell!r}") from None
+            raise InputError(f"{path}:{number}: expected a number in column {name}, found {cell!r}") from None
         if not math.isfinite(value):
-            raise ValueError(f"{path}:{number}: expected a finite number in column {name}, found {cell!r}")
+            raise InputError(f"{path}:{number}: expected a finite number in column {name}, found {cell!r}")
         values.append(int(round(value)))
     return values[0], values[1], values[2], values[3]
 
@@ -445,7 +446,7 @@ def _manifest_box(path: str, number: int, record: dict[str, str]) -> tuple[int, 
 def list_manifest(manifest: str, root: str | None = None, seed: int = 0, test_fraction: float = 0.2) -> Listing:
     """A retailer's CSV (local or s3://) as planned entries; see the module docstring for the split rule."""
     if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"--test-fraction {test_fraction}: expected a fraction between 0 and 1")
+        raise InputError(f"--test-fraction {test_fraction}: expected a fraction between 0 and 1")
     location = resolve(manifest)
     root_uri = root or (posixpath.dirname(location.uri) if location.is_s3 else os.path.dirname(location.path))
     root_location = resolve(root_uri)
@@ -456,10 +457,10 @@ def list_manifest(manifest: str, root: str | None = None, seed: int = 0, test_fr
     reader.fieldnames = columns
     missing = [name for name in ("path", "item_id") if name not in columns]
     if missing:
-        raise ValueError(f"{location.uri}:1: missing column {', '.join(missing)}: expected a header with path,item_id[,split,domain,category,x1,y1,x2,y2], found {','.join(columns)!r}")
+        raise InputError(f"{location.uri}:1: missing column {', '.join(missing)}: expected a header with path,item_id[,split,domain,category,x1,y1,x2,y2], found {','.join(columns)!r}")
     boxes_given = [name for name in BBOX_COLUMNS if name in columns]
     if boxes_given and len(boxes_given) != 4:
-        raise ValueError(f"{location.uri}:1: box columns need all of x1,y1,x2,y2; found only {','.join(boxes_given)}")
+        raise InputError(f"{location.uri}:1: box columns need all of x1,y1,x2,y2; found only {','.join(boxes_given)}")
     listing = Listing("manifest", {"kind": "manifest", "manifest": location.uri, "root": base.uri, "seed": seed, "test_fraction": test_fraction})
     ignored = [name for name in columns if name not in MANIFEST_COLUMNS]
     if ignored:
@@ -470,19 +471,19 @@ def list_manifest(manifest: str, root: str | None = None, seed: int = 0, test_fr
     for record in reader:
         number = reader.line_num
         if None in record:
-            raise ValueError(f"{location.uri}:{number}: expected {len(columns)} columns, found more")
+            raise InputError(f"{location.uri}:{number}: expected {len(columns)} columns, found more")
         path = (record.get("path") or "").strip()
         item_id = (record.get("item_id") or "").strip()
         if not path:
-            raise ValueError(f"{location.uri}:{number}: empty path")
+            raise InputError(f"{location.uri}:{number}: empty path")
         if not item_id:
-            raise ValueError(f"{location.uri}:{number}: empty item_id")
+            raise InputError(f"{location.uri}:{number}: empty item_id")
         split = (record.get("split") or "").strip().lower() if has_split else ""
         if has_split and split not in ("train", "query", "gallery", "val", "test"):
-            raise ValueError(f"{location.uri}:{number}: unknown split {split!r}: expected train, query, gallery, val or test")
+            raise InputError(f"{location.uri}:{number}: unknown split {split!r}: expected train, query, gallery, val or test")
         domain = (record.get("domain") or "").strip().lower() if has_domain else "shop"
         if domain not in ("shop", "consumer"):
-            raise ValueError(f"{location.uri}:{number}: unknown domain {domain!r}: expected shop or consumer")
+            raise InputError(f"{location.uri}:{number}: unknown domain {domain!r}: expected shop or consumer")
         box = _manifest_box(location.uri, number, record) if boxes_given else None
         entry = collector.add(
             f"{location.uri}:{number}", path, None, item_id=item_id, split=split or "test", domain=domain,
@@ -793,23 +794,23 @@ def run(
 
     started = time.time()
     if shard_mb <= 0:
-        raise ValueError(f"--shard-mb {shard_mb}: expected a positive size in MB")
+        raise InputError(f"--shard-mb {shard_mb}: expected a positive size in MB")
     if max_pixels < 1:
-        raise ValueError(f"--max-pixels {max_pixels}: expected a positive number of pixels")
+        raise InputError(f"--max-pixels {max_pixels}: expected a positive number of pixels")
     if source in ("inshop", "consumer2shop") and not root:
-        raise ValueError(f"mga prepare {source} needs --root DIR")
+        raise InputError(f"mga prepare {source} needs --root DIR")
     if source == "inshop":
         listing = list_inshop(root, layout=layout, bbox=bbox)
     elif source == "consumer2shop":
         listing = list_consumer2shop(root, val_as=val_as, bbox=bbox)
     elif source == "manifest":
         if not manifest:
-            raise ValueError("mga prepare manifest needs --manifest CSV")
+            raise InputError("mga prepare manifest needs --manifest CSV")
         listing = list_manifest(manifest, root=root, seed=seed, test_fraction=test_fraction)
     else:
-        raise ValueError(f"unknown source {source!r}: expected inshop, consumer2shop or manifest")
+        raise InputError(f"unknown source {source!r}: expected inshop, consumer2shop or manifest")
     if listing.input == 0:
-        raise ValueError(f"{listing.source.get('manifest') or listing.source.get('root')}: lists no images")
+        raise InputError(f"{listing.source.get('manifest') or listing.source.get('root')}: lists no images")
 
     table = resolve(out)
     target_bytes = max(1, int(shard_mb * 2**20))
@@ -836,7 +837,7 @@ def run(
     info = {**snapshot.info, "version": snapshot.version}
     _print(listing, table, info, files, seconds)
     if info["rows"] == 0:
-        raise ValueError(f"no image of {listing.input:,} could be read: see the rejects table {rejects_table.uri}")
+        raise InputError(f"no image of {listing.input:,} could be read: see the rejects table {rejects_table.uri}")
     return info
 
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 from PIL import Image
 
+from mga.errors import InputError
 from mga.synthetic import PlannedImage, SynthSpec, plan_catalog, render_image
 from pipelines.console import print_summary
 from pipelines.runtime import init_ray
@@ -71,7 +72,7 @@ def _item_chunks(planned: list[PlannedImage], images_per_shard: int) -> list[lis
 
 def run(out: str, spec: SynthSpec, images_per_shard: int = 500) -> dict[str, Any]:
     if images_per_shard < 1:
-        raise ValueError(f"--images-per-shard must be positive, got {images_per_shard}")
+        raise InputError(f"--images-per-shard must be positive, got {images_per_shard}")
     started = time.time()
     table = resolve(out)
     planned = plan_catalog(spec)

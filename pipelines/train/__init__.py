@@ -23,6 +23,7 @@ import tempfile
 import time
 from typing import Any
 
+from mga.errors import InputError
 from pipelines.command import module_main
 from pipelines.config import TrainConfig, load_config
 from pipelines.console import print_summary
@@ -43,9 +44,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
     from pipelines.train import checkpoints, loop, validation, weights
 
     if not config.data.catalog:
-        raise ValueError("data.catalog: no catalog URI given (set it in the config or with --catalog)")
+        raise InputError("data.catalog: no catalog URI given (set it in the config or with --catalog)")
     if not config.run.output:
-        raise ValueError("run.output: no artifact URI given (set it in the config or with --output)")
+        raise InputError("run.output: no artifact URI given (set it in the config or with --output)")
     config = absolute_uris(config)
     started = time.time()
     storage = resolve(config.run.storage_path or tempfile.mkdtemp(prefix="mga-runs-"))
@@ -57,12 +58,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
         weights.check_backbone_weights(config)
     items = train_item_ids(config.data.catalog)
     if len(items) < config.data.items_per_batch:
-        raise ValueError(f"{config.data.catalog}: {len(items)} train items, fewer than data.items_per_batch={config.data.items_per_batch}")
+        raise InputError(f"{config.data.catalog}: {len(items)} train items, fewer than data.items_per_batch={config.data.items_per_batch}")
     selection = None
     if config.run.validate_every:
         selection = validation.select_validation(config.data.catalog, config.run.validation_queries, config.run.validation_gallery, config.run.seed)
         if selection is None:
-            raise ValueError(f"run.validate_every: {config.data.catalog} has no held-out query with a gallery match (no val split, no query/gallery splits); set run.validate_every=0")
+            raise InputError(f"run.validate_every: {config.data.catalog} has no held-out query with a gallery match (no val split, no query/gallery splits); set run.validate_every=0")
         print(f"[train] validation on the {selection['source']}: {len(selection['queries'])} queries x {len(selection['gallery'])} gallery images", flush=True)
     resuming_after = int(previous.metrics["epoch"]) if previous is not None else None
     if previous is not None and resuming_after >= config.optim.epochs:

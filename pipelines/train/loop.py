@@ -24,6 +24,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from mga.errors import InputError
 from mga.model import MGAModel
 from mga.objective import MGAObjective
 from pipelines.config import TrainConfig
@@ -240,7 +241,7 @@ def check_local_cpus(config: TrainConfig) -> None:
     total = float(ray.cluster_resources().get("CPU", 0))
     workers = config.scaling.num_workers * config.scaling.cpus_per_worker
     if workers + DECODE_TASK_CPUS > total:
-        raise ValueError(
+        raise InputError(
             f"scaling: {config.scaling.num_workers} workers x {config.scaling.cpus_per_worker:g} CPUs take {workers:g} of the "
             f"{total:g} CPUs of the local Ray instance, leaving less than {DECODE_TASK_CPUS} for the tasks that decode images: "
             "lower scaling.cpus_per_worker or scaling.num_workers (or give Ray more CPUs with MGA_RAY_CPUS)"

@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from mga.errors import InputError, MissingInput
 from mga.pretrained import PACKAGED_WEIGHTS, packaged_weights_file
 from pipelines.config import TrainConfig
 from pipelines.console import first_line
@@ -52,7 +53,7 @@ def local_weights_file(uri: str | None) -> str | None:
         return _LOCAL_WEIGHTS[uri]
     location = resolve(uri)
     if not location.exists():
-        raise FileNotFoundError(f"run.weights_file: {location.uri} does not exist")
+        raise MissingInput(f"run.weights_file: {location.uri} does not exist")
     path = location.path
     if location.is_s3:
         local = Path(tempfile.mkdtemp(prefix="mga-weights-")) / Path(location.path).name
@@ -65,7 +66,7 @@ def local_weights_file(uri: str | None) -> str | None:
 def check_backbone_weights(config: TrainConfig) -> None:
     """Build the backbone once in the driver with the weights the workers will load.
 
-    Raises ValueError (one line, naming the setting) when the weights cannot be had or do
+    Raises InputError (one line, naming the setting) when the weights cannot be had or do
     not fit; with the hub, this also fills the local Hugging Face cache that workers on
     this node then read.
     """
@@ -75,19 +76,18 @@ def check_backbone_weights(config: TrainConfig) -> None:
 
     if config.run.weights_file or config.run.pretrained == "package":
         setting = f"run.weights_file: {config.run.weights_file}" if config.run.weights_file else "run.pretrained=package"
+        local_weights_file(config.run.weights_file)  # a missing file is an error of its own (and fetched once)
         try:
             path = backbone_weights_file(config)
             Backbone(config.model.backbone, config.model.layers, config.model.global_dim, weights_file=path)
-        except FileNotFoundError:
-            raise
         except Exception as error:  # noqa: BLE001 - timm/torch raise many kinds; all mean "these weights do not fit"
-            raise ValueError(f"{setting} cannot be loaded into {config.model.backbone} ({first_line(error)})") from None
+            raise InputError(f"{setting} cannot be loaded into {config.model.backbone} ({first_line(error)})") from None
         return
     try:
         Backbone(config.model.backbone, config.model.layers, config.model.global_dim, hub=True)
     except Exception as error:  # noqa: BLE001 - hub, network and format errors alike
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0") else ""
-        raise ValueError(
+        raise InputError(
             f"run.pretrained=hub: cannot get pretrained weights for {config.model.backbone} from the timm / Hugging Face hub"
             f"{offline}: {first_line(error)}. Set run.weights_file=<local path or s3:// URI of a weights file>, "
             "run.pretrained=package (offline ImageNet weights for tf_efficientnet_lite0), or run.pretrained=none"

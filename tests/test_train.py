@@ -336,7 +336,7 @@ def test_a_training_job_submitted_through_the_jobs_api(catalog, tmp_path):
         # repo's venv) and no network: skip ray_job.yaml's pip step, keep the rest as is.
         runtime_env.pop("pip")
         output, runs = tmp_path / "model", tmp_path / "runs"
-        overrides = " ".join(f"--set {item}" for item in TINY + ["optim.epochs=1", "scaling.num_workers=1", "run.name=job"])
+        overrides = " ".join(f"--set {item}" for item in TINY + ["optim.epochs=2", "scaling.num_workers=1", "run.name=job"])
         job_id = client.submit_job(
             entrypoint=f"{sys.executable} -m pipelines.train --config pipelines/configs/tiny.yaml {overrides} "
             f"--catalog {catalog} --output {output} --storage-path {runs}",
@@ -348,9 +348,12 @@ def test_a_training_job_submitted_through_the_jobs_api(catalog, tmp_path):
             time.sleep(2)
         logs = client.get_job_logs(job_id)
         assert status == JobStatus.SUCCEEDED, logs[-5000:]
-        assert "[train] epoch 1/1" in logs and "== mga train ==" in logs
+        assert "== mga train ==" in logs
+        # The console: each epoch's line once, and none of Ray Train's report dumps.
+        assert [logs.count(f"[train] epoch {epoch}/2 ") for epoch in (1, 2)] == [1, 1], logs[-5000:]
+        assert "TrainingReport(" not in logs and "Reporting training result" not in logs, logs[-5000:]
         model, model_id, saved = load_model(str(output))
-        assert saved["train"]["epochs"] == 1 and model_id in logs and model.config.global_dim == 32
+        assert saved["train"]["epochs"] == 2 and model_id in logs and model.config.global_dim == 32
     finally:
         # Stop this head only: its whole process group (never `ray stop`, which would end
         # every Ray instance on the machine).

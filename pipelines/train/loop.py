@@ -11,6 +11,7 @@ group and restore the latest checkpoint, up to `run.max_failures` times
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -119,6 +120,10 @@ def epoch_line(config: TrainConfig, metrics: dict[str, Any], validation: dict[st
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    # Ray 2.60 logs every report at INFO ("Reporting training result ... TrainingReport(...)")
+    # through a logger named by its file path, which propagates to the root logger rather than
+    # `ray.train` (that LoggingConfig quiets): the worker's console gets warnings only.
+    logging.getLogger().setLevel(logging.WARNING)
     config = TrainConfig(**loop_config["config"])
     class_index: dict[str, int] = loop_config["class_index"]
     hooks: dict[str, Any] = loop_config.get("hooks") or {}
@@ -278,6 +283,12 @@ def fit(config: TrainConfig, items: list[str], validation: dict[str, Any] | None
             storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=checkpoint_config,
+            # The console gets one line per epoch (rank 0's print), nothing more: Ray Train's
+            # INFO logs dump every report ("Reporting training result ... TrainingReport(...)"),
+            # and its print patch sends each print to the root logger's console handler and,
+            # because Ray has replaced a worker's sys.stdout, to stdout as well: twice.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": dataset},
     )

@@ -10,12 +10,10 @@ group and restore the latest checkpoint, up to `run.max_failures` times
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,9 +35,6 @@ from pipelines.train.checkpoints import TrainingFailed, latest_epoch, read_check
 from pipelines.train.validation import Validator
 from pipelines.train.weights import backbone_weights_file
 
-HOOKS_ENV = "MGA_TRAIN_TEST_HOOKS"
-
-
 def _all_workers_have(flag: bool, device: torch.device) -> bool:
     """Keep DDP workers in lockstep: a step runs only if every worker has a batch."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -51,49 +46,6 @@ def _all_workers_have(flag: bool, device: torch.device) -> bool:
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if hasattr(module, "module") else module
-
-
-# --------------------------------------------------------------------------- test hooks
-
-
-def _test_hooks() -> dict[str, Any]:
-    raw = os.environ.get(HOOKS_ENV, "").strip()
-    return json.loads(raw) if raw else {}
-
-
-def _wait_for_reports() -> None:
-    """Until Ray Train has registered every checkpoint reported so far.
-
-    The controller collects reports asynchronously: a worker that dies right after
-    `ray.train.report` may take its last checkpoint with it, and the run then resumes
-    from the one before. The hooks wait, so that a test knows which checkpoint is the latest.
-    """
-    ray.train.get_all_reported_checkpoints(timeout_s=120)
-
-
-def _hook_epoch_start(hooks: dict[str, Any], rank: int, epoch: int) -> None:
-    if hooks.get("events"):
-        with open(hooks["events"], "a") as log:
-            log.write(json.dumps({"event": "start", "rank": rank, "epoch": epoch, "pid": os.getpid()}) + "\n")
-    block = hooks.get("block")
-    if block and block["rank"] == rank and block["epoch"] == epoch and not os.path.exists(block["pid_file"]):
-        _wait_for_reports()
-        staging = f"{block['pid_file']}.{os.getpid()}.tmp"
-        Path(staging).write_text(str(os.getpid()))
-        os.replace(staging, block["pid_file"])
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            time.sleep(0.2)
-        raise RuntimeError("test hook: this worker was meant to be killed")
-
-
-def _hook_epoch_end(hooks: dict[str, Any], rank: int, epoch: int, metrics: dict[str, Any]) -> None:
-    if rank == 0 and hooks.get("events"):
-        with open(hooks["events"], "a") as log:
-            log.write(json.dumps({"event": "report", "rank": rank, "epoch": epoch, "pid": os.getpid(), "metrics": metrics}) + "\n")
-    if rank == 0 and hooks.get("fail_after_epoch") == epoch:
-        _wait_for_reports()
-        raise RuntimeError(f"test hook: run interrupted after epoch {epoch}")
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -126,7 +78,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     config = TrainConfig(**loop_config["config"])
     class_index: dict[str, int] = loop_config["class_index"]
-    hooks: dict[str, Any] = loop_config.get("hooks") or {}
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.run.seed)
@@ -174,7 +125,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     validator = Validator(config.data.catalog, validation, config.data.image_size, config.data.max_pixels) if validation and rank == 0 else None
 
     for epoch in range(start_epoch, config.optim.epochs):
-        _hook_epoch_start(hooks, rank, epoch + 1)
         objective.train()
         started = time.perf_counter()
         totals = {"loss": 0.0, "identity": 0.0, "triplet": 0.0}
@@ -226,7 +176,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 "starts": starts,
             }
         report_epoch(metrics, checkpointing, rank, sampler_rng, state)
-        _hook_epoch_end(hooks, rank, epoch + 1, metrics)
 
 
 
@@ -270,7 +219,6 @@ def fit(config: TrainConfig, items: list[str], validation: dict[str, Any] | None
             "config": config.model_dump(mode="json"),
             "class_index": {item: index for index, item in enumerate(items)},
             "validation": validation,
-            "hooks": _test_hooks(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,

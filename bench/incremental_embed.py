@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from bench.common import git_revision, machine, tiny_model_config, write_random_artifact
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import embed, synth
 from pipelines.schemas import CATALOG
 from pipelines.storage import Location, resolve, write_parquet

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines.command import module_main
 from pipelines.config import load_config
 from pipelines.console import print_summary

@@ -20,7 +20,7 @@ import ray
 from PIL import Image
 
 from mga.errors import InputError
-from mga.synthetic import PlannedImage, SynthSpec, plan_catalog, render_image
+from pipelines.synthetic import PlannedImage, SynthSpec, plan_catalog, render_image
 from pipelines.console import print_summary
 from pipelines.runtime import init_ray
 from pipelines.schemas import CATALOG

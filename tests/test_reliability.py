@@ -35,7 +35,7 @@ from PIL import Image
 from mga.artifact import CONFIG, INDEX, WEIGHTS, artifact_id, pack_artifact, unpack_artifact
 from mga.config import ModelConfig
 from mga.model import MGAModel
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import embed, prepare, search, synth
 from pipelines.model_store import load_artifact, read_artifact_files, write_artifact
 from pipelines.schemas import CATALOG, column_matrix

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import synth, train
 from pipelines.train import validation, weights
 from pipelines.train.checkpoints import TrainingFailed

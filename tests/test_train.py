@@ -1,8 +1,8 @@
 """Training at production grade: overrides, backbone weights, validation and the best
-checkpoint, resume after an interruption, a killed worker, and a job through the Jobs API.
+checkpoint, resume after an interruption, a killed worker, and a job through `ray job submit`.
 
-Everything runs on a real local Ray (the `ray_local` fixture), except the Jobs API test,
-which starts its own Ray head in a subprocess and stops only that head.
+Everything runs on a real local Ray (the `ray_local` fixture), except the `ray job submit`
+test, which starts its own Ray head (`ray start --head`) and stops only that head.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import tempfile
 import threading
 import time
 import typing
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -334,7 +336,7 @@ def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(
     assert (resumed_after[0] + 1, resumed_after[0]) in {(epoch, start) for epoch, _, start in lines}, lines
 
 
-# --------------------------------------------------------------------------- Jobs API
+# --------------------------------------------------------------------------- ray job submit
 
 
 def _free_ports(count: int) -> list[int]:
@@ -348,19 +350,22 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-@pytest.mark.timeout(480)
-def test_a_training_job_submitted_through_the_jobs_api(catalog, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A Ray head of its own (`ray start --head`, 2 CPUs, free ports): (job server URL, the CLI's environment).
 
+    Stopped in the finalizer by its process group only, never by `ray stop`, which ends
+    every Ray instance on the machine (the tests' own local Ray included).
+    """
     (gcs, dashboard, client_server, agent_http, agent_grpc, runtime_env_agent, metrics, node_manager, object_manager) = _free_ports(9)
     # A short private temp dir: the head's address file goes there, not to /tmp/ray, so no
     # other `ray.init()` on this machine can find (and join) this head by accident.
     temp_dir = tempfile.mkdtemp(prefix="mgaray-", dir="/tmp")
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true",
+        ["ray", "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client_server}",
          f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
@@ -369,43 +374,19 @@ def test_a_training_job_submitted_through_the_jobs_api(catalog, tmp_path):
         stdout=head_log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     try:
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline, client = time.time() + 180, None
-        while client is None:
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            assert time.time() < deadline, "the Ray head's job server did not come up: " + (tmp_path / "head.log").read_text()[-3000:]
+        address, deadline = f"http://127.0.0.1:{dashboard}", time.time() + 180
+        while True:  # until the job server answers (a 401 for want of a token counts)
+            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             try:
-                client = JobSubmissionClient(address)
-            except Exception:  # noqa: BLE001 - not up yet
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
+            except urllib.error.HTTPError:
+                pass
+            except OSError:
                 time.sleep(1)
-
-        runtime_env = yaml.safe_load((REPO / "ray_job.yaml").read_text())
-        runtime_env["working_dir"] = str(REPO)
-        # This machine's environment already has every dependency (the head runs from the
-        # repo's venv) and no network: skip ray_job.yaml's pip step, keep the rest as is.
-        runtime_env.pop("pip")
-        output, runs = tmp_path / "model", tmp_path / "runs"
-        overrides = " ".join(f"--set {item}" for item in TINY + ["optim.epochs=2", "scaling.num_workers=1", "run.name=job"])
-        job_id = client.submit_job(
-            entrypoint=f"{sys.executable} -m pipelines.train --config pipelines/configs/tiny.yaml {overrides} "
-            f"--catalog {catalog} --output {output} --storage-path {runs}",
-            runtime_env=runtime_env,
-        )
-        deadline = time.time() + 360
-        while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            assert time.time() < deadline, f"job {job_id} still {status}: " + client.get_job_logs(job_id)[-3000:]
-            time.sleep(2)
-        logs = client.get_job_logs(job_id)
-        assert status == JobStatus.SUCCEEDED, logs[-5000:]
-        assert "== mga train ==" in logs
-        # The console: each epoch's line once, and none of Ray Train's report dumps.
-        assert [logs.count(f"[train] epoch {epoch}/2 ") for epoch in (1, 2)] == [1, 1], logs[-5000:]
-        assert "TrainingReport(" not in logs and "Reporting training result" not in logs, logs[-5000:]
-        model, model_id, saved = load_model(str(output))
-        assert saved["train"]["epochs"] == 2 and model_id in logs and model.config.global_dim == 32
+                continue
+            break
+        yield address, env
     finally:
-        # Stop this head only: its whole process group (never `ray stop`, which would end
-        # every Ray instance on the machine).
         # SIGTERM lets `ray start --block` stop its processes; SIGKILL then ends whatever of
         # the group is left (the raylet's workers and agents are in the same group).
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -419,6 +400,38 @@ def test_a_training_job_submitted_through_the_jobs_api(catalog, tmp_path):
                 pass
         head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(480)
+def test_a_training_job_submitted_with_the_ray_job_submit_cli(ray_head, catalog, tmp_path):
+    address, env = ray_head
+    # Ray 2.60 turns token auth on for a head started with `ray start --head`; the CLI sends
+    # its token (~/.ray/auth_token) only with RAY_AUTH_MODE=token, as the README says.
+    refused = subprocess.run(["ray", "job", "list", "--address", address], capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode != 0 and "Missing authentication token" in refused.stdout + refused.stderr, refused.stderr[-2000:]
+
+    runtime_env = yaml.safe_load((REPO / "ray_job.yaml").read_text())
+    # This machine's environment already has every dependency (the head runs from the
+    # repo's venv) and no network: skip ray_job.yaml's pip step, keep the rest as is.
+    runtime_env.pop("pip")
+    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+    output, runs = tmp_path / "model", tmp_path / "runs"
+    overrides = [word for item in TINY + ["optim.epochs=2", "scaling.num_workers=1", "run.name=job"] for word in ("--set", item)]
+    submitted = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--runtime-env", str(tmp_path / "runtime_env.yaml"), "--",
+         "python", "-m", "pipelines.train", "--config", "pipelines/configs/tiny.yaml", *overrides,
+         "--catalog", catalog, "--output", str(output), "--storage-path", str(runs)],
+        capture_output=True, text=True, env={**env, "RAY_AUTH_MODE": "token"}, cwd=REPO, timeout=420,
+    )
+    logs = submitted.stdout + submitted.stderr  # `ray job submit` follows the job's logs to its end
+    assert submitted.returncode == 0 and "succeeded" in logs, logs[-5000:]
+    assert "== mga train ==" in logs
+    # The console: each epoch's line once, and none of Ray Train's report dumps.
+    assert [logs.count(f"[train] epoch {epoch}/2 ") for epoch in (1, 2)] == [1, 1], logs[-5000:]
+    assert "TrainingReport(" not in logs and "Reporting training result" not in logs, logs[-5000:]
+    model, model_id, saved = load_model(str(output))
+    assert saved["train"]["epochs"] == 2 and model_id in logs and model.config.global_dim == 32
 
 
 # --------------------------------------------------------------------------- smaller pieces

@@ -25,7 +25,7 @@ from bench.common import git_revision, machine, write_random_artifact
 from pipelines import demo, embed, evaluate, search, synth, train
 from pipelines.config import load_config
 from pipelines.runtime import init_ray
-from pipelines.train import backbone_weights_file
+from pipelines.train.weights import backbone_weights_file
 
 MODELS = {
     "baseline (identity)": ["loss.triplet_weight=0", "model.alpha=1.0"],

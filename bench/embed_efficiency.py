@@ -17,7 +17,7 @@ import tempfile
 import torch
 
 from bench.common import machine, tiny_model_config, timed, write_random_artifact
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import embed, synth
 from pipelines.runtime import init_ray
 

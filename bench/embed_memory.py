@@ -17,7 +17,7 @@ import time
 
 
 from bench.common import machine, tree_pss, tiny_model_config, write_random_artifact
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import synth
 from pipelines.runtime import init_ray
 

@@ -41,11 +41,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from bench.common import git_revision, machine, tiny_model_config, write_random_artifact
-from mga.synthetic import SynthSpec
 from pipelines import embed, prepare, synth
 from pipelines.storage import Location, resolve
+from pipelines.synthetic import SynthSpec
 from pipelines.tables import open_table, read_table
-from pipelines.train import select_validation
+from pipelines.train.validation import select_validation
 
 SHARD_MB = 1.0
 

@@ -17,7 +17,7 @@ import torch
 from bench.common import machine, timed
 from mga.model import MGAModel
 from mga.objective import MGAObjective
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import synth, train
 from pipelines.catalog import train_item_ids
 from pipelines.config import load_config

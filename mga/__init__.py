@@ -14,7 +14,7 @@ __all__ = ["Embedding", "LossConfig", "MGAModel", "ModelConfig"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `import mga.synthetic` or `mga.metrics` must not pay for importing torch.
+    # Lazy: `import mga.metrics` must not pay for importing torch.
     if name in ("LossConfig", "ModelConfig"):
         from mga import config
 

@@ -21,6 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from mga.config import ModelConfig
+from mga.errors import InputError
 from mga.model import MGAModel
 
 WEIGHTS = "model.safetensors"
@@ -28,7 +29,7 @@ CONFIG = "config.json"
 INDEX = "artifact.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(InputError):
     """An artifact that is incomplete, tampered with or inconsistent."""
 
 

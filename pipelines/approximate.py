@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import torch
 
+from mga.errors import InputError
 from mga.retrieval import TopK, order_by_score, tie_keys
 from pipelines.gallery_scan import Shortlisted
 from pipelines.schemas import column_matrix
@@ -70,7 +71,7 @@ def build_index(features: Snapshot, kind: str):
         raise ValueError(f"--index must be exact or one of {APPROXIMATE}, got {kind!r}")
     size = _gallery_dataset(features).count_rows(filter=pc.field("split") == "gallery")
     if size == 0:
-        raise ValueError(f"{features.uri}: no rows with split=gallery to search")
+        raise InputError(f"{features.uri}: no rows with split=gallery to search")
     index, ids, items, pending = None, [], [], []
     for batch in _gallery_batches(features):
         if batch.num_rows == 0:

@@ -1,79 +1,53 @@
-"""The `mga` command: thin subcommands over the pipelines."""
+"""The `mga` command: thin subcommands over the pipelines.
+
+Only the chosen subcommand's module is imported, and `mga --help` reads each job's one-line
+help from its module's docstring without importing it: the jobs load torch, timm, faiss and
+Ray, which takes seconds, and a help text or a usage error should not wait for them.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import ast
+import importlib
+import importlib.util
 import sys
-from typing import Any, Callable
+from pathlib import Path
 
-from pydantic import ValidationError
+from pipelines.command import CommandParser, add_s3_flags, apply_s3_flags, run_command, summary
 
-
-def run_command(action: Callable[[], Any]) -> Any:
-    """Run a command; expected failures become one line on stderr and exit code 2."""
-    from mga.artifact import ArtifactError
-    from mga.transforms import ImageDecodeError
-    from pipelines.config import ConfigError, format_validation_error
-    from pipelines.console import JobFailed
-    from pipelines.storage import StorageError
-
-    try:
-        return action()
-    except JobFailed as error:
-        print(f"mga: failed: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except ValidationError as error:
-        message = format_validation_error(error)
-    except (ConfigError, StorageError, ArtifactError, ImageDecodeError, FileNotFoundError, ValueError) as error:
-        message = str(error)
-    except KeyboardInterrupt:
-        message = "interrupted"
-    print(f"mga: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+COMMANDS = ("synth", "prepare", "train", "embed", "search", "evaluate", "vacuum", "demo")
 
 
-def _add_s3_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
-    parser.add_argument("--s3-region", help="S3 region (default: $AWS_REGION)")
+def _docstring(module: str) -> str | None:
+    """A module's docstring, read from its source without importing it."""
+    spec = importlib.util.find_spec(module)
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text())) if spec and spec.origin else None
 
 
-def _apply_s3_flags(args: argparse.Namespace) -> None:
-    # Flags become the standard variables, which init_ray forwards to every worker.
-    if getattr(args, "s3_endpoint", None):
-        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    if getattr(args, "s3_region", None):
-        os.environ["AWS_REGION"] = args.s3_region
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from pipelines import demo, embed, evaluate, prepare, search, synth, train, vacuum
-
-    parser = argparse.ArgumentParser(prog="mga", description="MGA fashion image retrieval on Ray")
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `mga` parser; the flags of `command` (imported for that) when one is chosen."""
+    parser = CommandParser(prog="mga", description="MGA fashion image retrieval on Ray")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, module in (("synth", synth), ("prepare", prepare), ("train", train), ("embed", embed), ("search", search), ("evaluate", evaluate), ("vacuum", vacuum), ("demo", demo)):
-        sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        module.build_parser(sub)
-        _add_s3_flags(sub)
-        sub.set_defaults(module=module)
+    for name in COMMANDS:
+        text = summary(_docstring(f"pipelines.{name}"))
+        sub = commands.add_parser(name, help=text, description=text)
+        if name == command:
+            module = importlib.import_module(f"pipelines.{name}")
+            module.build_parser(sub)
+            add_s3_flags(sub)
+            sub.set_defaults(module=module, parser=sub)
     return parser
 
 
-def module_main(module_name: str, argv: list[str] | None = None) -> None:
-    """`python -m pipelines.<name>`: the same flags as `mga <name>`."""
-    module = sys.modules[module_name]
-    name = module.__spec__.name if module.__spec__ else module_name  # "__main__" under `python -m`
-    parser = argparse.ArgumentParser(prog=f"python -m {name}", description=(module.__doc__ or "").strip().splitlines()[0])
-    module.build_parser(parser)
-    _add_s3_flags(parser)
-    args = parser.parse_args(argv)
-    _apply_s3_flags(args)
-    run_command(lambda: module.run_args(args))
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    _apply_s3_flags(args)
+    argv = sys.argv[1:] if argv is None else argv
+    # `mga` itself has no options but --help, so the first word that is not one names the command.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args, unknown = build_parser(command if command in COMMANDS else None).parse_known_args(argv)
+    if unknown:  # named by the subcommand's parser, which knows the flags it lacks
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    apply_s3_flags(args)
     run_command(lambda: args.module.run_args(args))
 
 

@@ -12,11 +12,12 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from mga.config import LossConfig, ModelConfig, StrictModel
+from mga.errors import InputError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem, with the key it concerns."""
 
 

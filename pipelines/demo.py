@@ -12,8 +12,8 @@ import os
 import time
 from typing import Any
 
-from mga.synthetic import SynthSpec
-from pipelines import embed, evaluate, search, synth, train
+from pipelines.synthetic import SynthSpec
+from pipelines.command import module_main
 from pipelines.config import load_config
 from pipelines.console import print_summary
 
@@ -23,6 +23,9 @@ DEMO_SPEC = SynthSpec(seed=0, groups=20, items_per_group=12, test_fraction=0.5, 
 
 
 def run(workdir: str = "mga_demo", config: str = "tiny", overrides: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
+    # Here, not at the top: `mga demo --help` and a usage error must not wait for torch and Ray.
+    from pipelines import embed, evaluate, search, synth, train
+
     started = time.time()
     paths = {name: os.path.abspath(os.path.join(workdir, name)) for name in ("catalog", "model", "runs", "features", "rankings", "report")}
     timings: dict[str, float] = {}
@@ -69,8 +72,6 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import module_main
-
     module_main(__name__, argv)
 
 

@@ -44,11 +44,12 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from mga.artifact import ArtifactError, unpack_artifact
+from mga.artifact import unpack_artifact
+from mga.errors import InputError
 from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 from pipelines.catalog import open_catalog, rewrite_without, table_dataset
 from pipelines.console import print_summary
-from pipelines.model_store import read_artifact_files
+from pipelines.model_store import load_artifact, read_artifact_files
 from pipelines.resources import actor_cpus, actor_device, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
 from pipelines.runtime import init_ray
 from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, TOKEN_DTYPES, features_schema, vector_column
@@ -121,17 +122,6 @@ class Embedder:
             columns[name] = vector_column(tokens.float().cpu().numpy(), self.schema.field(name).type)
         columns["embedded_at"] = pa.array([datetime.now(timezone.utc)] * rows, pa.timestamp("us", tz="UTC"))
         return pa.table(columns, schema=self.schema)
-
-
-def load_artifact(files: dict[str, bytes], where: str) -> tuple[Any, str, dict[str, Any]]:
-    """unpack_artifact, with whatever a corrupt or hostile artifact raises (safetensors, JSON,
-    config errors) reported as an ArtifactError naming it: a one-line error, never a traceback."""
-    try:
-        return unpack_artifact(files, where=where)
-    except ArtifactError:
-        raise
-    except Exception as error:  # noqa: BLE001
-        raise ArtifactError(f"{where}: not a loadable model artifact ({type(error).__name__}: {error})") from error
 
 
 @dataclass
@@ -210,13 +200,13 @@ def run(
     cpus_per_actor: float = 2.0,
 ) -> dict[str, Any]:
     if token_dtype not in TOKEN_DTYPES:
-        raise ValueError(f"--token-dtype must be one of {sorted(TOKEN_DTYPES)}, got {token_dtype!r}")
+        raise InputError(f"--token-dtype must be one of {sorted(TOKEN_DTYPES)}, got {token_dtype!r}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+        raise InputError(f"--batch-size must be positive, got {batch_size}")
     if actors is not None and actors < 1:
-        raise ValueError(f"--actors must be positive, got {actors}")
+        raise InputError(f"--actors must be positive, got {actors}")
     if max_pixels < 1:
-        raise ValueError(f"--max-pixels must be positive, got {max_pixels}")
+        raise InputError(f"--max-pixels must be positive, got {max_pixels}")
     actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
     catalog_table = open_catalog(catalog)
@@ -348,7 +338,7 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import module_main
+    from pipelines.command import module_main
 
     module_main(__name__, argv)
 

@@ -31,8 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mga.errors import InputError
 from mga.metrics import DEFAULT_KS, RetrievalMetrics, rank_metrics
 from pipelines import storage
+from pipelines.command import module_main
 from pipelines.tables import Snapshot, TableNotFound, open_table, read_table
 from pipelines.report import GalleryExample, gallery_picture, write_report
 
@@ -49,7 +51,7 @@ def read_queries(table: Snapshot) -> tuple[np.ndarray, np.ndarray]:
     rows = read_table(table, ["query_id", "query_positives"], pc.field("rank") == 1).sort_by("query_id")
     ids = rows.column("query_id").to_numpy(zero_copy_only=False).astype(str)
     if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
-        raise ValueError(f"{table.uri}: query {ids[1:][ids[1:] == ids[:-1]][0]!r} is ranked more than once")
+        raise InputError(f"{table.uri}: query {ids[1:][ids[1:] == ids[:-1]][0]!r} is ranked more than once")
     return ids, rows.column("query_positives").to_numpy(zero_copy_only=False).astype(np.int64)
 
 
@@ -62,7 +64,7 @@ def score_positives(positives: pa.Table, query_ids: np.ndarray, query_positives:
     """
     index = pc.index_in(positives.column("query_id"), value_set=pa.array(query_ids)).to_numpy(zero_copy_only=False)
     if np.isnan(index.astype(float)).any():
-        raise ValueError("the positives table names queries that the rankings do not rank")
+        raise InputError("the positives table names queries that the rankings do not rank")
     index = index.astype(np.int64)
     per_query: dict[str, np.ndarray] = {"query_id": query_ids}
     for ordering in ORDERINGS:
@@ -71,7 +73,7 @@ def score_positives(positives: pa.Table, query_ids: np.ndarray, query_positives:
         per_query[f"first_rank_{ordering}"], per_query[f"ap_{ordering}"] = first, ap
     if np.any(counts != query_positives):
         worst = int(np.argmax(counts != query_positives))
-        raise ValueError(
+        raise InputError(
             f"query {query_ids[worst]!r}: the positives table holds {int(counts[worst])} positives, the rankings count {int(query_positives[worst])}"
         )
     per_query["positives"] = counts
@@ -218,7 +220,7 @@ def run(
     if not isinstance(manifest.get("positives"), dict):
         raise storage.StorageError(f"{table.uri} (version {table.version}): its commits name no positives table (not written by `mga search`?)")
     if depth is not None and depth < 1:
-        raise ValueError(f"depth must be positive, got {depth}")
+        raise InputError(f"depth must be positive, got {depth}")
     ks = RetrievalMetrics(ks).ks  # validated and sorted before any work starts
 
     query_ids, query_positives = read_queries(table)
@@ -309,8 +311,6 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from pipelines.cli import module_main
-
     module_main(__name__, argv)
 
 

@@ -23,9 +23,20 @@ def read_artifact_files(uri: str) -> dict[str, bytes]:
     return {name: location.join(name).read_bytes() for name in (WEIGHTS, CONFIG, INDEX)}
 
 
+def load_artifact(files: dict[str, bytes], where: str) -> tuple[MGAModel, str, dict[str, Any]]:
+    """unpack_artifact, with whatever a corrupt or hostile artifact raises (safetensors, JSON,
+    config errors) reported as an ArtifactError naming it: a one-line error, never a traceback."""
+    try:
+        return unpack_artifact(files, where=where)
+    except ArtifactError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise ArtifactError(f"{where}: not a loadable model artifact ({type(error).__name__}: {error})") from error
+
+
 def load_model(uri: str) -> tuple[MGAModel, str, dict[str, Any]]:
     """(model, model_id, config) of the artifact at `uri`; the hash is checked, nothing is unpickled."""
-    return unpack_artifact(read_artifact_files(uri), where=resolve(uri).uri)
+    return load_artifact(read_artifact_files(uri), resolve(uri).uri)
 
 
-__all__ = ["ArtifactError", "load_model", "read_artifact_files", "write_artifact"]
+__all__ = ["ArtifactError", "load_artifact", "load_model", "read_artifact_files", "write_artifact"]

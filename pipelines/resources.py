@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from mga.errors import InputError
 from pipelines.storage import StorageError, credentials_hint
 
 USE_GPU = ("auto", "yes", "no")
@@ -28,9 +29,9 @@ def actor_gpus(use_gpu: str, gpus_up: int, gpus_per_actor: float = 1.0) -> float
     """GPUs each model actor asks Ray for: `auto` follows the GPUs up at start, `yes` asks
     even when none are up (an autoscaler then adds GPU nodes), `no` never asks."""
     if use_gpu not in USE_GPU:
-        raise ValueError(f"--use-gpu must be one of {', '.join(USE_GPU)}, got {use_gpu!r}")
+        raise InputError(f"--use-gpu must be one of {', '.join(USE_GPU)}, got {use_gpu!r}")
     if not gpus_per_actor > 0:
-        raise ValueError(f"--gpus-per-actor must be positive, got {gpus_per_actor}")
+        raise InputError(f"--gpus-per-actor must be positive, got {gpus_per_actor}")
     if use_gpu == "yes" or (use_gpu == "auto" and gpus_up > 0):
         return float(gpus_per_actor)
     return 0.0
@@ -52,7 +53,7 @@ def add_gpu_arguments(parser: argparse.ArgumentParser, actor: str) -> None:
 def actor_cpus(gpus: float, cpus_per_actor: float) -> float:
     """CPUs each actor asks for: one beside a GPU (the GPU does the work), else `cpus_per_actor`."""
     if not cpus_per_actor > 0:
-        raise ValueError(f"--cpus-per-actor must be positive, got {cpus_per_actor}")
+        raise InputError(f"--cpus-per-actor must be positive, got {cpus_per_actor}")
     return 1.0 if gpus > 0 else float(cpus_per_actor)
 
 

@@ -36,12 +36,13 @@ import ray
 import torch
 
 from mga.retrieval import pair_scores, rerank, reranked_ranks, tie_keys
+from mga.errors import InputError
 from pipelines.approximate import APPROXIMATE, approximate_shortlist, build_index, shortlist_recall
+from pipelines.command import module_main
 from pipelines.console import print_summary
-from pipelines.embed import load_artifact
 from pipelines.gallery_scan import ShortlistMerge, ShortlistScan, Shortlisted, TokenScorer
 from pipelines.catalog import table_dataset
-from pipelines.model_store import read_artifact_files
+from pipelines.model_store import load_artifact, read_artifact_files
 from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
 from pipelines.runtime import init_ray
 from pipelines.schemas import POSITIVES, RANKINGS
@@ -62,7 +63,7 @@ def read_queries(features: Snapshot) -> pa.Table:
     names = token_columns(features.info)
     queries = read_table(features, ["image_id", "item_id", "global", *names], pc.field("split") == "query", ("split", ["query"]))
     if queries.num_rows == 0:
-        raise ValueError(f"{features.uri}: no rows with split=query to search for")
+        raise InputError(f"{features.uri}: no rows with split=query to search for")
     return queries.sort_by("image_id")
 
 
@@ -112,7 +113,7 @@ def shortlist_scan(features: Snapshot, chunk: dict[str, Any], depth: int, block_
     try:
         return merge.result()
     except ValueError as error:
-        raise ValueError(f"{features.uri}: {error}") from None
+        raise InputError(f"{features.uri}: {error}") from None
 
 
 def _scalar_value(scalar: pa.Scalar) -> Any:
@@ -204,7 +205,7 @@ def rank_chunk(chunk: dict[str, Any], shortlisted: Shortlisted, token_scores: to
 
 def _check_positive(name: str, value: int) -> None:
     if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise InputError(f"{name} must be positive, got {value}")
 
 
 def run(
@@ -225,20 +226,20 @@ def run(
     for name, value in (("--depth", depth), ("--query-chunk", query_chunk), ("--block-rows", block_rows), ("--workers", workers or 1), ("--rerank-batch", rerank_batch or 1)):
         _check_positive(name, value)
     if rerank_top < 0:
-        raise ValueError(f"--rerank-top must be non-negative, got {rerank_top}")
+        raise InputError(f"--rerank-top must be non-negative, got {rerank_top}")
     if index not in INDEX_KINDS:
-        raise ValueError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
+        raise InputError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
     actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
     features_table = open_table(resolve(features))
     info = features_table.info
     if info.get("table") != "features":
-        raise ValueError(f"{features_table.uri} (version {features_table.version}) was not written by `mga embed`: its commits carry no features metadata")
+        raise InputError(f"{features_table.uri} (version {features_table.version}) was not written by `mga embed`: its commits carry no features metadata")
     model_uri = model or info["model"]
     files = read_artifact_files(model_uri)
     _, model_id, model_config = load_artifact(files, resolve(model_uri).uri)
     if model_id != info["model_id"]:
-        raise ValueError(f"{features_table.uri} was embedded with model_id {info['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
+        raise InputError(f"{features_table.uri} was embedded with model_id {info['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
     alpha = float(model_config["model"]["alpha"])
     queries = read_queries(features_table)
     positives = find_positives(features_table, queries)
@@ -335,8 +336,6 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import module_main
-
     module_main(__name__, argv)
 
 

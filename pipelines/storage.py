@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mga.errors import MGAError
+
 # S3 settings a local Ray instance forwards to its workers in their runtime env
 # (pipelines.runtime.init_ray). Credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 # AWS_SESSION_TOKEN) are deliberately NOT listed: Ray writes a runtime env verbatim into its
@@ -48,7 +50,7 @@ _CREDENTIAL_VARS = (
 )
 
 
-class StorageError(RuntimeError):
+class StorageError(MGAError):
     """A URI that cannot be read or written, with the URI in the message."""
 
 

@@ -19,7 +19,8 @@ import pyarrow as pa
 import ray
 from PIL import Image
 
-from mga.synthetic import PlannedImage, SynthSpec, plan_catalog, render_image
+from mga.errors import InputError
+from pipelines.synthetic import PlannedImage, SynthSpec, plan_catalog, render_image
 from pipelines.console import print_summary
 from pipelines.runtime import init_ray
 from pipelines.schemas import CATALOG
@@ -71,7 +72,7 @@ def _item_chunks(planned: list[PlannedImage], images_per_shard: int) -> list[lis
 
 def run(out: str, spec: SynthSpec, images_per_shard: int = 500) -> dict[str, Any]:
     if images_per_shard < 1:
-        raise ValueError(f"--images-per-shard must be positive, got {images_per_shard}")
+        raise InputError(f"--images-per-shard must be positive, got {images_per_shard}")
     started = time.time()
     table = resolve(out)
     planned = plan_catalog(spec)
@@ -125,7 +126,7 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import module_main
+    from pipelines.command import module_main
 
     module_main(__name__, argv)
 

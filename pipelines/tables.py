@@ -42,6 +42,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mga.errors import InputError
 from pipelines.storage import Location, StorageError, credentials_hint, s3_endpoint, write_parquet
 
 APP_ID = "mga"
@@ -399,7 +400,7 @@ def vacuum(location: Location, retain_hours: float) -> list[str]:
     from deltalake.transaction import CommitProperties
 
     if retain_hours < 0:
-        raise ValueError(f"--retain-hours must be non-negative, got {retain_hours}")
+        raise InputError(f"--retain-hours must be non-negative, got {retain_hours}")
     info = open_table(location).info
     table = _delta_table(location)
     try:

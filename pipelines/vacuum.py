@@ -14,6 +14,7 @@ import argparse
 import time
 from typing import Any
 
+from pipelines.command import module_main
 from pipelines.console import print_summary
 from pipelines.storage import resolve
 from pipelines.tables import companion, open_table, table_exists, vacuum
@@ -50,8 +51,6 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import module_main
-
     module_main(__name__, argv)
 
 

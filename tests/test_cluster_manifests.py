@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -63,15 +64,18 @@ def _pyproject() -> dict[str, Any]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def _ray_version() -> str:
-    for requirement in _pyproject()["project"]["dependencies"]:
-        match = re.match(r"^ray(\[[^\]]*\])?==([\w.]+)$", requirement.replace(" ", ""))
-        if match:
-            return match.group(2)
-    raise AssertionError("pyproject.toml does not pin ray==X.Y.Z")
+def _requirements() -> list[Requirement]:
+    return [Requirement(text) for text in _pyproject()["project"]["dependencies"]]
 
 
-RAY_VERSION = _ray_version()
+def _cluster_ray_version() -> str:
+    """The Ray every cluster runs: the version of the Dockerfile's base image."""
+    base = re.search(r"^ARG BASE_IMAGE=rayproject/ray:([\d.]+)-", DOCKERFILE.read_text(), re.MULTILINE)
+    assert base, "cluster/Dockerfile does not start from a rayproject/ray:X.Y.Z image"
+    return base.group(1)
+
+
+RAY_VERSION = _cluster_ray_version()
 
 
 def _yaml_files() -> list[Path]:
@@ -259,8 +263,10 @@ def test_manifests_have_the_expected_kinds_and_api_versions():
 
 
 def test_ray_versions_agree_everywhere():
+    ray = next(requirement for requirement in _requirements() if requirement.name == "ray")
+    assert ray.specifier.contains(RAY_VERSION), f"the clusters' Ray {RAY_VERSION} is outside pyproject's {ray}"
     for where, spec in _cluster_specs():
-        assert spec["rayVersion"] == RAY_VERSION, f"{where}: rayVersion {spec['rayVersion']} != pyproject's {RAY_VERSION}"
+        assert spec["rayVersion"] == RAY_VERSION, f"{where}: rayVersion {spec['rayVersion']} != the Dockerfile's {RAY_VERSION}"
     dockerfile = DOCKERFILE.read_text()
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.MULTILINE)
     assert base and base.group(1).startswith(f"rayproject/ray:{RAY_VERSION}-"), "Dockerfile base image is not pinned to the Ray version"
@@ -454,23 +460,22 @@ def test_launcher_config_matches_rays_schema_and_autoscales_gpu_workers():
     assert types[config["head_node_type"]].get("resources", {}).get("GPU", 0) == 0, "the head should be CPU-only"
 
 
-def _runtime_requirements() -> set[str]:
+def _runtime_requirements() -> list[Requirement]:
     """pyproject.toml's dependencies minus ray (the cluster image provides it)."""
-    return {
-        req.replace(" ", "")
-        for req in _pyproject()["project"]["dependencies"]
-        if not re.match(r"^ray(\[|=|>|<|~|$)", req.replace(" ", ""))
-    }
+    return [requirement for requirement in _requirements() if requirement.name != "ray"]
 
 
 def test_dependencies_follow_pyproject():
     pip = _docs(RAY_JOB)[0]["pip"]
-    packages = pip["packages"] if isinstance(pip, dict) else pip
-    assert {p.replace(" ", "") for p in packages} == _runtime_requirements(), "ray_job.yaml pip != pyproject.toml deps (minus ray)"
-    assert not any(p.startswith("ray") for p in packages), "never reinstall ray inside a runtime env"
-    setup = " ".join(_docs(LAUNCHER)[0]["setup_commands"])
-    for requirement in _runtime_requirements():
-        assert f'"{requirement}"' in setup, f"launcher setup_commands do not install {requirement}"
+    packages = [Requirement(text) for text in (pip["packages"] if isinstance(pip, dict) else pip)]
+    assert {str(p) for p in packages} == {str(r) for r in _runtime_requirements()}, "ray_job.yaml pip != pyproject.toml deps (minus ray)"
+    assert not any(p.name == "ray" for p in packages), "never reinstall ray inside a runtime env"
+    words = shlex.split(" ".join(_docs(LAUNCHER)[0]["setup_commands"]))
+    installed = {str(Requirement(word)) for word in words[words.index("install") + 1:] if not word.startswith("-")}
+    # The launcher's nodes are Linux x86-64 GPU machines: what the markers choose there.
+    node = {"sys_platform": "linux", "platform_machine": "x86_64"}
+    chosen = {str(Requirement(f"{r.name}{r.specifier}")) for r in _runtime_requirements() if r.marker is None or r.marker.evaluate(node)}
+    assert installed == chosen, "launcher setup_commands != pyproject.toml deps for Linux x86-64 (minus ray)"
     assert "pyproject.toml" in DOCKERFILE.read_text(), "the Dockerfile should install pyproject.toml's dependencies"
 
 

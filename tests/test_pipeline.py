@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import embed, evaluate, search, synth, train
 from pipelines.config import load_config
 from pipelines.model_store import load_model

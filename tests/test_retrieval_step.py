@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mga.metrics import RetrievalMetrics, rank_metrics
-from mga.retrieval import count_ranked_above, exact_top_k, pair_scores, reranked_ranks, rerank, retrieve, tie_keys
+from mga.retrieval import count_ranked_above, exact_top_k, pair_scores, reranked_ranks, retrieve, tie_keys
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-from mga.synthetic import SynthSpec, plan_catalog, render_image
+from pipelines.synthetic import SynthSpec, plan_catalog, render_image
 from pipelines import embed, prepare, train
 from pipelines.config import load_config
 from pipelines.model_store import load_model

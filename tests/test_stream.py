@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import synth
 from pipelines.catalog import open_catalog, train_item_ids
 from pipelines.stream import pk_stream, train_stream

@@ -20,7 +20,7 @@ import torch
 from mga.artifact import pack_artifact
 from mga.config import ModelConfig
 from mga.model import MGAModel
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import synth
 from pipelines.model_store import write_artifact
 from pipelines.storage import StorageError, resolve, write_parquet

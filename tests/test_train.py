@@ -1,14 +1,15 @@
 """Training at production grade: overrides, backbone weights, validation and the best
-checkpoint, resume after an interruption, a killed worker, and a job through the Jobs API.
+checkpoint, resume after an interruption, a killed worker, and a job through `ray job submit`.
 
-Everything runs on a real local Ray (the `ray_local` fixture), except the Jobs API test,
-which starts its own Ray head in a subprocess and stops only that head.
+Everything runs on a real local Ray (the `ray_local` fixture), except the `ray job submit`
+test, which starts its own Ray head (`ray start --head`) and stops only that head.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,14 +19,19 @@ import tempfile
 import threading
 import time
 import typing
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from pydantic import BaseModel
 
-from mga.synthetic import SynthSpec
+from pipelines.synthetic import SynthSpec
 from pipelines import synth, train
+from pipelines.train import validation, weights
+from pipelines.train.checkpoints import TrainingFailed
 from pipelines.config import ConfigError, TrainConfig, load_config
 from pipelines.model_store import load_model
 from pipelines.storage import resolve
@@ -159,131 +165,178 @@ def test_weights_file_local_or_s3_is_loaded_and_a_bad_one_is_refused(tmp_path, s
     from mga.model import MGAModel
 
     reference = timm.create_model("tf_efficientnet_lite0")
-    weights = tmp_path / "b0.safetensors"
-    save_file({name: tensor.contiguous() for name, tensor in reference.state_dict().items()}, str(weights))
-    boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1").upload_file(str(weights), s3_env["bucket"], "weights/b0.safetensors")
+    weights_path = tmp_path / "b0.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in reference.state_dict().items()}, str(weights_path))
+    boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1").upload_file(str(weights_path), s3_env["bucket"], "weights/b0.safetensors")
 
-    for uri in (str(weights), f"s3://{s3_env['bucket']}/weights/b0.safetensors"):
+    for uri in (str(weights_path), f"s3://{s3_env['bucket']}/weights/b0.safetensors"):
         config = load_config("tiny", TINY + [f"run.weights_file={uri}"])
-        train.check_backbone_weights(config)  # the driver's check passes
-        path = train.local_weights_file(uri)
-        assert Path(path).read_bytes() == weights.read_bytes()
+        weights.check_backbone_weights(config)  # the driver's check passes
+        path = weights.local_weights_file(uri)
+        assert Path(path).read_bytes() == weights_path.read_bytes()
         model = MGAModel(config.model, weights_file=path)
         torch.testing.assert_close(model.backbone.body.conv_stem.weight, reference.conv_stem.weight)
-    assert train.describe_weights(config).startswith("file s3://")
+    assert weights.describe_weights(config).startswith("file s3://")
 
     missing = load_config("tiny", TINY + [f"run.weights_file={tmp_path / 'nope.safetensors'}"])
     with pytest.raises(FileNotFoundError, match="run.weights_file: .*nope.safetensors does not exist"):
-        train.check_backbone_weights(missing)
+        weights.check_backbone_weights(missing)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"conv_stem.weight": torch.zeros(3, 3, 3, 3)}, str(wrong))
     with pytest.raises(ValueError, match=r"run.weights_file: .*wrong.safetensors cannot be loaded into tf_efficientnet_lite0"):
-        train.check_backbone_weights(load_config("tiny", TINY + [f"run.weights_file={wrong}"]))
+        weights.check_backbone_weights(load_config("tiny", TINY + [f"run.weights_file={wrong}"]))
 
 
 # --------------------------------------------------------------------------- validation, best checkpoint, resume
 
 
-def _events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def _epoch_lines(capfd, last: int) -> list[tuple[int, float | None, int | None]]:
+    """(epoch, val mAP as printed if validated, resumed-from epoch) of the epoch lines on the console, in order.
+
+    Rank 0's lines reach this process through Ray's log forwarding, a little after the
+    worker printed them: wait until the line of epoch `last` has come.
+    """
+    text, deadline = "", time.time() + 60
+    while True:
+        out, err = capfd.readouterr()
+        text += out + err
+        lines = []
+        for line in text.splitlines():
+            if epoch := re.search(r"\[train\] epoch (\d+)/", line):
+                value = re.search(r" mAP ([0-9.]+) \(global", line)
+                resumed = re.search(r"resumed from the checkpoint of epoch (\d+)", line)
+                lines.append((int(epoch[1]), float(value[1]) if value else None, int(resumed[1]) if resumed else None))
+        if any(epoch == last for epoch, _, _ in lines) or time.time() > deadline:
+            return lines
+        time.sleep(0.5)
+
+
+def _train_workers() -> list[psutil.Process]:
+    """The Ray Train workers of this session's local Ray (all descendants of this process)."""
+    workers = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.Error:
+            continue
+    return workers
+
+
+def _in_thread(action) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = action()
+        except BaseException as error:  # noqa: BLE001 - reported by the test's assertions
+            outcome["error"] = error
+
+    runner = threading.Thread(target=target, daemon=True)
+    runner.start()
+    return runner, outcome
+
+
+def _kill_a_worker_after_the_first_checkpoint(run_path: Path, runner: threading.Thread) -> set[int]:
+    """Once Ray Train has registered a checkpoint of the run, SIGKILL one of its workers; the workers' pids."""
+    import ray.train
+
+    deadline = time.time() + 300
+    while True:
+        assert runner.is_alive() and time.time() < deadline, "the run ended or stalled before its first checkpoint"
+        try:
+            if ray.train.Result.from_path(str(run_path)).checkpoint is not None:
+                break
+        except Exception:  # noqa: BLE001 - no checkpoint registered yet (or its record is being written)
+            pass
+        time.sleep(0.1)
+    workers = _train_workers()
+    assert workers, "no Ray Train worker process found"
+    workers[-1].send_signal(signal.SIGKILL)
+    return {worker.pid for worker in workers}
 
 
 @pytest.mark.timeout(420)
-def test_interrupted_run_resumes_and_the_best_checkpoint_is_kept(ray_local, catalog, tmp_path, monkeypatch):
-    events = tmp_path / "events.jsonl"
-    settings = ["optim.epochs=3", "scaling.num_workers=1", "run.checkpoint_every=1", "run.validate_every=1",
+def test_interrupted_run_resumes_and_the_best_checkpoint_is_kept(ray_local, catalog, tmp_path, capfd):
+    epochs = 4
+    settings = [f"optim.epochs={epochs}", "scaling.num_workers=1", "run.checkpoint_every=1", "run.validate_every=1",
                 "run.keep_checkpoints=1", "run.max_failures=0"]
     config = _config(catalog, tmp_path, "resume", *settings)
 
-    # 1. Interrupted after epoch 2 (rank 0 raises once its checkpoint is reported).
-    monkeypatch.setenv(train.HOOKS_ENV, json.dumps({"fail_after_epoch": 2, "events": str(events)}))
-    with pytest.raises(train.TrainingFailed, match=r"resumes from the checkpoint after epoch 2"):
-        train.run(config)
+    # 1. Interrupted: its only worker is killed once a checkpoint is registered (no failure allowed).
+    runner, outcome = _in_thread(lambda: train.run(config))
+    _kill_a_worker_after_the_first_checkpoint(tmp_path / "runs" / "resume", runner)
+    runner.join(timeout=300)
+    assert isinstance(outcome.get("error"), TrainingFailed), outcome
+    interrupted_after = int(re.search(r"resumes from the checkpoint after epoch (\d+)", str(outcome["error"])).group(1))
+    assert 1 <= interrupted_after < epochs
     assert not resolve(config.run.output).join("artifact.json").exists()
 
-    # 2. The same command again: it resumes after epoch 2 and runs epoch 3 only.
-    monkeypatch.setenv(train.HOOKS_ENV, json.dumps({"events": str(events)}))
+    # 2. The same command again: it resumes after that epoch and runs the rest only.
     result = train.run(config)
-    starts = [event["epoch"] for event in _events(events) if event["event"] == "start"]
-    assert starts == [1, 2, 3]
-    assert result["epochs"] == 3 and result["resumed_after_epochs"] == [2]
+    assert result["epochs"] == epochs and result["resumed_after_epochs"] == [interrupted_after]
     _, model_id, saved = load_model(config.run.output)
     assert model_id == result["model_id"]
-    assert saved["train"]["epochs"] == 3 and saved["train"]["config"]["optim"]["epochs"] == 3
-    assert saved["train"]["resumed_after_epochs"] == [2] and saved["train"]["checkpoint"] == "last"
+    assert saved["train"]["epochs"] == epochs and saved["train"]["config"]["optim"]["epochs"] == epochs
+    assert saved["train"]["resumed_after_epochs"] == [interrupted_after] and saved["train"]["checkpoint"] == "last"
     for key in ("val_R@1", "val_mAP", "val_global_R@1", "val_global_mAP"):
         assert 0.0 <= result["metrics"][key] <= 1.0 and key in saved["train"]["validation"]
     assert result["metrics"]["val_queries"] == 12 and "query/gallery" in saved["train"]["validation"]["source"]
+    lines = _epoch_lines(capfd, epochs)
+    resumed = [index for index, (_, _, start) in enumerate(lines) if start is not None]
+    assert len(resumed) == 1, lines
+    epoch, _, start = lines[resumed[0]]
+    assert (epoch, start) == (interrupted_after + 1, interrupted_after), lines
+    assert [epoch for epoch, _, _ in lines[resumed[0]:]] == list(range(interrupted_after + 1, epochs + 1)), lines
 
-    # 3. Ray Train kept the best checkpoint by val_mAP and the latest (keep_checkpoints=1).
-    val_map = {event["epoch"]: event["metrics"]["val_mAP"] for event in _events(events) if event["event"] == "report"}
-    assert sorted(val_map) == [1, 2, 3]
-    best = max(val_map, key=lambda epoch: (val_map[epoch], epoch))
+    # 3. Ray Train kept the latest checkpoint and the best by val_mAP (keep_checkpoints=1).
+    val_map = {epoch: value for epoch, value, _ in lines}  # the last line of an epoch: the run that kept it
     import ray.train
 
-    kept = ray.train.Result.from_path(result["run_path"]).best_checkpoints
-    assert sorted(int(metrics["epoch"]) for _, metrics in kept) == sorted({best, 3})
+    kept = {int(metrics["epoch"]): metrics["val_mAP"] for _, metrics in ray.train.Result.from_path(result["run_path"]).best_checkpoints}
+    assert epochs in kept and len(kept) <= 2, kept
+    best = max(kept, key=lambda epoch: (kept[epoch], epoch))
+    assert round(kept[best], 3) == max(val_map.values()), (kept, val_map)  # the console shows 3 decimals
 
     # 4. run.artifact_from=best: the same run, nothing left to train, the artifact from the best.
     best_config = _config(catalog, tmp_path, "resume", *settings, "run.artifact_from=best", f"run.output={tmp_path / 'model-best'}")
     chosen = train.run(best_config)
     _, _, saved_best = load_model(best_config.run.output)
     assert chosen["epochs"] == best and saved_best["train"]["epochs"] == best and saved_best["train"]["checkpoint"] == "best"
-    assert saved_best["train"]["validation"]["val_mAP"] == pytest.approx(val_map[best])
-    assert [event["epoch"] for event in _events(events) if event["event"] == "start"] == [1, 2, 3]  # no epoch re-run
+    assert saved_best["train"]["validation"]["val_mAP"] == pytest.approx(kept[best])
+    out, err = capfd.readouterr()
+    assert f"already trained to epoch {epochs}" in out and "[train] epoch" not in out + err  # no epoch re-run
 
 
 # --------------------------------------------------------------------------- fault tolerance
 
 
-def _is_train_worker(pid: int) -> bool:
-    try:
-        return "RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
-
-
 @pytest.mark.timeout(420)
-def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(ray_local, catalog, tmp_path, monkeypatch):
-    events, pid_file = tmp_path / "events.jsonl", tmp_path / "rank1.pid"
-    config = _config(catalog, tmp_path, "killed", "optim.epochs=3", "scaling.num_workers=2", "run.checkpoint_every=1",
+def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(ray_local, catalog, tmp_path, capfd):
+    epochs = 4
+    config = _config(catalog, tmp_path, "killed", f"optim.epochs={epochs}", "scaling.num_workers=2", "run.checkpoint_every=1",
                      "run.validate_every=0", "run.max_failures=1")
-    # Rank 1 writes its pid at the start of epoch 2 and waits there to be killed.
-    monkeypatch.setenv(train.HOOKS_ENV, json.dumps({"events": str(events), "block": {"rank": 1, "epoch": 2, "pid_file": str(pid_file)}}))
-    outcome: dict = {}
-
-    def fit():
-        try:
-            outcome["result"] = train.run(config)
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
-            outcome["error"] = error
-
-    runner = threading.Thread(target=fit, daemon=True)
-    runner.start()
-    deadline = time.time() + 300
-    while not pid_file.exists() and runner.is_alive() and time.time() < deadline:
+    runner, outcome = _in_thread(lambda: train.run(config))
+    first_group = _kill_a_worker_after_the_first_checkpoint(tmp_path / "runs" / "killed", runner)
+    later = set()
+    while runner.is_alive():  # Ray Train replaces the worker group: new processes
+        later |= {process.pid for process in _train_workers()}
         time.sleep(0.2)
-    assert pid_file.exists(), f"rank 1 never reached epoch 2: {outcome}"
-    pid = int(pid_file.read_text())
-    assert _is_train_worker(pid), f"pid {pid} is not a Ray Train worker"
-    os.kill(pid, signal.SIGKILL)
-    runner.join(timeout=300)
-    assert not runner.is_alive() and "error" not in outcome, outcome
+    runner.join()
+    assert "error" not in outcome, outcome
+    assert later - first_group, "no replacement worker was started"
 
     result = outcome["result"]
-    assert result["epochs"] == 3 and result["resumed_after_epochs"] == [1]
+    resumed_after = result["resumed_after_epochs"]
+    # Restored from a checkpoint, not restarted from scratch, and finished.
+    assert result["epochs"] == epochs and len(resumed_after) == 1 and 1 <= resumed_after[0] < epochs
     _, _, saved = load_model(config.run.output)
-    assert saved["train"]["epochs"] == 3 and saved["train"]["resumed_after_epochs"] == [1]
-    starts = [(event["rank"], event["epoch"], event["pid"]) for event in _events(events) if event["event"] == "start"]
-    by_rank = {rank: [(epoch, pid_) for r, epoch, pid_ in starts if r == rank] for rank in (0, 1)}
-    # Each rank ran epoch 1 once (no restart from scratch); rank 1 started epoch 2 in the
-    # killed process and again in its replacement, which then finished the run.
-    # Rank 0 may or may not have logged its start of epoch 2 before the group was torn down.
-    assert [epoch for epoch, _ in by_rank[1]] == [1, 2, 2, 3] and [epoch for epoch, _ in by_rank[0]] in ([1, 2, 2, 3], [1, 2, 3])
-    assert by_rank[1][1][1] == pid and by_rank[1][2][1] != pid and by_rank[1][3][1] == by_rank[1][2][1]
+    assert saved["train"]["epochs"] == epochs and saved["train"]["resumed_after_epochs"] == resumed_after
+    lines = _epoch_lines(capfd, epochs)
+    assert (resumed_after[0] + 1, resumed_after[0]) in {(epoch, start) for epoch, _, start in lines}, lines
 
 
-# --------------------------------------------------------------------------- Jobs API
+# --------------------------------------------------------------------------- ray job submit
 
 
 def _free_ports(count: int) -> list[int]:
@@ -297,19 +350,22 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-@pytest.mark.timeout(480)
-def test_a_training_job_submitted_through_the_jobs_api(catalog, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A Ray head of its own (`ray start --head`, 2 CPUs, free ports): (job server URL, the CLI's environment).
 
+    Stopped in the finalizer by its process group only, never by `ray stop`, which ends
+    every Ray instance on the machine (the tests' own local Ray included).
+    """
     (gcs, dashboard, client_server, agent_http, agent_grpc, runtime_env_agent, metrics, node_manager, object_manager) = _free_ports(9)
     # A short private temp dir: the head's address file goes there, not to /tmp/ray, so no
     # other `ray.init()` on this machine can find (and join) this head by accident.
     temp_dir = tempfile.mkdtemp(prefix="mgaray-", dir="/tmp")
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true",
+        ["ray", "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client_server}",
          f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
@@ -318,40 +374,19 @@ def test_a_training_job_submitted_through_the_jobs_api(catalog, tmp_path):
         stdout=head_log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     try:
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline, client = time.time() + 180, None
-        while client is None:
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            assert time.time() < deadline, "the Ray head's job server did not come up: " + (tmp_path / "head.log").read_text()[-3000:]
+        address, deadline = f"http://127.0.0.1:{dashboard}", time.time() + 180
+        while True:  # until the job server answers (a 401 for want of a token counts)
+            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             try:
-                client = JobSubmissionClient(address)
-            except Exception:  # noqa: BLE001 - not up yet
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
+            except urllib.error.HTTPError:
+                pass
+            except OSError:
                 time.sleep(1)
-
-        runtime_env = yaml.safe_load((REPO / "ray_job.yaml").read_text())
-        runtime_env["working_dir"] = str(REPO)
-        # This machine's environment already has every dependency (the head runs from the
-        # repo's venv) and no network: skip ray_job.yaml's pip step, keep the rest as is.
-        runtime_env.pop("pip")
-        output, runs = tmp_path / "model", tmp_path / "runs"
-        overrides = " ".join(f"--set {item}" for item in TINY + ["optim.epochs=1", "scaling.num_workers=1", "run.name=job"])
-        job_id = client.submit_job(
-            entrypoint=f"{sys.executable} -m pipelines.train --config pipelines/configs/tiny.yaml {overrides} "
-            f"--catalog {catalog} --output {output} --storage-path {runs}",
-            runtime_env=runtime_env,
-        )
-        deadline = time.time() + 360
-        while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            assert time.time() < deadline, f"job {job_id} still {status}: " + client.get_job_logs(job_id)[-3000:]
-            time.sleep(2)
-        logs = client.get_job_logs(job_id)
-        assert status == JobStatus.SUCCEEDED, logs[-5000:]
-        assert "[train] epoch 1/1" in logs and "== mga train ==" in logs
-        model, model_id, saved = load_model(str(output))
-        assert saved["train"]["epochs"] == 1 and model_id in logs and model.config.global_dim == 32
+                continue
+            break
+        yield address, env
     finally:
-        # Stop this head only: its whole process group (never `ray stop`, which would end
-        # every Ray instance on the machine).
         # SIGTERM lets `ray start --block` stop its processes; SIGKILL then ends whatever of
         # the group is left (the raylet's workers and agents are in the same group).
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -365,6 +400,38 @@ def test_a_training_job_submitted_through_the_jobs_api(catalog, tmp_path):
                 pass
         head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(480)
+def test_a_training_job_submitted_with_the_ray_job_submit_cli(ray_head, catalog, tmp_path):
+    address, env = ray_head
+    # Ray 2.60 turns token auth on for a head started with `ray start --head`; the CLI sends
+    # its token (~/.ray/auth_token) only with RAY_AUTH_MODE=token, as the README says.
+    refused = subprocess.run(["ray", "job", "list", "--address", address], capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode != 0 and "Missing authentication token" in refused.stdout + refused.stderr, refused.stderr[-2000:]
+
+    runtime_env = yaml.safe_load((REPO / "ray_job.yaml").read_text())
+    # This machine's environment already has every dependency (the head runs from the
+    # repo's venv) and no network: skip ray_job.yaml's pip step, keep the rest as is.
+    runtime_env.pop("pip")
+    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+    output, runs = tmp_path / "model", tmp_path / "runs"
+    overrides = [word for item in TINY + ["optim.epochs=2", "scaling.num_workers=1", "run.name=job"] for word in ("--set", item)]
+    submitted = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--runtime-env", str(tmp_path / "runtime_env.yaml"), "--",
+         "python", "-m", "pipelines.train", "--config", "pipelines/configs/tiny.yaml", *overrides,
+         "--catalog", catalog, "--output", str(output), "--storage-path", str(runs)],
+        capture_output=True, text=True, env={**env, "RAY_AUTH_MODE": "token"}, cwd=REPO, timeout=420,
+    )
+    logs = submitted.stdout + submitted.stderr  # `ray job submit` follows the job's logs to its end
+    assert submitted.returncode == 0 and "succeeded" in logs, logs[-5000:]
+    assert "== mga train ==" in logs
+    # The console: each epoch's line once, and none of Ray Train's report dumps.
+    assert [logs.count(f"[train] epoch {epoch}/2 ") for epoch in (1, 2)] == [1, 1], logs[-5000:]
+    assert "TrainingReport(" not in logs and "Reporting training result" not in logs, logs[-5000:]
+    model, model_id, saved = load_model(str(output))
+    assert saved["train"]["epochs"] == 2 and model_id in logs and model.config.global_dim == 32
 
 
 # --------------------------------------------------------------------------- smaller pieces
@@ -390,7 +457,7 @@ def test_validation_selection_prefers_the_val_split_and_caps_queries_and_gallery
     test_rows = [(f"t{i}{v}", f"t{i}", "query" if v < 2 else "gallery", "consumer" if v < 2 else "shop") for i in range(6) for v in range(4)]
     val_rows = [(f"v{i}{v}", f"v{i}", "val", "consumer" if v == 0 else "shop") for i in range(5) for v in range(3)]
     version = catalog(test_rows + val_rows)
-    chosen = train.select_validation(uri, max_queries=3, max_gallery=8, seed=0)
+    chosen = validation.select_validation(uri, max_queries=3, max_gallery=8, seed=0)
     assert chosen["catalog_version"] == version == 0  # the Validator reads the images at this version
     assert chosen["source"].startswith("val split: consumer queries")
     assert len(chosen["queries"]) == 3 and {image_id[0] for image_id, _ in chosen["queries"] + chosen["gallery"]} == {"v"}
@@ -398,20 +465,20 @@ def test_validation_selection_prefers_the_val_split_and_caps_queries_and_gallery
     gallery_items = [item for _, item in chosen["gallery"]]
     # Every positive of the sampled queries is in the gallery, then distractors up to the cap.
     assert all(gallery_items.count(item) == 2 for item in query_items) and len(gallery_items) == 8
-    assert chosen == train.select_validation(uri, max_queries=3, max_gallery=8, seed=0)  # seeded
+    assert chosen == validation.select_validation(uri, max_queries=3, max_gallery=8, seed=0)  # seeded
 
     assert catalog(test_rows) == 1  # no val split: the held-out query/gallery items, and it says so
-    chosen = train.select_validation(uri, max_queries=100, max_gallery=100, seed=0)
+    chosen = validation.select_validation(uri, max_queries=100, max_gallery=100, seed=0)
     assert "query/gallery" in chosen["source"] and "optimistic" in chosen["source"]
     assert len(chosen["queries"]) == 12 and len(chosen["gallery"]) == 12 and chosen["catalog_version"] == 1
 
     catalog([(f"s{i}{v}", f"s{i}", "val", "shop") for i in range(3) for v in range(3)] + [("lone", "x", "val", "shop")])
-    chosen = train.select_validation(uri, max_queries=100, max_gallery=100, seed=0)  # one domain: first image queries
+    chosen = validation.select_validation(uri, max_queries=100, max_gallery=100, seed=0)  # one domain: first image queries
     assert chosen["source"].endswith("first image queries its others")
     assert [image_id for image_id, _ in chosen["queries"]] == ["s00", "s10", "s20"] and len(chosen["gallery"]) == 7
 
     catalog([("q", "a", "train", "shop")])
-    assert train.select_validation(uri, 10, 10, 0) is None
+    assert validation.select_validation(uri, 10, 10, 0) is None
 
 
 @pytest.mark.timeout(120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 
+from mga.errors import InputError
 from pipelines.prepare.listing import Collector, Listing, category_of, image_prefix, local_root, parse_bbox_file, parse_table, read_path
 
 C2S_PARTITION = ("image_pair_name_1", "image_pair_name_2", "item_id", "evaluation_status")
@@ -15,7 +16,7 @@ VAL_AS = ("val", "skip", "query", "gallery")
 def list_consumer2shop(root: str, val_as: str = "val", bbox: bool = True) -> Listing:
     """DeepFashion Consumer-to-Shop under `root`: one entry per distinct image of the pairs."""
     if val_as not in VAL_AS:
-        raise ValueError(f"--val-as {val_as!r}: expected one of {', '.join(VAL_AS)}")
+        raise InputError(f"--val-as {val_as!r}: expected one of {', '.join(VAL_AS)}")
     base = local_root(root)
     prefix = image_prefix(base, "auto", allow_highres=False)
     partition_path = os.path.join(base.path, "Eval", "list_eval_partition.txt")
@@ -28,7 +29,7 @@ def list_consumer2shop(root: str, val_as: str = "val", bbox: bool = True) -> Lis
     conflicts: list[str] = []
     for number, (consumer, shop, item_id, status) in rows:
         if status not in ("train", "val", "test"):
-            raise ValueError(f"{partition_path}:{number}: unknown evaluation_status {status!r}: expected train, val or test")
+            raise InputError(f"{partition_path}:{number}: unknown evaluation_status {status!r}: expected train, val or test")
         for name, domain in ((consumer, "consumer"), (shop, "shop")):
             image_id = posixpath.normpath(name)
             where = f"{partition_path}:{number}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 
+from mga.errors import InputError
 from pipelines.prepare.listing import LAYOUTS, Collector, Listing, category_of, image_prefix, local_root, parse_bbox_file, parse_table, read_path
 
 INSHOP_FRAME = 256  # In-Shop's img/ images: "centered and resized to 256*256"
@@ -17,7 +18,7 @@ INSHOP_BBOX = ("image_name", "clothes_type", "pose_type", "x_1", "y_1", "x_2", "
 def list_inshop(root: str, layout: str = "auto", bbox: bool = True) -> Listing:
     """DeepFashion In-Shop under `root` as planned entries (no image is read here)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     base = local_root(root)
     prefix = image_prefix(base, layout, allow_highres=True)
     partition_path = os.path.join(base.path, "Eval", "list_eval_partition.txt")
@@ -29,7 +30,7 @@ def list_inshop(root: str, layout: str = "auto", bbox: bool = True) -> Listing:
     listed_names = set()
     for number, (name, item_id, status) in rows:
         if status not in ("train", "query", "gallery"):
-            raise ValueError(f"{partition_path}:{number}: unknown evaluation_status {status!r}: expected train, query or gallery")
+            raise InputError(f"{partition_path}:{number}: unknown evaluation_status {status!r}: expected train, query or gallery")
         image_id = posixpath.normpath(name)
         listed_names.add(image_id)
         box = boxes.get(image_id)

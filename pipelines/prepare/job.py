@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
+from mga.errors import InputError
 from mga.transforms import DEFAULT_MAX_PIXELS
 from pipelines.console import print_summary
 from pipelines.prepare.consumer2shop import VAL_AS, list_consumer2shop
@@ -68,23 +69,23 @@ def run(
 
     started = time.time()
     if shard_mb <= 0:
-        raise ValueError(f"--shard-mb {shard_mb}: expected a positive size in MB")
+        raise InputError(f"--shard-mb {shard_mb}: expected a positive size in MB")
     if max_pixels < 1:
-        raise ValueError(f"--max-pixels {max_pixels}: expected a positive number of pixels")
+        raise InputError(f"--max-pixels {max_pixels}: expected a positive number of pixels")
     if source in ("inshop", "consumer2shop") and not root:
-        raise ValueError(f"mga prepare {source} needs --root DIR")
+        raise InputError(f"mga prepare {source} needs --root DIR")
     if source == "inshop":
         listing = list_inshop(root, layout=layout, bbox=bbox)
     elif source == "consumer2shop":
         listing = list_consumer2shop(root, val_as=val_as, bbox=bbox)
     elif source == "manifest":
         if not manifest:
-            raise ValueError("mga prepare manifest needs --manifest CSV")
+            raise InputError("mga prepare manifest needs --manifest CSV")
         listing = list_manifest(manifest, root=root, seed=seed, test_fraction=test_fraction)
     else:
-        raise ValueError(f"unknown source {source!r}: expected inshop, consumer2shop or manifest")
+        raise InputError(f"unknown source {source!r}: expected inshop, consumer2shop or manifest")
     if listing.input == 0:
-        raise ValueError(f"{listing.source.get('manifest') or listing.source.get('root')}: lists no images")
+        raise InputError(f"{listing.source.get('manifest') or listing.source.get('root')}: lists no images")
 
     table = resolve(out)
     target_bytes = max(1, int(shard_mb * 2**20))
@@ -121,7 +122,7 @@ def run(
         info["incremental"] = f"no catalog at {table.uri} yet: wrote everything"
     _print(listing, table, info, files, seconds)
     if info["rows"] == 0:
-        raise ValueError(f"no image of {listing.input:,} could be read: see the rejects table {rejects_table.uri}")
+        raise InputError(f"no image of {listing.input:,} could be read: see the rejects table {rejects_table.uri}")
     return info
 
 
@@ -273,7 +274,7 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import module_main
+    from pipelines.command import module_main
 
     module_main("pipelines.prepare", argv)
 

@@ -8,6 +8,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from mga.errors import InputError, MissingInput
 from pipelines.storage import Location, resolve
 
 LAYOUTS = ("auto", "img", "img_highres")
@@ -130,11 +131,11 @@ class Collector:
 def read_lines(path: str) -> list[str]:
     location = resolve(path)
     if not location.exists():
-        raise FileNotFoundError(f"{location.uri}: no such file")
+        raise MissingInput(f"{location.uri}: no such file")
     try:
         return location.read_bytes().decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
-        raise ValueError(f"{location.uri}: not UTF-8 text ({error})") from None
+        raise InputError(f"{location.uri}: not UTF-8 text ({error})") from None
 
 
 def parse_table(path: str, header: tuple[str, ...]) -> list[tuple[int, list[str]]]:
@@ -145,28 +146,28 @@ def parse_table(path: str, header: tuple[str, ...]) -> list[tuple[int, list[str]
     """
     lines = read_lines(path)
     if not lines or not lines[0].strip():
-        raise ValueError(f"{path}:1: expected the number of rows, found {'an empty file' if not lines else 'an empty line'}")
+        raise InputError(f"{path}:1: expected the number of rows, found {'an empty file' if not lines else 'an empty line'}")
     first = lines[0].split()
     if len(first) != 1 or not first[0].isdigit():
-        raise ValueError(f"{path}:1: expected the number of rows (one integer), found {lines[0].strip()!r}")
+        raise InputError(f"{path}:1: expected the number of rows (one integer), found {lines[0].strip()!r}")
     count = int(first[0])
     expected_header = " ".join(header)
     if len(lines) < 2:
-        raise ValueError(f"{path}:2: expected the header {expected_header!r}, found the end of the file")
+        raise InputError(f"{path}:2: expected the header {expected_header!r}, found the end of the file")
     if lines[1].split() != list(header):
-        raise ValueError(f"{path}:2: expected the header {expected_header!r}, found {lines[1].strip()!r}")
+        raise InputError(f"{path}:2: expected the header {expected_header!r}, found {lines[1].strip()!r}")
     rows = []
     for number, line in enumerate(lines[2:], start=3):
         columns = line.split()
         if not columns:
             continue
         if len(columns) != len(header):
-            raise ValueError(
+            raise InputError(
                 f"{path}:{number}: expected {len(header)} columns ({expected_header}), found {len(columns)}: {line.strip()!r}"
             )
         rows.append((number, columns))
     if count != len(rows):
-        raise ValueError(f"{path}:1: the count line says {count} rows but the file has {len(rows)} rows")
+        raise InputError(f"{path}:1: the count line says {count} rows but the file has {len(rows)} rows")
     return rows
 
 
@@ -174,7 +175,7 @@ def parse_integer(path: str, number: int, column: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{path}:{number}: expected an integer in column {column}, found {value!r}") from None
+        raise InputError(f"{path}:{number}: expected an integer in column {column}, found {value!r}") from None
 
 
 def parse_bbox_file(path: str, header: tuple[str, ...], type_column_values: set[int] | None = None) -> dict[str, tuple[int, tuple[int, int, int, int], int]]:
@@ -184,11 +185,11 @@ def parse_bbox_file(path: str, header: tuple[str, ...], type_column_values: set[
         name = posixpath.normpath(columns[0])
         values = [parse_integer(path, number, header[i], columns[i]) for i in range(1, 7)]
         if type_column_values is not None and values[1] not in type_column_values:
-            raise ValueError(
+            raise InputError(
                 f"{path}:{number}: unknown {header[2]} {columns[2]!r}: expected one of {', '.join(map(str, sorted(type_column_values)))}"
             )
         if name in boxes:
-            raise ValueError(f"{path}:{number}: {name} already has a box at line {boxes[name][0]}")
+            raise InputError(f"{path}:{number}: {name} already has a box at line {boxes[name][0]}")
         boxes[name] = (number, (values[2], values[3], values[4], values[5]), values[1])
     return boxes
 
@@ -203,9 +204,9 @@ def category_of(listed: str) -> str:
 
 def local_root(root: str) -> LocalRoot:
     if root.startswith("s3://") or "://" in root:
-        raise ValueError(f"--root {root}: DeepFashion roots must be a local directory (for images in a bucket use `mga prepare manifest`)")
+        raise InputError(f"--root {root}: DeepFashion roots must be a local directory (for images in a bucket use `mga prepare manifest`)")
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--root {root}: no such directory")
+        raise MissingInput(f"--root {root}: no such directory")
     return LocalRoot(root)
 
 
@@ -219,7 +220,7 @@ def image_prefix(root: LocalRoot, layout: str, allow_highres: bool) -> str:
             if root.exists(parent + name):
                 return parent + name
     if layout != "auto":
-        raise FileNotFoundError(f"--layout {layout}: neither {root.path}/{layout} nor {root.path}/Img/{layout} exists")
+        raise MissingInput(f"--layout {layout}: neither {root.path}/{layout} nor {root.path}/Img/{layout} exists")
     return "img"  # nothing there: every image will be rejected as missing, and say so
 
 

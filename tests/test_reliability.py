@@ -32,17 +32,17 @@ import ray._private.state  # the GCS actor table: the state API needs the dashbo
 import torch
 from PIL import Image
 
-from mga.artifact import CONFIG, INDEX, WEIGHTS, artifact_id, pack_artifact, unpack_artifact
+from mga.artifact import CONFIG, INDEX, WEIGHTS, artifact_id, unpack_artifact
 from mga.config import ModelConfig
-from mga.model import MGAModel
 from pipelines.synthetic import SynthSpec
+from tests.tiny import MODEL as TINY_MODEL, write_random_model
 from pipelines import embed, prepare, search, synth
 from pipelines.model_store import load_artifact, read_artifact_files, write_artifact
 from pipelines.schemas import CATALOG, column_matrix
 from pipelines.storage import StorageError, resolve, write_parquet
 from pipelines.tables import TableNotFound, TableWriter, companion, open_table, read_table, vacuum
 
-MODEL = ModelConfig(backbone="tf_efficientnetv2_b0", layers=(3, 4), global_dim=32, token_dim=16, num_tokens=4, heads=2)
+MODEL = ModelConfig(**TINY_MODEL)
 SPEC = SynthSpec(seed=9, groups=4, items_per_group=3, test_fraction=0.5, train_views=2, gallery_views=2, query_views=2, image_size=64)
 IMAGES = 4 * 3 // 2 * (2 + 2 + 2)  # 36
 COPIES = 4  # the killed-actor test's catalog: 144 images, at 128 px: seconds of model time on one CPU
@@ -115,13 +115,6 @@ CORPUS: dict[str, tuple[bytes, str]] = {
 }
 
 
-def write_random_model(uri: str, seed: int = 0, image_size: int = 64) -> str:
-    torch.manual_seed(seed)
-    files = pack_artifact(MGAModel(MODEL), {"image_size": image_size})
-    write_artifact(uri, files)
-    return json.loads(files["artifact.json"])["model_id"]
-
-
 def publish_rows(uri: str, rows: list[dict], files: int = 1) -> None:
     """A catalog table written by hand (bypassing prepare), in `files` shards, committed like any other."""
     per_file = -(-len(rows) // files)
@@ -149,11 +142,11 @@ def features_matrix(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def base(ray_local, tmp_path_factory):
+def base(ray_local, random_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     paths = {name: str(root / name) for name in ("catalog", "big", "model", "features")}
     synth.run(paths["catalog"], SPEC, images_per_shard=12)
-    paths["model_id"] = write_random_model(paths["model"])
+    paths["model"], paths["model_id"] = random_model["uri"], random_model["model_id"]  # the session's random model
     embed.run(paths["model"], paths["catalog"], paths["features"], batch_size=16)
     # A bigger catalog for the faults: every image COPIES times under new ids (same bytes, same features).
     rows = rows_of(paths["catalog"]).to_pylist()
@@ -173,6 +166,7 @@ def assert_matches_reference(table: pa.Table, reference: dict[str, np.ndarray]) 
 # ------------------------------------------------------------------------------ bad images
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_bad_image_corpus_through_prepare_and_embed(base, tmp_path):
     root = tmp_path / "shop"
@@ -236,6 +230,7 @@ def test_bad_image_corpus_through_prepare_and_embed(base, tmp_path):
 # ------------------------------------------------------------------------------ faults
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_embed_survives_a_killed_actor(base, tmp_path):
     def live_embedders() -> list[dict]:
@@ -413,6 +408,7 @@ def _secret_leaks(own_s3, output: dict, directories: list[str]) -> tuple[list[st
     return leaks, scanned
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_s3_outage_during_embed_is_waited_out_and_leaks_no_secret(base, own_s3, ray_tmp, tmp_path):
     """The S3 endpoint freezes for 8 s mid-read: the job waits it out (request timeout 60 s,
@@ -431,6 +427,7 @@ def test_s3_outage_during_embed_is_waited_out_and_leaks_no_secret(base, own_s3, 
     assert not leaks, f"the secret key was written to: {leaks[:5]}"
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_s3_endpoint_down_for_good_is_a_bounded_one_line_error(base, own_s3, ray_tmp, tmp_path):
     """The endpoint freezes and never comes back: with 3 s request timeouts and 2 attempts the
@@ -452,6 +449,7 @@ def test_s3_endpoint_down_for_good_is_a_bounded_one_line_error(base, own_s3, ray
     assert waited < 120 and not leaks
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_search_killed_midway_then_rerun_gives_identical_rankings(base, tmp_path):
     out = str(tmp_path / "rankings")
@@ -561,6 +559,7 @@ def _mga(args: list[str], env: dict | None = None) -> subprocess.Popen:
                             text=True, env=env or dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_bad_arguments_are_one_line_errors_and_write_nothing(base, tmp_path):
     tampered = str(tmp_path / "tampered")
@@ -633,6 +632,7 @@ def _hostile_artifact(uri: str, marker) -> None:
     write_artifact(uri, {WEIGHTS: weights, CONFIG: config, INDEX: index})
 
 
+@pytest.mark.ray
 def test_artifacts_load_without_unpickling(base, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an artifact load tried to unpickle")

@@ -28,32 +28,21 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import ray._private.state  # the GCS actor table: the state API needs the dashboard, not started locally
-import torch
 from PIL import Image, ImageOps
 
-from mga.artifact import pack_artifact
 from mga.config import ModelConfig
-from mga.model import MGAModel
 from pipelines.synthetic import SynthSpec
+from tests.tiny import MODEL as TINY_MODEL
 from pipelines import embed, evaluate, resources, search, synth
-from pipelines.model_store import write_artifact
 from pipelines.schemas import CATALOG, column_matrix, features_schema
 from pipelines.storage import resolve, write_parquet
 from pipelines.tables import TableWriter, open_table, read_table, vacuum
 
-MODEL = ModelConfig(backbone="tf_efficientnetv2_b0", layers=(3, 4), global_dim=32, token_dim=16, num_tokens=4, heads=2)
+MODEL = ModelConfig(**TINY_MODEL)
 SPEC = SynthSpec(seed=5, groups=6, items_per_group=4, test_fraction=0.5, train_views=2, gallery_views=3, query_views=3, image_size=64)
 IMAGES = 6 * 4 // 2 * (2 + 3 + 3)  # 12 train items x 2, 12 test items x (3 gallery + 3 query) = 96
 RERANK = 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_random_model(uri: str, seed: int = 0, image_size: int = 64) -> str:
-    """A randomly initialised tiny model as an artifact; returns its model_id."""
-    torch.manual_seed(seed)
-    files = pack_artifact(MGAModel(MODEL), {"image_size": image_size})
-    write_artifact(uri, files)
-    return json.loads(files["artifact.json"])["model_id"]
 
 
 def sorted_table(uri: str, keys=("image_id",), version: int | None = None) -> pa.Table:
@@ -76,12 +65,12 @@ def commit_rows(uri: str, table: pa.Table, info: dict, files: int = 1) -> int:
 
 
 @pytest.fixture(scope="module")
-def world(ray_local, tmp_path_factory):
+def world(ray_local, random_model, tmp_path_factory):
     """Catalog, model, float32 features, rankings and report, shared by the module."""
     root = tmp_path_factory.mktemp("retrieval")
     paths = {name: str(root / name) for name in ("catalog", "model", "features", "rankings", "report")}
     synth.run(paths["catalog"], SPEC, images_per_shard=24)
-    paths["model_id"] = write_random_model(paths["model"])
+    paths["model"], paths["model_id"] = random_model["uri"], random_model["model_id"]  # the session's random model
     embed.run(paths["model"], paths["catalog"], paths["features"], batch_size=16)
     search.run(paths["features"], paths["rankings"], rerank_top=RERANK)
     evaluate.run(paths["rankings"], paths["report"], gallery_examples=0)
@@ -93,6 +82,7 @@ def _metrics(report: str) -> dict:
     return json.loads(resolve(report).join("metrics.json").read_bytes())
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_float16_tokens_cost_little_accuracy(world, tmp_path):
     f16, r16, rep16 = (str(tmp_path / name) for name in ("features16", "rankings16", "report16"))
@@ -170,6 +160,7 @@ def _table_bytes(uri: str) -> int:
     return snapshot.bytes(snapshot.paths())
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_tables_open_in_duckdb_as_they_are(world, tmp_path):
     metrics = _metrics(world["report"])
@@ -248,6 +239,7 @@ def _files_holding(snapshot, image_ids: list[str]) -> set[str]:
     return set(rows.filter(pc.is_in(rows.column("image_id"), pa.array(image_ids))).column("__filename").to_pylist())
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_incremental_embed_drops_deleted_and_reembeds_changed(world, tmp_path):
     out = str(tmp_path / "features")
@@ -336,6 +328,7 @@ def _features_table(uri: str, model_id: str, gallery: int, queries: int, seed: i
     return vectors
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_approximate_indexes_report_recall_against_exact(world, tmp_path):
     gallery, queries, depth = 3000, 200, 50
@@ -385,6 +378,7 @@ def test_gpu_switches_for_autoscaling_clusters():
         assert parser.parse_args(base).use_gpu == "auto"
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_interrupted_embed_leaves_the_previous_version_and_a_rerun_commits(world, tmp_path):
     out = str(tmp_path / "features")

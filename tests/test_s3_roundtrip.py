@@ -15,6 +15,7 @@ from pipelines.storage import resolve
 from pipelines.tables import open_table, read_table
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_prepare_train_embed_through_s3(ray_local, s3_env, tmp_path):
     spec = SynthSpec(seed=5, groups=2, items_per_group=3, train_views=4, gallery_views=1, query_views=1, image_size=64)

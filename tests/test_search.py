@@ -23,7 +23,7 @@ from pipelines.model_store import load_model
 from pipelines.schemas import POSITIVES, RANKINGS, features_schema
 from pipelines.storage import resolve, write_parquet
 from pipelines.tables import TableWriter, companion, open_table, read_table
-from tests.test_retrieval import write_random_model
+from tests.tiny import write_random_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 

@@ -16,6 +16,7 @@ from pipelines.stream import pk_stream, train_stream
 SPEC = SynthSpec(seed=11, groups=6, items_per_group=3, test_fraction=0.34, train_views=3, gallery_views=1, query_views=1, image_size=64)
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_training_stream_gives_p_items_of_k_images(ray_local, tmp_path):
     catalog = str(tmp_path / "catalog")

@@ -28,33 +28,22 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from pipelines.synthetic import SynthSpec
-from pipelines import synth, train
+from pipelines import train
 from pipelines.train import validation, weights
 from pipelines.train.checkpoints import TrainingFailed
 from pipelines.config import ConfigError, TrainConfig, load_config
 from pipelines.model_store import load_model
 from pipelines.storage import resolve
+from tests.tiny import TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = SynthSpec(seed=5, groups=4, items_per_group=3, test_fraction=0.5, train_views=4, gallery_views=2, query_views=2, image_size=64)
-TINY = [
-    "data.image_size=64",
-    "data.items_per_batch=3",
-    "data.images_per_item=2",
-    "scaling.cpus_per_worker=1",
-    "model.global_dim=32",
-    "model.token_dim=16",
-    "model.num_tokens=4",
-    "model.heads=2",
-]
+TINY = TRAIN
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("train-catalog") / "catalog")
-    synth.run(path, SPEC)
-    return path
+@pytest.fixture()
+def catalog(synthetic_catalog) -> str:
+    """The session's synthetic catalog (12 queries at validation)."""
+    return synthetic_catalog
 
 
 def _config(catalog: str, root: Path, name: str, *overrides: str) -> TrainConfig:
@@ -256,6 +245,7 @@ def _kill_a_worker_after_the_first_checkpoint(run_path: Path, runner: threading.
     return {worker.pid for worker in workers}
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(420)
 def test_interrupted_run_resumes_and_the_best_checkpoint_is_kept(ray_local, catalog, tmp_path, capfd):
     epochs = 4
@@ -311,6 +301,7 @@ def test_interrupted_run_resumes_and_the_best_checkpoint_is_kept(ray_local, cata
 # --------------------------------------------------------------------------- fault tolerance
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(420)
 def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(ray_local, catalog, tmp_path, capfd):
     epochs = 4
@@ -387,15 +378,16 @@ def ray_head(tmp_path):
             break
         yield address, env
     finally:
-        # SIGTERM lets `ray start --block` stop its processes; SIGKILL then ends whatever of
-        # the group is left (the raylet's workers and agents are in the same group).
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        # SIGTERM reaches every process of the group (GCS, raylet, its workers and agents) and
+        # lets them stop; SIGKILL 5 s later ends whatever is left, `ray start --block` included
+        # (it waits up to ~30 s on its own after a SIGTERM).
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
             try:
                 os.killpg(head.pid, sig)
             except ProcessLookupError:
                 break
             try:
-                head.wait(timeout=30)
+                head.wait(timeout=wait)
             except subprocess.TimeoutExpired:
                 pass
         head_log.close()
@@ -481,6 +473,7 @@ def test_validation_selection_prefers_the_val_split_and_caps_queries_and_gallery
     assert validation.select_validation(uri, 10, 10, 0) is None
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_a_worker_group_that_starves_the_decode_tasks_is_refused(ray_local, catalog, tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -19,7 +19,7 @@ from mga.model import MGAModel
 from mga.objective import MGAObjective
 from pipelines.synthetic import SynthSpec
 from pipelines import synth, train
-from pipelines.catalog import train_item_ids
+from pipelines.stream import index_catalog
 from pipelines.config import load_config
 from pipelines.runtime import init_ray
 
@@ -64,7 +64,7 @@ def main() -> None:
     metrics = result["metrics"]
     ray_rate = metrics["steps"] / metrics["epoch_s"]
     compute_rate = metrics["steps"] / max(metrics["epoch_s"] - metrics["data_wait_s"], 1e-9)
-    plain_rate = plain_loop_rate(config, num_classes=len(train_item_ids(config.data.catalog)), steps=max(5, int(metrics["steps"])))
+    plain_rate = plain_loop_rate(config, num_classes=len(index_catalog(config.data.catalog).items), steps=max(5, int(metrics["steps"])))
     print(f"\nmachine: {machine()}")
     print(f"model: {config.model.backbone} {config.data.image_size}px, batch {config.data.items_per_batch}x{config.data.images_per_item}, "
           f"{int(config.scaling.cpus_per_worker)} threads; last of {args.epochs} epochs, {int(metrics['steps'])} steps")

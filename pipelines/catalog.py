@@ -1,4 +1,4 @@
-"""Published tables as Ray datasets, copy-on-write of their files from Ray tasks, and the catalog's train classes."""
+"""Published tables as Ray datasets, and copy-on-write of their files from Ray tasks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ import pyarrow.dataset as pads
 import ray.data
 
 from pipelines.storage import Location, resolve
-from pipelines.tables import Snapshot, TableWriter, copy_without, open_table, read_table, row_groups
+from pipelines.tables import (
+    Snapshot,
+    TableWriter,
+    copy_without,
+    open_table,
+    read_table,
+    row_groups,
+)
 
 
 def open_catalog(uri: str, version: int | None = None) -> Snapshot:
@@ -49,12 +56,6 @@ def _read_pieces(pieces: pa.Table, location: Location, columns: list[str], condi
 
 def catalog_dataset(uri: str, columns: list[str], splits: tuple[str, ...] | None = None) -> ray.data.Dataset:
     return table_dataset(open_catalog(uri), columns, *([("split", splits)] if splits else []))
-
-
-def train_item_ids(uri: str) -> list[str]:
-    """Sorted item ids of the train split: the identity classifier's classes (ids only, no images)."""
-    table = read_table(open_catalog(uri), ["item_id"], pc.field("split") == "train", ("split", ["train"]))
-    return sorted(set(table.column("item_id").to_pylist()))
 
 
 def rewrite_without(writer: TableWriter, stale: dict[str, list[str]], schema: pa.Schema, **parquet_options: Any) -> tuple[list[str], int, int]:

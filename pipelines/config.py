@@ -27,8 +27,20 @@ class DataConfig(StrictModel):
     items_per_batch: int = Field(12, ge=2, description="P")
     images_per_item: int = Field(4, ge=2, description="K")
     augment: bool = True
-    shuffle_buffer_items: int = Field(256, ge=1, description="items held for the local shuffle of the stream")
+    # The epoch's batch plan (mga.sampling): row groups in a seeded order, cut into windows of
+    # about this many rows, each read once; items are shuffled within a window. Larger mixes
+    # more; smaller starts the first step sooner and holds less per decode task.
+    window_rows: int = Field(2048, ge=1, description="rows of the catalog read together to shuffle items in (the shuffle window)")
+    groups_per_batch: int = Field(
+        0, ge=0, description="0: a batch's P items are drawn at random; G > 0: P/G items from each of G categories, so negatives look alike"
+    )
     max_pixels: int = Field(89_478_485, gt=0)
+
+    @model_validator(mode="after")
+    def _groups_divide_batch(self) -> "DataConfig":
+        if self.groups_per_batch and self.items_per_batch % self.groups_per_batch:
+            raise ValueError(f"data.items_per_batch ({self.items_per_batch}) must be a multiple of data.groups_per_batch ({self.groups_per_batch})")
+        return self
 
 
 class OptimConfig(StrictModel):

@@ -15,7 +15,6 @@ from mga import LossConfig, MGAModel, ModelConfig
 from mga.artifact import ArtifactError, pack_artifact, unpack_artifact
 from mga.fga import aggregate_tokens
 from mga.objective import MGAObjective, batch_hard_triplet_loss
-from mga.sampling import pk_batches
 from mga.similarity import token_similarity
 
 TINY = dict(backbone="tf_efficientnetv2_b0", layers=(3, 4), global_dim=32, token_dim=16, num_tokens=4, heads=2)
@@ -176,20 +175,6 @@ def test_config_errors_name_the_key():
         ModelConfig(alpha=1.5)
     with pytest.raises(ValueError, match="final stage"):
         MGAModel(ModelConfig(**{**TINY, "layers": (2, 3)}))
-
-
-def test_pk_batches_give_p_distinct_items_of_k_images():
-    rng = np.random.default_rng(0)
-    # "a" arrives split in two groups while its batch fills (merged, one slot); "c" has one
-    # image (drawn with replacement); "e" alone is an incomplete last batch and is dropped.
-    groups = [("a", np.arange(3)), ("a", np.array([3])), ("b", np.array([10, 11])), ("c", np.array([20])), ("d", np.arange(30, 35)), ("e", np.array([40, 41]))]
-    batches = list(pk_batches(groups, items_per_batch=2, images_per_item=4, rng=rng))
-    assert [ids for ids, _ in batches] == [["a", "b"], ["c", "d"]]
-    sources = {"a": range(4), "b": (10, 11), "c": (20,), "d": range(30, 35)}
-    for ids, batch in batches:
-        assert batch.shape == (8,)
-        for slot, item in enumerate(ids):
-            assert set(batch[slot * 4:(slot + 1) * 4].tolist()) <= set(sources[item])
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -34,6 +34,8 @@ def test_ray_train_with_two_workers_writes_a_loadable_artifact(trained):
     assert model_id == result["model_id"] and result["epochs"] == 1
     assert config["image_size"] == 64 and config["train"]["items"] == 6
     assert np.isfinite(result["metrics"]["loss"]) and result["metrics"]["steps"] >= 1
+    # 6 items, P = 3, two workers: one whole batch each, nothing dropped, undecodable or left out.
+    assert [result["metrics"][name] for name in ("steps", "undecodable_images", "dropped_batches", "left_out_items")] == [1, 0, 0, 0]
 
 
 @pytest.mark.ray

@@ -40,7 +40,7 @@ def absolute_uris(config: TrainConfig) -> TrainConfig:
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train with Ray Train and write the model artifact to `run.output`."""
     # Here, not at the top: `mga train --help` and a usage error must not wait for torch and Ray.
-    from pipelines.catalog import train_item_ids
+    from pipelines.stream import index_catalog
     from pipelines.train import checkpoints, loop, validation, weights
 
     if not config.data.catalog:
@@ -56,7 +56,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         # Before Ray starts: a missing weights file or an unreachable hub is one line.
         # (A resumed run takes every weight from its checkpoint.)
         weights.check_backbone_weights(config)
-    items = train_item_ids(config.data.catalog)
+    catalog = index_catalog(config.data.catalog)  # ids and places of the train rows, no image bytes
+    items = catalog.items
     if len(items) < config.data.items_per_batch:
         raise InputError(f"{config.data.catalog}: {len(items)} train items, fewer than data.items_per_batch={config.data.items_per_batch}")
     selection = None
@@ -76,7 +77,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     else:
         if resuming_after is not None:
             print(f"[train] run {config.run.name} has a checkpoint after epoch {resuming_after} in {run_location.uri}: resuming from it", flush=True)
-        result = loop.fit(config, items, selection, storage)
+        result = loop.fit(config, catalog, selection, storage)
     source = selection["source"] if selection else None
     record = {"catalog": config.data.catalog, "items": len(items), "weights": weights.describe_weights(config)}
     written = checkpoints.export_artifact(result, config, record, source)

@@ -1,7 +1,8 @@
 """Checkpoints of `mga train`: what a checkpoint holds, finding an earlier run, and the model artifact.
 
 Every `run.checkpoint_every` epochs (and after the last) the workers report a checkpoint
-to Ray Train: model, optimizer, LR scheduler, epoch, and each worker's sampler RNG. Ray
+to Ray Train: model, optimizer, LR scheduler and epoch (the batch plan of an epoch is a
+function of run.seed and the epoch: pipelines.stream). Ray
 Train keeps it under `run.storage_path/run.name` (`RunConfig(storage_path, name)`), local
 or S3. Ray Train keeps metrics only with a checkpoint, so validation epochs are checkpoint
 epochs; `CheckpointConfig(checkpoint_score_attribute=run.best_metric, order max)` keeps the
@@ -28,36 +29,30 @@ from pipelines.model_store import write_artifact
 from pipelines.storage import Location
 
 STATE_FILE = "state.pt"
-SAMPLER_FILE = "sampler-rank{rank}.json"
 
 
 class TrainingFailed(JobFailed):
     """The Ray Train run failed (more worker failures than run.max_failures, or an error in the loop)."""
 
 
-def report_epoch(metrics: dict[str, Any], checkpointing: bool, rank: int, sampler_rng: np.random.Generator, state: dict[str, Any] | None) -> None:
-    """Report an epoch to Ray Train (on every worker), with a checkpoint when `checkpointing`.
-
-    Every worker saves its own sampler state; Ray Train merges the workers' files into one
-    checkpoint directory. Rank 0 passes `state`: the model, optimizer, scheduler and epoch.
-    """
+def report_epoch(metrics: dict[str, Any], checkpointing: bool, state: dict[str, Any] | None) -> None:
+    """Report an epoch to Ray Train (on every worker), with a checkpoint when `checkpointing`:
+    rank 0 passes `state` (the model, optimizer, scheduler and epoch), the others None."""
     if not checkpointing:
         ray.train.report(metrics)
         return
+    if state is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
     with tempfile.TemporaryDirectory() as directory:
-        (Path(directory) / SAMPLER_FILE.format(rank=rank)).write_text(json.dumps(sampler_rng.bit_generator.state))
-        if state is not None:
-            torch.save(state, Path(directory) / STATE_FILE)
+        torch.save(state, Path(directory) / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def read_checkpoint(checkpoint: ray.train.Checkpoint, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(the model/optimizer state, rank `rank`'s sampler RNG state or None if it had none) of a checkpoint."""
+def read_checkpoint(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """The model/optimizer/scheduler state and epoch of a checkpoint."""
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-        sampler_file = Path(directory) / SAMPLER_FILE.format(rank=rank)
-        sampler_state = json.loads(sampler_file.read_text()) if sampler_file.exists() else None
-    return state, sampler_state
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def previous_run(run: Location) -> Any | None:
@@ -100,7 +95,7 @@ def export_artifact(result: Any, config: TrainConfig, record: dict[str, Any], va
     if result.checkpoint is None:
         raise TrainingFailed(f"training run {config.run.name} produced no checkpoint")
     checkpoint, chosen_metrics = pick_checkpoint(result, config)
-    state, _ = read_checkpoint(checkpoint)
+    state = read_checkpoint(checkpoint)
     model = MGAModel(config.model)
     model.load_state_dict({name[len("model."):]: value for name, value in state["objective"].items() if name.startswith("model.")})
     metrics = dict(result.metrics or {})

@@ -1,8 +1,10 @@
 """The training loop of `mga train` (on every Ray Train worker) and the trainer that runs it.
 
-The catalog's train split streams through Ray Data: each block's rows are grouped by item
-and K images per item are decoded, cropped and augmented in Ray Data tasks; the workers
-assemble batches of P distinct items from that stream (`mga.sampling.pk_batches`). A
+The catalog's train split streams through Ray Data (pipelines.stream): every epoch is
+planned from an id-only index of the train rows (whole items, P x K, seeded by run.seed and
+the epoch: a resumed run replays its epochs) and Ray Data tasks decode each worker's share;
+one stream spans all of a worker's epochs. Images that cannot be decoded, batches dropped
+and items left out are counted in every epoch line. A
 worker that dies mid-run (a lost node, an OOM kill) makes Ray Train restart the worker
 group and restore the latest checkpoint, up to `run.max_failures` times
 (`FailureConfig(max_failures)`).
@@ -16,7 +18,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -30,10 +31,26 @@ from pipelines.config import TrainConfig
 from pipelines.console import first_line
 from pipelines.runtime import init_ray
 from pipelines.storage import Location
-from pipelines.stream import DECODE_TASK_CPUS, pk_stream, train_stream
-from pipelines.train.checkpoints import TrainingFailed, latest_epoch, read_checkpoint, report_epoch
+from pipelines.stream import (
+    DECODE_TASK_CPUS,
+    EPOCH_COUNTS,
+    Catalog,
+    EpochBatches,
+    StreamSettings,
+    batch_stream,
+)
+from pipelines.train.checkpoints import (
+    TrainingFailed,
+    latest_epoch,
+    read_checkpoint,
+    report_epoch,
+)
 from pipelines.train.validation import Validator
 from pipelines.train.weights import backbone_weights_file
+
+# The data counts of an epoch line, shown when any is not zero.
+DATA_COUNTS = ("undecodable_images", "dropped_batches", "left_out_items")
+
 
 def _all_workers_have(flag: bool, device: torch.device) -> bool:
     """Keep DDP workers in lockstep: a step runs only if every worker has a batch."""
@@ -42,6 +59,15 @@ def _all_workers_have(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def _sum_over_workers(values: list[int], device: torch.device) -> list[int]:
+    """Counts summed over the DDP workers (the values themselves on one worker)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    total = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return [int(value) for value in total.tolist()]
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -58,6 +84,9 @@ def epoch_line(config: TrainConfig, metrics: dict[str, Any], validation: dict[st
         f"(identity {metrics['identity']:.4f}, triplet {metrics['triplet']:.4f}) lr {metrics['lr']:.2e} "
         f"{metrics['images_per_s']:.1f} img/s, {metrics['steps']} steps, {metrics['epoch_s']:.1f} s ({metrics['data_wait_s']:.1f} s waiting for data)"
     )
+    if any(metrics[name] for name in DATA_COUNTS):
+        line += (f" | {metrics['undecodable_images']} undecodable images replaced, {metrics['dropped_batches']} batches dropped, "
+                 f"{metrics['left_out_items']} items left out")
     if "val_s" in metrics:
         line += (
             f" | val [{validation['source']}; {metrics['val_queries']} queries x {metrics['val_gallery']} gallery]"
@@ -76,8 +105,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # through a logger named by its file path, which propagates to the root logger rather than
     # `ray.train` (that LoggingConfig quiets): the worker's console gets warnings only.
     logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no "Dataset ... execution finished" per stream
     config = TrainConfig(**loop_config["config"])
-    class_index: dict[str, int] = loop_config["class_index"]
+    catalog_ref = loop_config["catalog"][0]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.run.seed)
@@ -90,7 +120,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model = MGAModel(config.model)
     else:
         model = MGAModel(config.model, hub=config.run.pretrained == "hub", weights_file=backbone_weights_file(config))
-    objective = MGAObjective(model, len(class_index), config.loss)
+    objective = MGAObjective(model, loop_config["classes"], config.loss)
     body = set(objective.model.backbone.body.parameters())
     groups = [
         {"params": [p for p in objective.parameters() if p in body], "lr": config.optim.lr * config.optim.backbone_lr_scale},
@@ -98,18 +128,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ]
     optimizer = torch.optim.Adam(groups, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.optim.milestones), gamma=config.optim.gamma)
-    sampler_rng = np.random.default_rng([config.run.seed, rank])
     start_epoch, starts = 0, [0]
     if checkpoint:
-        state, sampler_state = read_checkpoint(checkpoint, rank)
+        state = read_checkpoint(checkpoint)
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
-        if sampler_state is not None:
-            sampler_rng.bit_generator.state = sampler_state
-        else:  # more workers than when the checkpoint was written: a fresh stream per rank and epoch
-            sampler_rng = np.random.default_rng([config.run.seed, rank, start_epoch])
         starts = list(state.get("starts", [0])) + [start_epoch]
         if rank == 0:
             print(f"[train] resumed from the checkpoint after epoch {start_epoch} (run {config.run.name}, start {len(starts)})", flush=True)
@@ -118,8 +143,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     objective = ray.train.torch.prepare_model(
         objective, parallel_strategy_kwargs={"find_unused_parameters": objective.unused_parameters_possible()}
     )
-    shard = ray.train.get_dataset_shard("train")
     P, K = config.data.items_per_batch, config.data.images_per_item
+    settings = StreamSettings(P, K, config.data.image_size, config.data.augment, config.data.max_pixels,
+                              config.data.window_rows, config.data.groups_per_batch, config.run.seed)
+    stream = EpochBatches(batch_stream(catalog_ref, settings, range(start_epoch, config.optim.epochs), rank, world))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and config.scaling.bf16 else torch.autocast("cpu", enabled=False)
     validation = loop_config.get("validation")
     validator = Validator(config.data.catalog, validation, config.data.image_size, config.data.max_pixels) if validation and rank == 0 else None
@@ -128,9 +155,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         objective.train()
         started = time.perf_counter()
         totals = {"loss": 0.0, "identity": 0.0, "triplet": 0.0}
-        steps = 0
+        steps, undecodable, plan = 0, 0, dict.fromkeys(EPOCH_COUNTS, 0)
 
-        batches = pk_stream(shard, P, K, config.data.shuffle_buffer_items, sampler_rng)
+        batches = stream.epoch(epoch)
         data_wait = 0.0
         while True:
             waited = time.perf_counter()
@@ -138,9 +165,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             data_wait += time.perf_counter() - waited
             if not _all_workers_have(batch is not None, device):
                 break
-            item_ids, images = batch
-            labels = torch.tensor([class_index[item] for item in item_ids for _ in range(K)], device=device)
-            pixels = torch.from_numpy(images).to(device, non_blocking=True)  # [P*K, 3, S, S], item-major
+            if steps == 0:
+                plan = {name: int(batch[name][0]) for name in EPOCH_COUNTS}
+            undecodable += int(batch["undecodable"][0])
+            # Copies: Ray Data's arrays are read-only views of its blocks.
+            labels = torch.tensor(batch["labels"][0], device=device)
+            pixels = torch.tensor(batch["images"][0]).to(device, non_blocking=True)  # [P*K, 3, S, S], item-major
             with autocast:
                 parts = objective(pixels, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -150,11 +180,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             totals["loss"] += parts.total.item()
             totals["identity"] += parts.identity.item()
             totals["triplet"] += parts.triplet.item()
+        # Batches of this rank that no step used: past the shortest rank's end, or never
+        # decoded (an item without a decodable image); summed over the ranks.
+        unused = sum(1 for _ in batches)
+        counts = _sum_over_workers([undecodable, max(unused, plan["rank_batches"] - steps)], device)
         elapsed = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics: dict[str, Any] = {key: value / max(steps, 1) for key, value in totals.items()}
-        metrics.update(epoch=epoch + 1, lr=lr, steps=steps, images_per_s=steps * P * K * world / max(elapsed, 1e-9), epoch_s=elapsed, data_wait_s=data_wait)
+        metrics.update(epoch=epoch + 1, lr=lr, steps=steps, images_per_s=steps * P * K * world / max(elapsed, 1e-9), epoch_s=elapsed, data_wait_s=data_wait,
+                       undecodable_images=counts[0], dropped_batches=counts[1] + plan["unassigned_batches"], left_out_items=plan["left_out_items"])
         last = epoch + 1 == config.optim.epochs
         checkpointing = (epoch + 1) % config.run.checkpoint_every == 0 or last
         validating = bool(validation) and checkpointing and ((epoch + 1) % config.run.validate_every == 0 or last)
@@ -175,7 +210,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 "epoch": epoch,
                 "starts": starts,
             }
-        report_epoch(metrics, checkpointing, rank, sampler_rng, state)
+        report_epoch(metrics, checkpointing, state)
 
 
 
@@ -202,11 +237,10 @@ def check_local_cpus(config: TrainConfig) -> None:
         )
 
 
-def fit(config: TrainConfig, items: list[str], validation: dict[str, Any] | None, storage: Location) -> Any:
+def fit(config: TrainConfig, catalog: Catalog, validation: dict[str, Any] | None, storage: Location) -> Any:
     """Run `train_loop` on a Ray Train worker group; the Ray Train result (its checkpoints under storage/run.name)."""
     init_ray()
     check_local_cpus(config)
-    dataset = train_stream(config.data.catalog, config.data.images_per_item, config.data.image_size, config.data.augment, config.data.max_pixels)
     if validation:
         checkpoint_config = ray.train.CheckpointConfig(
             num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute=config.run.best_metric, checkpoint_score_order="max"
@@ -217,7 +251,10 @@ def fit(config: TrainConfig, items: list[str], validation: dict[str, Any] | None
         train_loop,
         train_loop_config={
             "config": config.model_dump(mode="json"),
-            "class_index": {item: index for index, item in enumerate(items)},
+            # Each worker streams its own share of the plan (pipelines.stream), so Ray Train
+            # is given no dataset to split: the catalog's index travels once, by reference.
+            "catalog": [ray.put(catalog)],
+            "classes": len(catalog.items),
             "validation": validation,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -238,7 +275,6 @@ def fit(config: TrainConfig, items: list[str], validation: dict[str, Any] | None
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
-        datasets={"train": dataset},
     )
     try:
         return trainer.fit()

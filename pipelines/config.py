@@ -44,8 +44,14 @@ class DataConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    epochs: int = Field(130, gt=0)
-    lr: float = Field(1e-4, gt=0)
+    epochs: int = Field(130, gt=0, description="the last epoch; raising it continues a run (resume)")
+    lr: float = Field(1e-4, gt=0, description="learning rate of a P x K batch (before optim.lr_scaling)")
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none",
+        description="with N workers the effective batch is P*K*N: 'linear' multiplies optim.lr by scaling.num_workers, "
+        "'none' keeps it. Either way triplets are mined per rank: each worker takes the hardest positive and negative "
+        "of each anchor within its own P x K batch, never across workers",
+    )
     weight_decay: float = Field(0.0, ge=0)
     milestones: tuple[int, ...] = (40, 70)
     gamma: float = Field(0.1, gt=0, le=1)
@@ -65,6 +71,11 @@ class ScalingConfig(StrictModel):
 
 class RunConfig(StrictModel):
     name: str = "mga"
+    restart: bool = Field(
+        False,
+        description="start run.name afresh: delete its checkpoints under run.storage_path first (instead of resuming, "
+        "or of refusing a run trained with another setup); leave it out again to resume after an interruption",
+    )
     storage_path: str = Field("", description="checkpoints and run state (local path or s3://)")
     output: str = Field("", description="where the final model artifact is written")
     seed: int = 0
@@ -96,6 +107,10 @@ class TrainConfig(StrictModel):
     run: RunConfig = RunConfig()
     # Kept for the record of which benchmark a config reproduces.
     recipe: Literal["inshop", "consumer2shop", "tiny", "custom"] = "custom"
+
+    def effective_lr(self) -> float:
+        """The learning rate the optimizer gets: optim.lr, times the worker count with optim.lr_scaling=linear."""
+        return self.optim.lr * (self.scaling.num_workers if self.optim.lr_scaling == "linear" else 1)
 
     @model_validator(mode="after")
     def _batch_has_negatives(self) -> "TrainConfig":

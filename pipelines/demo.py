@@ -8,8 +8,11 @@ project: no downloads).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 from pipelines.synthetic import SynthSpec
@@ -20,6 +23,21 @@ from pipelines.console import print_summary
 # Groups of 12 look-alike items: the pretrained backbone's zero-shot global R@1 on the
 # held-out items is about 0.24 consumer->shop (0.61 shop->shop), so details must be learnt.
 DEMO_SPEC = SynthSpec(seed=0, groups=20, items_per_group=12, test_fraction=0.5, train_views=6, gallery_views=2, query_views=2, image_size=128)
+
+
+def run_name(config: str, overrides: list[str], seed: int) -> str:
+    """`demo-seed0`, or `demo-seed0-model.alpha=1.0` with `--set model.alpha=1.0`: a run of its own per setup.
+
+    `mga demo --set model.alpha=1.0` after `mga demo` then trains an alpha 1.0 model beside the
+    first run (one run name for both would be refused: that run was trained with alpha 0.5),
+    and `mga demo` again re-exports the first without training. `run.*` settings do not shape
+    the model and stay out of the name.
+    """
+    shaping = ([Path(config).stem] if config != "tiny" else []) + [item.strip() for item in overrides if not item.strip().startswith("run.")]
+    suffix = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", "-".join(shaping))
+    if len(suffix) > 80:  # a readable head and a digest of the whole
+        suffix = f"{suffix[:60]}-{hashlib.sha256(suffix.encode()).hexdigest()[:8]}"
+    return f"demo-seed{seed}" + (f"-{suffix}" if suffix else "")
 
 
 def run(workdir: str = "mga_demo", config: str = "tiny", overrides: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
@@ -41,7 +59,7 @@ def run(workdir: str = "mga_demo", config: str = "tiny", overrides: list[str] | 
     train_config = load_config(
         config,
         overrides,
-        extra={"data": {"catalog": paths["catalog"]}, "run": {"output": paths["model"], "storage_path": paths["runs"], "name": f"demo-seed{seed}", "seed": seed}},
+        extra={"data": {"catalog": paths["catalog"]}, "run": {"output": paths["model"], "storage_path": paths["runs"], "name": run_name(config, overrides or [], seed), "seed": seed}},
     )
     step("synth", lambda: synth.run(paths["catalog"], spec))
     step("train", lambda: train.run(train_config))

@@ -10,6 +10,12 @@ import ray
 from pipelines.storage import S3_ENV_VARS
 
 
+def cluster_address() -> str | None:
+    """The Ray cluster a job joins (RAY_ADDRESS, as `ray job submit` sets it for its driver), or None for a local Ray."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    return address if address and address != "local" else None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray.
 
@@ -22,7 +28,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     env_vars = {name: os.environ[name] for name in S3_ENV_VARS if name in os.environ}
     # Threads per worker: torch otherwise starts one per core in every actor.
     env_vars.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or cluster_address()
     if address:
         # On a cluster the job's own runtime env (ray_job.yaml) and the pods' secrets or
         # instance roles configure the workers; a second env_vars would conflict with it.

@@ -1,5 +1,6 @@
 """Training at production grade: overrides, backbone weights, validation and the best
-checkpoint, resume after an interruption, a killed worker, and a job through `ray job submit`.
+checkpoint, resume after an interruption (only under the run's own setup, or afresh with
+run.restart), a killed worker, and a job through `ray job submit` (refused without shared storage).
 
 Everything runs on a real local Ray (the `ray_local` fixture), except the `ray job submit`
 test, which starts its own Ray head (`ray start --head`) and stops only that head.
@@ -28,8 +29,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from pipelines import train
-from pipelines.train import validation, weights
+from mga.errors import InputError
+from pipelines import demo, train
+from pipelines.train import runs, validation, weights
 from pipelines.train.checkpoints import TrainingFailed
 from pipelines.config import ConfigError, TrainConfig, load_config
 from pipelines.model_store import load_model
@@ -298,6 +300,106 @@ def test_interrupted_run_resumes_and_the_best_checkpoint_is_kept(ray_local, cata
     assert f"already trained to epoch {epochs}" in out and "[train] epoch" not in out + err  # no epoch re-run
 
 
+# --------------------------------------------------------------------------- one run, one setup
+
+
+def _catalog_table(uri: str, rows: list[tuple[str, str, str, str]]) -> int:
+    """A real catalog table holding `rows` (image_id, item_id, split, domain; image bytes and the other columns null), as its next version."""
+    import pyarrow as pa
+
+    from pipelines.schemas import CATALOG
+    from pipelines.storage import write_parquet
+    from pipelines.tables import TableWriter
+
+    table = pa.Table.from_pylist([dict(zip(("image_id", "item_id", "split", "domain"), row)) for row in rows], schema=CATALOG)
+    with TableWriter(resolve(uri)) as writer:
+        write_parquet(writer.file("part-0.parquet"), table, row_group_size=8)
+        return writer.commit(CATALOG, {"table": "catalog", "rows": table.num_rows}).version
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(480)
+def test_a_run_under_another_setup_is_refused_and_run_restart_starts_it_afresh(trained_model, tmp_path, capfd):
+    # A copy of the session's trained run (1 epoch, 2 workers, name "t"): this test replaces it.
+    shutil.copytree(trained_model["root"] / "runs", tmp_path / "runs")
+    catalog, setup = trained_model["catalog"], ["optim.epochs=1", "scaling.num_workers=2"]
+    stored = json.loads((tmp_path / "runs" / "t" / runs.RUN_FILE).read_text())
+    assert stored["fingerprint"]["model.alpha"] == 0.5 and stored["fingerprint"]["train classes"] == 6
+    assert "optim.epochs" not in stored["fingerprint"] and "data.catalog" not in stored["fingerprint"]
+
+    # The same setup from a copy of the catalog (the same train rows elsewhere): re-exported.
+    shutil.copytree(catalog, tmp_path / "catalog-copy")
+    again = train.run(_config(str(tmp_path / "catalog-copy"), tmp_path, "t", *setup))
+    assert again["epochs"] == 1 and "already trained to epoch 1" in capfd.readouterr().out
+
+    # Another alpha: refused in one line naming it, before Ray Train starts (the re-export path too).
+    with pytest.raises(InputError) as refused:
+        train.run(_config(catalog, tmp_path, "t", *setup, "model.alpha=1.0"))
+    assert "\n" not in str(refused.value) and re.fullmatch(
+        r"run t in \S+/runs/t was trained with model.alpha=0.5; this command asks for model.alpha=1.0: "
+        r"use another run.name, or --set run.restart=true to start it afresh", str(refused.value)), refused.value
+    # Another catalog: its train rows and class count.
+    _catalog_table(str(tmp_path / "other"), [(f"i{item}{view}", f"i{item}", "train", "shop") for item in range(4) for view in range(2)])
+    with pytest.raises(InputError, match=r"was trained with catalog train rows \w{12} of \S+ version \d+, 24 images, train classes=6; "
+                       r"this command asks for catalog train rows \w{12} of \S+/other version 0, 8 images, train classes=4"):
+        train.run(_config(str(tmp_path / "other"), tmp_path, "t", *setup, "run.validate_every=0"))
+    # More epochs continue the run: not a difference.
+    longer = train.absolute_uris(_config(catalog, tmp_path, "t", "optim.epochs=5", "scaling.num_workers=2"))
+    rows = runs.catalog_rows(longer.data.catalog)
+    runs.check_same_run(longer, resolve(str(tmp_path / "runs" / "t")), runs.fingerprint(longer, rows, 6), rows)
+    assert "[train] epoch" not in "".join(capfd.readouterr())
+
+    # run.restart=true: the old checkpoints go, an alpha 1.0 model is trained from the start.
+    fresh = _config(catalog, tmp_path, "t", "optim.epochs=1", "scaling.num_workers=1", "model.alpha=1.0", "run.restart=true")
+    result = train.run(fresh)
+    assert result["resumed_after_epochs"] == [] and result["epochs"] == 1
+    assert "run.restart: deleted the checkpoints of run t" in capfd.readouterr().out
+    _, _, saved = load_model(fresh.run.output)
+    assert saved["train"]["config"]["model"]["alpha"] == 1.0 and saved["train"]["lr"] == fresh.optim.lr
+    assert json.loads((tmp_path / "runs" / "t" / runs.RUN_FILE).read_text())["fingerprint"]["model.alpha"] == 1.0
+    # ... and is now the run's setup: the same command without run.restart re-exports it.
+    train.run(_config(catalog, tmp_path, "t", "optim.epochs=1", "model.alpha=1.0", f"run.output={tmp_path / 'again'}"))
+    assert "already trained to epoch 1" in capfd.readouterr().out
+    exported, trained = load_model(str(tmp_path / "again"))[0].state_dict(), load_model(fresh.run.output)[0].state_dict()
+    assert exported.keys() == trained.keys() and all(exported[name].equal(trained[name]) for name in trained)
+
+
+@pytest.mark.timeout(60)
+def test_the_fingerprint_leaves_out_epochs_and_follows_the_worker_count_only_with_linear_lr_scaling(tmp_path, monkeypatch):
+    rows = {"uri": "c", "version": 0, "images": 8, "digest": "0" * 64}
+
+    def fingerprint(*overrides: str) -> dict:
+        return runs.fingerprint(load_config("tiny", list(overrides)), rows, 4)
+
+    assert fingerprint("optim.epochs=3", "scaling.num_workers=1") == fingerprint("optim.epochs=30", "scaling.num_workers=4")
+    linear = [fingerprint("optim.lr_scaling=linear", f"scaling.num_workers={workers}") for workers in (1, 4)]
+    assert runs.difference(linear[0], linear[1], rows, rows) == "was trained with scaling.num_workers=1; this command asks for scaling.num_workers=4"
+    config = load_config("tiny", ["optim.lr_scaling=linear", "scaling.num_workers=4", "optim.lr=0.001"])
+    assert config.effective_lr() == pytest.approx(0.004) and load_config("tiny", ["scaling.num_workers=4"]).effective_lr() == 0.001
+
+    # Connected to a cluster without a storage path: refused before anything connects.
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(InputError, match=r"run.storage_path: training on the Ray cluster at 10.0.0.1:6379 needs checkpoint storage that every node reaches"):
+        train.run(load_config("tiny", [], extra={"data": {"catalog": str(tmp_path / "c")}, "run": {"output": str(tmp_path / "m")}}))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_the_storage_probe_names_the_nodes_that_cannot_see_a_path(ray_local, tmp_path):
+    assert runs.nodes_without(str(tmp_path)) == []
+    missing = runs.nodes_without(str(tmp_path / "not-here"))
+    assert len(missing) == 1 and missing == [node["NodeManagerAddress"] for node in ray_local.nodes() if node["Alive"]]
+
+
+@pytest.mark.timeout(60)
+def test_the_demo_names_a_run_after_what_shapes_it():
+    assert demo.run_name("tiny", [], 0) == "demo-seed0"
+    assert demo.run_name("tiny", ["model.alpha=1.0", "run.restart=true"], 0) == "demo-seed0-model.alpha=1.0"
+    assert demo.run_name("inshop", ["model.layers=[2, 3]"], 2) == "demo-seed2-inshop-model.layers=_2,_3_"
+    long = demo.run_name("tiny", [f"loss.margin=0.{digit}" for digit in range(1, 9)] * 3, 0)
+    assert len(long) < 100 and long != demo.run_name("tiny", [f"loss.margin=0.{digit}" for digit in range(1, 9)] * 2, 0)
+
+
 # --------------------------------------------------------------------------- fault tolerance
 
 
@@ -424,6 +526,16 @@ def test_a_training_job_submitted_with_the_ray_job_submit_cli(ray_head, catalog,
     assert "TrainingReport(" not in logs and "Reporting training result" not in logs, logs[-5000:]
     model, model_id, saved = load_model(str(output))
     assert saved["train"]["epochs"] == 2 and model_id in logs and model.config.global_dim == 32
+    # (Its local --storage-path passed the check that every node of the cluster sees it.) Without
+    # one, a job on a cluster is refused at once, in one line saying why.
+    refused_job = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--runtime-env", str(tmp_path / "runtime_env.yaml"), "--",
+         "python", "-m", "pipelines.train", "--config", "pipelines/configs/tiny.yaml", *overrides, "--catalog", catalog, "--output", str(output)],
+        capture_output=True, text=True, env={**env, "RAY_AUTH_MODE": "token"}, cwd=REPO, timeout=240,
+    )
+    logs = refused_job.stdout + refused_job.stderr
+    assert refused_job.returncode != 0 and "Traceback" not in logs, logs[-5000:]
+    assert "run.storage_path: training on the Ray cluster at" in logs and "a path every node mounts" in logs, logs[-5000:]
 
 
 # --------------------------------------------------------------------------- smaller pieces
@@ -431,20 +543,10 @@ def test_a_training_job_submitted_with_the_ray_job_submit_cli(ray_head, catalog,
 
 @pytest.mark.timeout(60)
 def test_validation_selection_prefers_the_val_split_and_caps_queries_and_gallery(tmp_path):
-    import pyarrow as pa
-
-    from pipelines.schemas import CATALOG
-    from pipelines.storage import write_parquet
-    from pipelines.tables import TableWriter
-
     uri = str(tmp_path / "catalog")
 
     def catalog(rows):
-        """A real catalog table holding `rows` (image bytes and the other columns null), as its next version."""
-        table = pa.Table.from_pylist([dict(zip(("image_id", "item_id", "split", "domain"), row)) for row in rows], schema=CATALOG)
-        with TableWriter(resolve(uri)) as writer:
-            write_parquet(writer.file("part-0.parquet"), table, row_group_size=8)
-            return writer.commit(CATALOG, {"table": "catalog", "rows": table.num_rows}).version
+        return _catalog_table(uri, rows)
 
     test_rows = [(f"t{i}{v}", f"t{i}", "query" if v < 2 else "gallery", "consumer" if v < 2 else "shop") for i in range(6) for v in range(4)]
     val_rows = [(f"v{i}{v}", f"v{i}", "val", "consumer" if v == 0 else "shop") for i in range(5) for v in range(3)]

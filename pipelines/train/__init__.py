@@ -2,14 +2,17 @@
 
 The job is thin; its parts are modules of their own: `loop` (the worker loop and the
 trainer), `validation` (held-out R@K / mAP on rank 0), `checkpoints` (what a checkpoint
-holds, an earlier run, the model artifact) and `weights` (backbone weights).
+holds, an earlier run, the model artifact), `runs` (a run's fingerprint, a fresh start,
+storage on a cluster) and `weights` (backbone weights).
 
 Resume: re-running the same command with the same `run.name` and storage path resumes from
 the latest checkpoint (Ray Train V2 has no `resume_from_checkpoint`:
 `ray.train.get_checkpoint()` returns it); the first epoch line after a resume says so, and
 the artifact records where the run was resumed. A run already trained to `optim.epochs`
 writes its artifact straight from the stored checkpoints (e.g. again with
-`run.artifact_from=best`).
+`run.artifact_from=best`). Both only under the setup the run was started with (`runs`:
+its fingerprint); `run.restart=true` starts it afresh. On a Ray cluster the checkpoints need
+storage every node reaches (`runs.run_storage`, `runs.check_cluster_storage`).
 
 The driver builds the backbone with the chosen weights once before anything starts, so a
 missing file, an unreachable hub or a file that does not fit the backbone is one clear
@@ -19,7 +22,6 @@ error, not a traceback from inside a Ray worker.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from typing import Any
 
@@ -41,7 +43,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     """Train with Ray Train and write the model artifact to `run.output`."""
     # Here, not at the top: `mga train --help` and a usage error must not wait for torch and Ray.
     from pipelines.stream import index_catalog
-    from pipelines.train import checkpoints, loop, validation, weights
+    from pipelines.train import checkpoints, loop, runs, validation, weights
 
     if not config.data.catalog:
         raise InputError("data.catalog: no catalog URI given (set it in the config or with --catalog)")
@@ -49,10 +51,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
         raise InputError("run.output: no artifact URI given (set it in the config or with --output)")
     config = absolute_uris(config)
     started = time.time()
-    storage = resolve(config.run.storage_path or tempfile.mkdtemp(prefix="mga-runs-"))
+    storage = runs.run_storage(config)
     run_location = storage.join(config.run.name)
     previous = checkpoints.previous_run(run_location)
-    if previous is None:
+    restarting = previous is not None and config.run.restart
+    if previous is None or restarting:
         # Before Ray starts: a missing weights file or an unreachable hub is one line.
         # (A resumed run takes every weight from its checkpoint.)
         weights.check_backbone_weights(config)
@@ -60,14 +63,18 @@ def run(config: TrainConfig) -> dict[str, Any]:
     items = catalog.items
     if len(items) < config.data.items_per_batch:
         raise InputError(f"{config.data.catalog}: {len(items)} train items, fewer than data.items_per_batch={config.data.items_per_batch}")
+    train_rows = runs.catalog_rows(config.data.catalog)
+    fingerprint = runs.fingerprint(config, train_rows, len(items))
+    if previous is not None and not restarting:  # resuming or re-exporting: only the run's own setup
+        runs.check_same_run(config, run_location, fingerprint, train_rows)
     selection = None
     if config.run.validate_every:
         selection = validation.select_validation(config.data.catalog, config.run.validation_queries, config.run.validation_gallery, config.run.seed)
         if selection is None:
             raise InputError(f"run.validate_every: {config.data.catalog} has no held-out query with a gallery match (no val split, no query/gallery splits); set run.validate_every=0")
         print(f"[train] validation on the {selection['source']}: {len(selection['queries'])} queries x {len(selection['gallery'])} gallery images", flush=True)
-    resuming_after = int(previous.metrics["epoch"]) if previous is not None else None
-    if previous is not None and resuming_after >= config.optim.epochs:
+    resuming_after = int(previous.metrics["epoch"]) if previous is not None and not restarting else None
+    if resuming_after is not None and resuming_after >= config.optim.epochs:
         print(
             f"[train] run {config.run.name} is already trained to epoch {resuming_after} (optim.epochs={config.optim.epochs}) "
             f"in {run_location.uri}: writing the artifact from its checkpoints, nothing to train",
@@ -75,11 +82,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
         )
         result = previous
     else:
+        runs.check_cluster_storage(storage)
         if resuming_after is not None:
             print(f"[train] run {config.run.name} has a checkpoint after epoch {resuming_after} in {run_location.uri}: resuming from it", flush=True)
+        else:
+            runs.start_run(config, run_location, fingerprint, train_rows, restart=restarting)
         result = loop.fit(config, catalog, selection, storage)
     source = selection["source"] if selection else None
-    record = {"catalog": config.data.catalog, "items": len(items), "weights": weights.describe_weights(config)}
+    record = {"catalog": config.data.catalog, "catalog_version": train_rows["version"], "items": len(items), "weights": weights.describe_weights(config), "lr": config.effective_lr()}
     written = checkpoints.export_artifact(result, config, record, source)
     _print_summary(config, written, record, source, run_location.uri, time.time() - started)
     return {key: written[key] for key in ("model_id", "metrics", "checkpoint_metrics", "epochs", "last_epoch", "resumed_after_epochs")} | {
@@ -97,6 +107,8 @@ def _print_summary(config: TrainConfig, written: dict[str, Any], record: dict[st
         "final loss": round(float(metrics.get("loss", float("nan"))), 4),
         "images/s (last epoch)": round(float(metrics.get("images_per_s", float("nan"))), 1),
         "workers": f"{config.scaling.num_workers} x {'GPU' if config.scaling.use_gpu else 'CPU'}",
+        "learning rate": f"{record['lr']:.2e}"
+        + (f" (optim.lr {config.optim.lr:g} x {config.scaling.num_workers} workers: optim.lr_scaling=linear)" if config.optim.lr_scaling == "linear" else ""),
         "backbone weights": record["weights"],
     }
     if source:

@@ -123,8 +123,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     objective = MGAObjective(model, loop_config["classes"], config.loss)
     body = set(objective.model.backbone.body.parameters())
     groups = [
-        {"params": [p for p in objective.parameters() if p in body], "lr": config.optim.lr * config.optim.backbone_lr_scale},
-        {"params": [p for p in objective.parameters() if p not in body], "lr": config.optim.lr},
+        {"params": [p for p in objective.parameters() if p in body], "lr": config.effective_lr() * config.optim.backbone_lr_scale},
+        {"params": [p for p in objective.parameters() if p not in body], "lr": config.effective_lr()},
     ]
     optimizer = torch.optim.Adam(groups, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.optim.milestones), gamma=config.optim.gamma)
@@ -282,6 +282,7 @@ def fit(config: TrainConfig, catalog: Catalog, validation: dict[str, Any] | None
         run = storage.join(config.run.name)
         latest = latest_epoch(run)
         where = f"the checkpoint after epoch {latest}" if latest is not None else "the start (no checkpoint yet)"
-        message = f"training run {config.run.name} failed ({first_line(error)}); re-running the same command resumes from {where} in {run.uri}"
+        again = "re-running it without run.restart=true" if config.run.restart else "re-running the same command"
+        message = f"training run {config.run.name} failed ({first_line(error)}); {again} resumes from {where} in {run.uri}"
         print(f"[train] {message}", file=sys.stderr, flush=True)
         raise TrainingFailed(message) from error

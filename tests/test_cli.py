@@ -67,7 +67,7 @@ def test_other_exceptions_keep_their_traceback():
     assert done.returncode == 1 and "Traceback" in done.stderr and "KeyError: 'missing'" in done.stderr and "mga:" not in done.stderr
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)
 def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path):
     fifo = tmp_path / "config.yaml"
     os.mkfifo(fifo)  # reading the config blocks until the test writes: the command waits there
@@ -84,7 +84,8 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path):
             time.sleep(0.05)
     try:
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=30)
+        # Generous: a fresh-clone CI run on a loaded 2-core machine once took over 30 s to exit.
+        _, stderr = process.communicate(timeout=150)
     finally:
         os.close(writer)
     assert process.returncode == 130 and stderr.strip() == "mga: interrupted", stderr

@@ -42,6 +42,7 @@ from PIL import Image
 
 from bench.common import git_revision, machine, tiny_model_config, write_random_artifact
 from pipelines import embed, prepare, synth
+from pipelines.embed.merge import plan_incremental
 from pipelines.storage import Location, resolve
 from pipelines.synthetic import SynthSpec
 from pipelines.tables import open_table, read_table
@@ -178,7 +179,7 @@ def counted_read(catalog, columns: list[str], filter: pc.Expression, *where) -> 
 def replay_read(catalog_uri: str, features_uri: str, model_id: str) -> dict[str, int]:
     """The catalog bytes `embed --incremental` reads: its plan, its pruning, its pushed-down filter."""
     catalog = open_table(resolve(catalog_uri))
-    plan = embed.plan_incremental(open_table(resolve(features_uri)), catalog, model_id)
+    plan = plan_incremental(open_table(resolve(features_uri)), catalog, model_id)
     where = [("image_id", plan.embed_ids.to_pylist())]
     rows, read, files = counted_read(catalog.only(plan.embed_files), ["image_id", "image", "bbox"], pc.field("image_id").isin(plan.embed_ids), *where)
     assert rows == len(plan.embed_ids), (rows, len(plan.embed_ids))

@@ -14,7 +14,7 @@ import torch
 
 from bench.common import machine, timed
 from mga.retrieval import exact_top_k
-from pipelines.approximate import new_index
+from pipelines.search.approximate import new_index
 
 
 def blocked_exact(gallery: np.ndarray, queries: np.ndarray, k: int, block: int = 32768) -> np.ndarray:

@@ -5,6 +5,7 @@ the rerank, per-category R@1, a gallery of retrievals, counts and notes), so the
 never disagree. Figures are PNGs drawn with matplotlib's Agg renderer (no display, no
 pyplot global state) and PIL; the Markdown links them as files written next to it, the
 HTML embeds them as base64 data URIs so it can be mailed or archived as one file.
+matplotlib is imported where a figure is drawn: `mga evaluate --help` does not wait for it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import html
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageOps
 
 from pipelines import storage
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TILE = 128  # gallery thumbnail side, pixels
 FRAME = 5  # coloured frame around each thumbnail
@@ -74,6 +77,8 @@ def _png(figure: Figure) -> bytes:
 
 def recall_plot(metrics: Mapping[str, Any]) -> bytes:
     """R@K curves, global-only vs reranked, with mAP in the legend."""
+    from matplotlib.figure import Figure
+
     ks = recall_ks(metrics)
     figure = Figure(figsize=(6, 4))
     axes = figure.subplots()
@@ -92,6 +97,8 @@ def recall_plot(metrics: Mapping[str, Any]) -> bytes:
 
 def category_plot(metrics: Mapping[str, Any]) -> bytes:
     """Per-category R@(smallest K) bars, global-only vs reranked."""
+    from matplotlib.figure import Figure
+
     k = recall_ks(metrics)[0]
     categories = list(metrics["per_category"])
     figure = Figure(figsize=(max(6.0, 0.6 * len(categories)), 4))

@@ -10,17 +10,22 @@
   node must not oversubscribe it.
 - `execute` runs a Ray Data job and turns a storage failure deep inside it into one
   StorageError line naming the URIs.
+
+Ray is imported by the functions that use it: the jobs' parsers take their GPU flags from
+here, and `mga <job> --help` must not wait for Ray.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
-
-import ray
+from typing import TYPE_CHECKING, Any
 
 from mga.errors import InputError
 from pipelines.storage import StorageError, credentials_hint
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
 
 USE_GPU = ("auto", "yes", "no")
 
@@ -66,16 +71,20 @@ def default_actors(gpus: float, gpus_up: int) -> int:
 
 def actor_pool(max_actors: int) -> ray.data.ActorPoolStrategy:
     """An autoscaling pool: one actor at first, up to `max_actors` while work queues."""
+    import ray.data
+
     return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, max_actors))
 
 
 def assigned_threads() -> int:
     """Threads for torch/faiss in this actor: the CPUs Ray assigned to it (at least one)."""
+    import ray
+
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     return max(1, int(cpus))
 
 
-def actor_device(use_gpu: bool) -> "torch.device":
+def actor_device(use_gpu: bool) -> torch.device:
     """The device a model actor computes on; on a CPU, torch gets the actor's assigned CPUs as threads."""
     import torch  # only actors need it: the jobs' drivers and the CLI stay light
 
@@ -87,6 +96,8 @@ def actor_device(use_gpu: bool) -> "torch.device":
 
 def io_failure(error: BaseException) -> OSError | None:
     """The I/O error (S3 outage, missing file) at the root of a failed Ray Data job, if any."""
+    import ray.exceptions
+
     seen: set[int] = set()
     stack = [error]
     while stack:

@@ -16,13 +16,11 @@ from collections import Counter
 from typing import Any
 
 import pyarrow as pa
-import ray
 from PIL import Image
 
 from mga.errors import InputError
 from pipelines.synthetic import PlannedImage, SynthSpec, plan_catalog, render_image
 from pipelines.console import print_summary
-from pipelines.runtime import init_ray
 from pipelines.schemas import CATALOG
 from pipelines.storage import Location, resolve, write_parquet
 from pipelines.tables import TableWriter
@@ -32,8 +30,8 @@ from pipelines.tables import TableWriter
 ROW_GROUP_ROWS = 64
 
 
-@ray.remote(num_cpus=1)
 def render_shard(spec: SynthSpec, planned: list[PlannedImage], shard: Location) -> int:
+    """Ray task: draw one shard's images and write them as one Parquet file; returns the rows written."""
     rows: dict[str, list[Any]] = {name: [] for name in CATALOG.names}
     for image in planned:
         data, bbox = render_image(spec, image)
@@ -73,16 +71,22 @@ def _item_chunks(planned: list[PlannedImage], images_per_shard: int) -> list[lis
 def run(out: str, spec: SynthSpec, images_per_shard: int = 500) -> dict[str, Any]:
     if images_per_shard < 1:
         raise InputError(f"--images-per-shard must be positive, got {images_per_shard}")
+    # Here, not at the top: `mga synth --help` and a usage error must not wait for Ray.
+    import ray
+
+    from pipelines.runtime import init_ray
+
     started = time.time()
     table = resolve(out)
     planned = plan_catalog(spec)
     init_ray()
+    render = ray.remote(num_cpus=1)(render_shard)
     chunks = _item_chunks(planned, images_per_shard)
     by_split = Counter(image.split for image in planned)
     by_domain = Counter(image.domain for image in planned)
     items_by_split = {split: len({image.item_id for image in planned if image.split == split}) for split in by_split}
     with TableWriter(table) as writer:
-        written = sum(ray.get([render_shard.remote(spec, chunk, writer.file(f"part-{index:05d}.parquet")) for index, chunk in enumerate(chunks)]))
+        written = sum(ray.get([render.remote(spec, chunk, writer.file(f"part-{index:05d}.parquet")) for index, chunk in enumerate(chunks)]))
         info = {
             "table": "catalog",
             "source": {"kind": "synth", **dataclasses.asdict(spec)},

@@ -15,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "timm", "faiss", "ray"}
+COMMANDS = ("synth", "prepare", "train", "embed", "search", "evaluate", "vacuum", "demo")
 
 
 def _run(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, set[str], list[str]]:
@@ -26,20 +27,39 @@ def _run(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.Comp
 
 
 @pytest.mark.timeout(120)
-def test_help_and_usage_errors_load_neither_torch_nor_ray():
+def test_help_lists_every_job_without_importing_them():
     done, imported, _ = _run("-m", "pipelines.cli", "--help")
     assert done.returncode == 0 and "pipelines.command" in imported  # -X importtime saw the imports
     assert {name.split(".")[0] for name in imported}.isdisjoint(HEAVY), sorted(HEAVY & {name.split(".")[0] for name in imported})
-    for command in ("synth", "prepare", "train", "embed", "search", "evaluate", "vacuum", "demo"):
+    for command in COMMANDS:
         assert f"    {command} " in done.stdout, done.stdout
     assert "pipelines.config" not in imported  # the jobs are listed from their docstrings, not imported
 
-    for argv in (["-m", "pipelines.cli", "train", "--bogus"], ["-m", "pipelines.train", "--bogus"]):
-        done, imported, errors = _run(*argv)
-        # (importlib.import_module escapes -X importtime: train's own imports show that it loaded.)
-        assert done.returncode == 2 and "pipelines.config" in imported
-        assert {name.split(".")[0] for name in imported}.isdisjoint(HEAVY), argv
-        assert len(errors) == 1 and "error: unrecognized arguments: --bogus" in errors[0] and "--help" in errors[0], errors
+
+# Every job's parser, as `mga <job>` and as `python -m pipelines.<job>` build it, in one process;
+# after each, the heavy modules loaded so far (none, or a job imports them at parse time).
+PARSE_EVERY_JOB = f"""
+import importlib, sys
+from pipelines import cli
+for command in {COMMANDS!r}:
+    for entry, argv in ((cli.main, [command, "--help"]), (cli.main, [command, "--bogus"]),
+                        (importlib.import_module("pipelines." + command).main, ["--bogus"])):
+        try:
+            entry(argv)
+        except SystemExit as exit:
+            print("|", command, argv[-1], exit.code, *sorted({{name.split(".")[0] for name in sys.modules}}.intersection({sorted(HEAVY)!r})))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_every_job_parses_its_flags_without_torch_or_ray():
+    done = subprocess.run([sys.executable, "-c", PARSE_EVERY_JOB], capture_output=True, text=True, timeout=120, cwd=REPO)
+    outcomes = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("| ")]
+    expected = [[command, flag, "0" if flag == "--help" else "2"] for command in COMMANDS for flag in ("--help", "--bogus", "--bogus")]
+    assert outcomes == expected, (outcomes, done.stderr)  # a heavy module would be listed after the exit code
+    errors = done.stderr.splitlines()  # a usage error is one line naming the problem and --help
+    assert len(errors) == 2 * len(COMMANDS) and all(": error: " in line and "--help)" in line for line in errors), errors
+    assert sum(line.startswith("python -m pipelines.") for line in errors) == len(COMMANDS), errors
 
 
 def _mga(*argv: str, **env: str) -> subprocess.CompletedProcess:

@@ -501,14 +501,16 @@ def test_docs_show_pipeline_commands():
 
 
 def _module_flags(module: str) -> set[str]:
-    """The flags pipelines/<module>.py declares with add_argument("--..."); DESIGN.md's
-    flags while the module does not exist yet, or when it builds flag names at run time."""
+    """The flags pipelines/<module>.py (or the package pipelines/<module>/) declares with
+    add_argument("--..."); DESIGN.md's flags while the module does not exist yet, or when it
+    builds flag names at run time."""
     path = ROOT / "pipelines" / f"{module}.py"
-    if not path.exists():
+    sources = [path] if path.exists() else sorted((ROOT / "pipelines" / module).glob("*.py"))
+    if not sources:
         return PIPELINE_FLAGS[module]
     flags: set[str] = set()
     dynamic = False
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in (node for source in sources for node in ast.walk(ast.parse(source.read_text()))):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args:
             first = node.args[0]
             if isinstance(first, ast.Constant) and isinstance(first.value, str):

@@ -17,6 +17,7 @@ from mga.artifact import pack_artifact
 from mga.config import ModelConfig
 from mga.model import MGAModel
 from pipelines import embed, prepare, storage
+from pipelines.embed.merge import plan_incremental
 from pipelines.model_store import write_artifact
 from pipelines.schemas import CATALOG, REJECTS
 from pipelines.tables import companion, open_table, read_table
@@ -591,7 +592,7 @@ def test_incremental_prepare_merges_and_writes_only_what_changed(ray_local, tmp_
     unchanged_rows = sum(pq.read_metadata(path).num_rows for path in added - embedded)
     assert merged["incremental"]["rows_written"] == 3 + unchanged_rows
     # The incremental embed reads the images of those files alone, and merges the features.
-    assert set(embed.plan_incremental(open_table(storage.resolve(features)), after, model_id).embed_files) == embedded
+    assert set(plan_incremental(open_table(storage.resolve(features)), after, model_id).embed_files) == embedded
     merged_features = embed.run(model, out, features, incremental=True, batch_size=8, actors=1, cpus_per_actor=0.5)
     assert {key: merged_features["incremental"][key] for key in ("new", "changed", "unchanged", "deleted")} == {"new": 1, "changed": 2, "unchanged": 14, "deleted": 2}
     stored_ids = read_table(open_table(storage.resolve(features)), ["image_id"]).column("image_id").to_pylist()

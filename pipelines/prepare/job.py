@@ -14,7 +14,6 @@ from mga.errors import InputError
 from mga.transforms import DEFAULT_MAX_PIXELS
 from pipelines.console import print_summary
 from pipelines.prepare.consumer2shop import VAL_AS, list_consumer2shop
-from pipelines.catalog import rewrite_without
 from pipelines.prepare.ingest import CATALOG_PARQUET, combine_small_files, plan_tasks, run_tasks
 from pipelines.prepare.inshop import INSHOP_FULL, list_inshop
 from pipelines.prepare.listing import LAYOUTS, Listing
@@ -128,6 +127,8 @@ def run(
 
 def _merge(writer: TableWriter, stored: pa.Table, written: list[tuple], results: list[dict[str, Any]], files: list[dict[str, Any]]) -> tuple[dict[str, int], list[str], list[str]]:
     """The merge's stored side: rewrite the stored files that hold stale rows; (counts, new files, retired files)."""
+    from pipelines.catalog import rewrite_without  # imports Ray: not at the top, so that a usage error stays quick
+
     kept_ids = pa.array([image_id for result in results for image_id in result["kept"]], pa.string())
     plan = plan_merge(stored, pa.array([row[4] for row in written], pa.string()), kept_ids)
     rewritten, kept_rows, dropped = rewrite_without(writer, plan.stale, CATALOG, **CATALOG_PARQUET) if plan.stale else ([], 0, 0)

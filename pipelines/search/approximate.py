@@ -1,6 +1,6 @@
 """`mga search --index ivf|hnsw|ivfpq`: an approximate faiss shortlist instead of the exact scan.
 
-The exact scan (pipelines.gallery_scan) reads every gallery feature once per query chunk;
+The exact scan (pipelines.search.gallery_scan) reads every gallery feature once per query chunk;
 an approximate index is built once and answers each query from a fraction of the gallery.
 It is built on the driver from a stream of the gallery's global features, so the driver
 holds what the index needs and nothing more:
@@ -27,11 +27,12 @@ import torch
 
 from mga.errors import InputError
 from mga.retrieval import TopK, order_by_score, tie_keys
-from pipelines.gallery_scan import Shortlisted
+from pipelines.search import INDEX_KINDS
+from pipelines.search.gallery_scan import Shortlisted
 from pipelines.schemas import column_matrix
 from pipelines.tables import Snapshot
 
-APPROXIMATE = ("ivf", "hnsw", "ivfpq")
+APPROXIMATE = tuple(kind for kind in INDEX_KINDS if kind != "exact")
 TRAIN_ROWS = 100_000  # gallery vectors an IVF quantizer is trained on
 
 

@@ -27,163 +27,29 @@ Token dtype: `--token-dtype float16` halves the token columns: Delta Lake has no
 so they are binary, 2*M*d bytes of little-endian IEEE halves per row (schemas.TOKEN_DTYPES;
 numpy: `np.frombuffer(value, "<f2")`). Search computes in float32 either way;
 tests/test_retrieval.py measures the ranking cost of float16 tokens.
+
+The job is this module, light to import; what runs in Ray is in `decoding` (the decoding
+tasks, torch-free) and `embedder` (the model actors); the incremental plan and the
+exactly-once check are in `merge`.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import ray
-import torch
 
-from mga.artifact import unpack_artifact
 from mga.errors import InputError
-from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
-from pipelines.catalog import open_catalog, rewrite_without, table_dataset
+from mga.transforms import DEFAULT_MAX_PIXELS
+from pipelines.command import module_main
 from pipelines.console import print_summary
-from pipelines.model_store import load_artifact, read_artifact_files
-from pipelines.resources import actor_cpus, actor_device, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
-from pipelines.runtime import init_ray
-from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, TOKEN_DTYPES, features_schema, vector_column
-from pipelines.storage import Location, resolve, write_parquet
-from pipelines.tables import Snapshot, TableWriter, companion, read_table
-
-# Columns that decide whether a stored row is still valid for a catalog row.
-CHANGE_KEY = ("sha256", "item_id", "split", "domain", "category")
-
-
-@ray.remote(num_cpus=0)
-class RejectLog:
-    """Collects rows set aside by preprocessing tasks, keyed by image_id so a retried task adds nothing twice."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, tuple[str, str]] = {}
-
-    def add(self, rows: list[tuple[str, str, str]]) -> None:
-        for image_id, source_path, reason in rows:
-            self.rows[image_id] = (source_path, reason)
-
-    def all(self) -> list[tuple[str, str, str]]:
-        return [(image_id, path, reason) for image_id, (path, reason) in sorted(self.rows.items())]
-
-
-def prepare_batch(batch: pa.Table, image_size: int, max_pixels: int, reject_log: Any) -> dict[str, np.ndarray]:
-    """Ray Data task: decode, crop and resize; undecodable rows go to the reject log."""
-    images, bboxes = batch.column("image"), batch.column("bbox").to_pylist()
-    kept, pixels, rejected = [], [], []
-    for row in range(batch.num_rows):
-        try:
-            pixels.append(preprocess(images[row].as_py(), bboxes[row], image_size, None, max_pixels))
-            kept.append(row)
-        except ImageDecodeError as error:
-            rejected.append((batch.column("image_id")[row].as_py(), batch.column("source_path")[row].as_py(), str(error)))
-        except Exception as error:  # noqa: BLE001 - one odd file must not fail the job; it is reported
-            reason = f"cannot decode: unexpected {type(error).__name__}: {error}"
-            rejected.append((batch.column("image_id")[row].as_py(), batch.column("source_path")[row].as_py(), reason))
-    if rejected:
-        ray.get(reject_log.add.remote(rejected))
-    rows = pa.array(kept, pa.int64())  # typed: a batch whose rows were all rejected takes nothing
-    output = {name: np.array(batch.column(name).take(rows).to_pylist(), dtype=object) for name in IDENTITY_COLUMNS}
-    output["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, image_size, image_size), np.uint8)
-    return output
-
-
-class Embedder:
-    """Actor: the model, loaded once from the artifact bytes in the object store."""
-
-    def __init__(self, artifact: list, token_dtype: str, use_gpu: bool = True) -> None:
-        model, self.model_id, _ = unpack_artifact(ray.get(artifact[0]))
-        self.device = actor_device(use_gpu)
-        self.model = model.to(self.device).eval()
-        config = model.config
-        self.token_dtype = token_dtype
-        self.schema = features_schema(config.global_dim, [config.num_tokens * config.token_dim] * len(config.layers), token_dtype)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if len(batch["pixels"]) == 0:  # every image of the batch was rejected
-            return self.schema.empty_table()
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            embedding = self.model.embed(pixels)
-        rows = len(pixels)
-        columns: dict[str, Any] = {name: pa.array(batch[name].tolist(), pa.string()) for name in IDENTITY_COLUMNS}
-        columns["model_id"] = pa.array([self.model_id] * rows, pa.string())
-        columns["global"] = vector_column(embedding.global_feature.float().cpu().numpy(), self.schema.field("global").type)
-        for layer, tokens in enumerate(embedding.tokens):
-            name = f"tokens_{layer}"
-            columns[name] = vector_column(tokens.float().cpu().numpy(), self.schema.field(name).type)
-        columns["embedded_at"] = pa.array([datetime.now(timezone.utc)] * rows, pa.timestamp("us", tz="UTC"))
-        return pa.table(columns, schema=self.schema)
-
-
-@dataclass
-class IncrementalPlan:
-    """What a merge changes: the catalog rows to embed, and the stored files to rewrite without their stale rows."""
-
-    embed_ids: pa.Array  # image_id of new and changed rows
-    embed_files: list[str]  # the catalog files that hold them: the only files whose images are read
-    rewrite: dict[str, list[str]]  # stored file -> image_ids to drop from it (changed or deleted)
-    counts: dict[str, int]
-
-
-def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> IncrementalPlan:
-    """Compare the catalog with the stored features by image_id, sha256 (and identity) and model_id.
-
-    Only id and hash columns are read, and the comparison is an Arrow hash join: no image
-    bytes, no Python object per row.
-    """
-    now = read_table(catalog, ["image_id", *CHANGE_KEY, "__filename"]).rename_columns(["image_id", *CHANGE_KEY, "catalog_file"])
-    now = now.append_column("in_catalog", pa.array(np.ones(now.num_rows, bool)))
-    stored = read_table(features, ["image_id", *CHANGE_KEY, "model_id", "__filename"])
-    stored = stored.rename_columns([name if name in ("image_id", "__filename") else f"stored_{name}" for name in stored.column_names])
-    joined = now.join(stored, "image_id", join_type="full outer")
-    in_catalog = pc.fill_null(joined.column("in_catalog"), False)
-    in_store = pc.is_valid(joined.column("__filename"))
-    same = pc.equal(joined.column("stored_model_id"), model_id)
-    for name in CHANGE_KEY:
-        same = pc.and_kleene(same, pc.equal(joined.column(name), joined.column(f"stored_{name}")))
-    same = pc.fill_null(same, False)
-    unchanged = pc.and_(pc.and_(in_catalog, in_store), same)
-    new = pc.and_(in_catalog, pc.invert(in_store))
-    changed = pc.and_(pc.and_(in_catalog, in_store), pc.invert(same))
-    deleted = pc.and_(in_store, pc.invert(in_catalog))
-    embed = joined.filter(pc.or_(new, changed))
-    stale = joined.filter(pc.and_(in_store, pc.invert(unchanged))).select(["__filename", "image_id"]).sort_by("__filename")
-    rewrite: dict[str, list[str]] = {}
-    for path, image_id in zip(stale.column("__filename").to_pylist(), stale.column("image_id").to_pylist()):
-        rewrite.setdefault(path, []).append(image_id)
-    counts = {name: int(pc.sum(mask).as_py() or 0) for name, mask in (("new", new), ("changed", changed), ("unchanged", unchanged), ("deleted", deleted))}
-    files = pc.unique(embed.column("catalog_file")).to_pylist()
-    return IncrementalPlan(embed.column("image_id").combine_chunks(), files, rewrite, counts)
-
-
-def check_exactly_once(table: Location, data_files: list[str], rejected: pa.Array, expected: pa.Array) -> int:
-    """Every expected image is in the written files or the rejects exactly once, nothing else is; returns the rows written."""
-    written = pa.chunked_array(
-        [pq.read_table(path, columns=["image_id"], filesystem=table.fs).column("image_id").combine_chunks() for path in data_files], pa.string()
-    ).combine_chunks()
-    problems = []
-    if len(pc.unique(written)) != len(written):
-        problems.append(f"{len(written) - len(pc.unique(written))} duplicate rows")
-    both = int(pc.sum(pc.is_in(written, value_set=rejected)).as_py() or 0)
-    if both:
-        problems.append(f"{both} images both written and rejected")
-    accounted = pa.concat_arrays([written, rejected.cast(pa.string())])
-    missing = int(pc.sum(pc.invert(pc.is_in(expected, value_set=accounted))).as_py() or 0)
-    unexpected = int(pc.sum(pc.invert(pc.is_in(accounted, value_set=expected))).as_py() or 0)
-    if missing or unexpected:
-        problems.append(f"{missing} images missing, {unexpected} unexpected")
-    if problems:
-        raise RuntimeError(f"embed: the files written into {table.uri} are inconsistent ({'; '.join(problems)}); nothing was committed")
-    return len(written)
+from pipelines.embed.merge import check_exactly_once, mergeable, plan_incremental
+from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
+from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, TOKEN_DTYPES, features_schema
+from pipelines.storage import resolve, write_parquet
+from pipelines.tables import TableWriter, companion, read_table
 
 
 def run(
@@ -199,6 +65,15 @@ def run(
     gpus_per_actor: float = 1.0,
     cpus_per_actor: float = 2.0,
 ) -> dict[str, Any]:
+    # Here, not at the top: `mga embed --help` and a usage error must not wait for torch and Ray.
+    import ray
+
+    from pipelines.catalog import open_catalog, rewrite_without, table_dataset
+    from pipelines.embed.decoding import RejectLog, prepare_batch
+    from pipelines.embed.embedder import Embedder
+    from pipelines.model_store import load_artifact, read_artifact_files
+    from pipelines.runtime import init_ray
+
     if token_dtype not in TOKEN_DTYPES:
         raise InputError(f"--token-dtype must be one of {sorted(TOKEN_DTYPES)}, got {token_dtype!r}")
     if batch_size < 1:
@@ -222,7 +97,7 @@ def run(
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
     actors = actors or default_actors(gpus, gpus_up)
     with TableWriter(table) as writer, TableWriter(companion(table, "rejects")) as rejects_writer:
-        merge = incremental and writer.base is not None and _mergeable(writer.base, model_id, token_dtype)
+        merge = incremental and writer.base is not None and mergeable(writer.base, model_id, token_dtype)
         if merge:
             plan = plan_incremental(writer.base, catalog_table, model_id)
             source, where = catalog_table.only(plan.embed_files), [("image_id", plan.embed_ids.to_pylist())]
@@ -313,11 +188,6 @@ def run(
     return {**info, "version": snapshot.version, "rows": snapshot.rows}
 
 
-def _mergeable(features: Snapshot, model_id: str, token_dtype: str) -> bool:
-    """A merge keeps the stored rows: only when they come from the same model with the same token dtype."""
-    return features.info.get("model_id") == model_id and features.info.get("token_dtype") == token_dtype
-
-
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model artifact URI written by `mga train`")
     parser.add_argument("--catalog", required=True, help="catalog table URI")
@@ -338,10 +208,4 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.command import module_main
-
     module_main(__name__, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,15 +12,19 @@ For every query (`split=query` rows of the features table) against the gallery
 
 The gallery is never held: queries are handled in chunks of `--query-chunk`, and for each
 chunk the gallery's files stream twice through autoscaling actor pools
-(pipelines.gallery_scan explains the choice). Per-node memory grows with the queries and
+(pipelines.search.gallery_scan explains the choice). Per-node memory grows with the queries and
 the depth, not with the gallery. Shortlisting is torch matmul + top-k on each actor's
 device, so a GPU has no cap on the depth. `--index ivf|hnsw|ivfpq` shortlists with a faiss
-index instead (pipelines.approximate), and records its recall@100 against the exact scan.
+index instead (pipelines.search.approximate), and records its recall@100 against the exact scan.
 
 The positives and then the rankings are each one Delta commit (pipelines.tables), the
 rankings' naming the positives' version: a search that fails or is killed leaves the
 previous rankings as readers saw them; re-running it gives the same rows, however
 many actors ran and however the gallery was split into blocks.
+
+The job is this module, light to import; a query chunk's side on the driver (its positives,
+the two scans, its ranked rows) is `ranking`, the scans' actors `gallery_scan`, the faiss
+shortlist `approximate`.
 """
 
 from __future__ import annotations
@@ -29,178 +33,17 @@ import argparse
 import time
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import ray
-import torch
-
-from mga.retrieval import pair_scores, rerank, reranked_ranks, tie_keys
 from mga.errors import InputError
-from pipelines.approximate import APPROXIMATE, approximate_shortlist, build_index, shortlist_recall
 from pipelines.command import module_main
 from pipelines.console import print_summary
-from pipelines.gallery_scan import ShortlistMerge, ShortlistScan, Shortlisted, TokenScorer
-from pipelines.catalog import table_dataset
-from pipelines.model_store import load_artifact, read_artifact_files
-from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
-from pipelines.runtime import init_ray
+from pipelines.resources import actor_cpus, actor_gpus, add_gpu_arguments, default_actors, execute
 from pipelines.schemas import POSITIVES, RANKINGS
-from pipelines.schemas import column_matrix
 from pipelines.storage import resolve, write_parquet
-from pipelines.tables import Snapshot, TableWriter, companion, open_table, read_table
+from pipelines.tables import TableWriter, companion, open_table
 
 DEFAULT_DEPTH = 100
-INDEX_KINDS = ("exact", *APPROXIMATE)
+INDEX_KINDS = ("exact", "ivf", "hnsw", "ivfpq")  # all but exact are faiss indexes (search.approximate)
 RECALL_QUERIES = 1000  # queries the approximate shortlist's recall is measured on
-
-
-def token_columns(info: dict[str, Any]) -> list[str]:
-    return [f"tokens_{layer}" for layer in range(len(info["layers"]))]
-
-
-def read_queries(features: Snapshot) -> pa.Table:
-    names = token_columns(features.info)
-    queries = read_table(features, ["image_id", "item_id", "global", *names], pc.field("split") == "query", ("split", ["query"]))
-    if queries.num_rows == 0:
-        raise InputError(f"{features.uri}: no rows with split=query to search for")
-    return queries.sort_by("image_id")
-
-
-def find_positives(features: Snapshot, queries: pa.Table) -> dict[str, np.ndarray]:
-    """Every (query, gallery image of its item) pair, with the pair's exact S_global and the image's tie key.
-
-    Reads only the gallery rows of the queries' items (a filtered scan), sorted by query then gallery id.
-    """
-    items = pc.unique(queries.column("item_id"))
-    gallery = read_table(
-        features, ["image_id", "item_id", "global"], (pc.field("split") == "gallery") & pc.field("item_id").isin(items),
-        ("split", ["gallery"]), ("item_id", items.to_pylist()),
-    )
-    left = pa.table({"query": pa.array(np.arange(queries.num_rows)), "item_id": queries.column("item_id")})
-    right = pa.table({"row": pa.array(np.arange(gallery.num_rows)), "item_id": gallery.column("item_id"), "gallery_id": gallery.column("image_id")})
-    pairs = left.join(right, "item_id", join_type="inner").sort_by([("query", "ascending"), ("gallery_id", "ascending")])
-    query, row = (pairs.column(name).to_numpy().astype(np.int64) for name in ("query", "row"))  # copies torch may index with
-    query_global = torch.from_numpy(column_matrix(queries, "global"))
-    gallery_global = torch.from_numpy(column_matrix(gallery, "global"))
-    ids = pairs.column("gallery_id").combine_chunks()
-    return {
-        "positive_query": query,
-        "positive_score": pair_scores(query_global[query], gallery_global[row]).numpy(),
-        "positive_key": tie_keys(ids.to_numpy(zero_copy_only=False)),
-        "gallery_id": ids,
-    }
-
-
-def _gallery_dataset(features: Snapshot, columns: list[str], ids: pa.Array | None = None) -> ray.data.Dataset:
-    """The gallery rows' `columns` (only those of `ids`, if given) as a stream."""
-    return table_dataset(features, columns, ("split", ["gallery"]), *([] if ids is None else [("image_id", ids.to_pylist())]))
-
-
-def _pool_args(gpus: float, cpus_per_actor: float, workers: int) -> dict[str, Any]:
-    return {"compute": actor_pool(workers), "num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor), "batch_format": "pyarrow"}
-
-
-def shortlist_scan(features: Snapshot, chunk: dict[str, Any], depth: int, block_rows: int, pool: dict[str, Any]) -> Shortlisted:
-    """Pass 1: the chunk's exact top-`depth` and each positive's count of gallery images before it."""
-    merge = ShortlistMerge(len(chunk["global"]), depth, len(chunk["positive_query"]))
-    dataset = _gallery_dataset(features, ["image_id", "item_id", "global"]).map_batches(
-        ShortlistScan, fn_constructor_kwargs={"queries": [ray.put(chunk)], "depth": depth, "use_gpu": pool["num_gpus"] > 0}, batch_size=block_rows, **pool
-    )
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for index in range(batch.num_rows):
-            merge.add({name: _scalar_value(batch.column(name)[index]) for name in batch.column_names})
-    try:
-        return merge.result()
-    except ValueError as error:
-        raise InputError(f"{features.uri}: {error}") from None
-
-
-def _scalar_value(scalar: pa.Scalar) -> Any:
-    return scalar.values if isinstance(scalar, pa.ListScalar) else scalar.as_py()
-
-
-def token_scan(features: Snapshot, chunk: dict[str, Any], shortlisted: Shortlisted, head: int, files: dict[str, bytes], rerank_batch: int, pool: dict[str, Any]) -> torch.Tensor:
-    """Pass 2: S_token of each query with the first `head` rows of its shortlist, [Q, head]."""
-    count = len(chunk["global"])
-    scores = torch.full((count, head), float("nan"))
-    rows = shortlisted.top.rows[:, :head].reshape(-1).numpy()
-    pairs = pa.table(
-        {
-            "gallery_id": shortlisted.ids.take(pa.array(rows)),
-            "query": pa.array(np.repeat(np.arange(count), head), pa.int32()),
-            "head": pa.array(np.tile(np.arange(head), count), pa.int32()),
-        }
-    )
-    names = token_columns(features.info)
-    dataset = _gallery_dataset(features, ["image_id", *names], pc.unique(pairs.column("gallery_id"))).map_batches(
-        TokenScorer,
-        fn_constructor_kwargs={
-            "artifact": [ray.put(files)], "queries": [ray.put({"tokens": chunk["tokens"]})], "pairs": [ray.put(pairs)],
-            "token_names": names, "rerank_batch": rerank_batch, "use_gpu": pool["num_gpus"] > 0,
-        },
-        batch_size=4 * rerank_batch,  # candidate rows: >= 4 ATA calls a block, so padding the last wastes <= 1/4
-        **pool,
-    )
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        query, position = (torch.from_numpy(batch.column(name).to_numpy().astype(np.int64)) for name in ("query", "head"))
-        scores[query, position] = torch.from_numpy(batch.column("score_token").to_numpy())
-    missing = int(torch.isnan(scores).sum())
-    if missing:
-        raise RuntimeError(f"search: {missing} shortlisted pairs got no token score (gallery rows vanished from {features.uri}?)")
-    return scores
-
-
-def _chunk(queries: pa.Table, positives: dict[str, np.ndarray], start: int, stop: int, info: dict[str, Any]) -> dict[str, Any]:
-    """The arrays the actors need for queries [start, stop), positives renumbered within the chunk."""
-    rows = queries.slice(start, stop - start)
-    keep = (positives["positive_query"] >= start) & (positives["positive_query"] < stop)
-    shape = (info["num_tokens"], info["token_dim"])
-    return {
-        "global": np.ascontiguousarray(column_matrix(rows, "global")),
-        "tokens": [np.ascontiguousarray(column_matrix(rows, name, shape)) for name in token_columns(info)],
-        "positive_query": positives["positive_query"][keep] - start,
-        "positive_score": positives["positive_score"][keep],
-        "positive_key": positives["positive_key"][keep],
-        "positive_id": positives["gallery_id"].filter(pa.array(keep)),
-        "ids": rows.column("image_id").combine_chunks(),
-        "items": rows.column("item_id").combine_chunks(),
-    }
-
-
-def rank_chunk(chunk: dict[str, Any], shortlisted: Shortlisted, token_scores: torch.Tensor, alpha: float) -> tuple[pa.Table, pa.Table]:
-    """Rerank the chunk's shortlists (mga.retrieval) into its rankings and positives rows."""
-    ranking = rerank(shortlisted.top, token_scores, alpha)
-    count, depth = ranking.rows.shape
-    rows = pa.array(ranking.rows.reshape(-1).numpy())
-    query_rows = pa.array(np.repeat(np.arange(count), depth))
-    rank_global = torch.from_numpy(shortlisted.rank_global)
-    rank_reranked = reranked_ranks(rank_global, torch.from_numpy(chunk["positive_query"]), ranking.head_order)
-    positives_per_query = np.bincount(chunk["positive_query"], minlength=count)
-    rankings = pa.table(
-        {
-            "query_id": chunk["ids"].take(query_rows),
-            "rank": pa.array(np.tile(np.arange(1, depth + 1), count), pa.int32()),
-            "gallery_id": shortlisted.ids.take(rows),
-            "score_global": pa.array(ranking.score_global.reshape(-1).numpy(), pa.float32()),
-            "score_token": pa.array(ranking.score_token.reshape(-1).numpy(), pa.float32(), from_pandas=True),  # NaN -> null
-            "score": pa.array(ranking.score.reshape(-1).numpy(), pa.float32()),
-            "is_match": pc.equal(shortlisted.items.take(rows), chunk["items"].take(query_rows)),
-            "query_positives": pa.array(np.repeat(positives_per_query, depth), pa.int32()),
-        },
-        schema=RANKINGS,
-    )
-    positives = pa.table(
-        {
-            "query_id": chunk["ids"].take(pa.array(chunk["positive_query"])),
-            "gallery_id": chunk["positive_id"],
-            # 0 = below an approximate shortlist: not retrieved (null).
-            "rank_global": pa.array(rank_global.numpy(), pa.int64(), mask=rank_global.numpy() == 0),
-            "rank_reranked": pa.array(rank_reranked.numpy(), pa.int64(), mask=rank_reranked.numpy() == 0),
-        },
-        schema=POSITIVES,
-    )
-    return rankings, positives
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -223,6 +66,15 @@ def run(
     gpus_per_actor: float = 1.0,
     cpus_per_actor: float = 2.0,
 ) -> dict[str, Any]:
+    # Here, not at the top: `mga search --help` and a usage error must not wait for torch and Ray.
+    import ray
+    import torch
+
+    from pipelines.model_store import load_artifact, read_artifact_files
+    from pipelines.runtime import init_ray
+    from pipelines.search.approximate import approximate_shortlist, build_index, shortlist_recall
+    from pipelines.search.ranking import chunk_arrays, find_positives, pool_args, rank_chunk, read_queries, shortlist_scan, token_scan
+
     for name, value in (("--depth", depth), ("--query-chunk", query_chunk), ("--block-rows", block_rows), ("--workers", workers or 1), ("--rerank-batch", rerank_batch or 1)):
         _check_positive(name, value)
     if rerank_top < 0:
@@ -248,20 +100,20 @@ def run(
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
     workers = workers or default_actors(gpus, gpus_up)
-    pool = _pool_args(gpus, cpus_per_actor, workers)
+    pool = pool_args(gpus, cpus_per_actor, workers)
     # Pairs per ATA call: an H100 saturates at about 4096 (bench/retrieval_device.py); a CPU at ~128.
     rerank_batch = rerank_batch or (4096 if gpus else 128)
     approximate = build_index(features_table, index) if index != "exact" else None
     recall = None
     if approximate is not None:  # against the exact scan, on the first queries
-        sample = _chunk(queries, positives, 0, min(RECALL_QUERIES, queries.num_rows), info)
+        sample = chunk_arrays(queries, positives, 0, min(RECALL_QUERIES, queries.num_rows), info)
         exact = execute(lambda: shortlist_scan(features_table, sample, 100, block_rows, pool), features_table.uri, out)
         recall = shortlist_recall(approximate_shortlist(*approximate, sample, 100), exact)
     table = resolve(out)
     totals = {"rows": 0, "positives": 0, "head": 0}
     with TableWriter(table) as writer, TableWriter(companion(table, "positives")) as positives_writer:
         for part, start in enumerate(range(0, queries.num_rows, query_chunk)):
-            chunk = _chunk(queries, positives, start, min(start + query_chunk, queries.num_rows), info)
+            chunk = chunk_arrays(queries, positives, start, min(start + query_chunk, queries.num_rows), info)
             shortlisted = (
                 execute(lambda: shortlist_scan(features_table, chunk, depth, block_rows, pool), features_table.uri, table.uri)
                 if approximate is None else approximate_shortlist(*approximate, chunk, depth)
@@ -337,7 +189,3 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     module_main(__name__, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -38,7 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(
         num_cpus=cpus,
         include_dashboard=False,
-        runtime_env={"env_vars": env_vars},
+        runtime_env={"env_vars": env_vars, "worker_process_setup_hook": "pipelines.worker_setup.quiet_worker_logs"},
         logging_level=logging.WARNING,
         configure_logging=True,
         log_to_driver=True,

@@ -34,7 +34,6 @@ import pyarrow as pa
 import ray
 import torch
 
-from mga.artifact import unpack_artifact
 from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, merge_top_k, tie_keys
 from pipelines.resources import actor_device
 from pipelines.schemas import column_matrix
@@ -172,6 +171,10 @@ class TokenScorer:
     """Actor: the (query, candidate) pairs whose candidate is in a block, scored by ATA."""
 
     def __init__(self, artifact: list, queries: list, pairs: list, token_names: list[str], rerank_batch: int, use_gpu: bool) -> None:
+        # Here, not at the top: the model (timm, torchvision) costs an actor ~3 s to import,
+        # and the shortlist actors, started once per query chunk, never need it.
+        from mga.artifact import unpack_artifact
+
         model, _, _ = unpack_artifact(ray.get(artifact[0]))
         self.device = actor_device(use_gpu)
         self.model = model.to(self.device).eval()

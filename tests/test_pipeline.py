@@ -26,6 +26,16 @@ def trained(trained_model, trained_features, tmp_path_factory):
     return paths, trained_model["result"], trained_features["manifest"]
 
 
+RERANK = 4
+
+
+@pytest.fixture(scope="module")
+def searched(trained):
+    """The module's search of the trained features: all 12 queries in one chunk on one actor."""
+    paths, _, _ = trained
+    return search.run(paths["features"], paths["rankings"], rerank_top=RERANK, workers=1, query_chunk=12, rerank_batch=3)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_ray_train_with_two_workers_writes_a_loadable_artifact(trained):
@@ -40,7 +50,7 @@ def test_ray_train_with_two_workers_writes_a_loadable_artifact(trained):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_embed_search_evaluate_tables_follow_the_schemas(trained):
+def test_embed_search_evaluate_tables_follow_the_schemas(trained, searched):
     paths, result, manifest = trained
     catalog = open_table(resolve(paths["catalog"]))
     features_table = open_table(resolve(paths["features"]))
@@ -56,7 +66,6 @@ def test_embed_search_evaluate_tables_follow_the_schemas(trained):
     assert {key: manifest[key] for key in ("global_dim", "num_tokens", "token_dim", "layers", "token_dtype")} == {
         "global_dim": 32, "num_tokens": 4, "token_dim": 16, "layers": [3, 4], "token_dtype": "float32"}
 
-    searched = search.run(paths["features"], paths["rankings"], rerank_top=3)
     rankings_table = open_table(resolve(paths["rankings"]))
     assert rankings_table.version == searched["version"] and searched["features_version"] == features_table.version
     assert searched["positives"] == {"table": resolve(paths["rankings"]).uri + "_positives", "version": 0}
@@ -69,7 +78,7 @@ def test_embed_search_evaluate_tables_follow_the_schemas(trained):
     for query_id, rows in frame.groupby("query_id"):
         rows = rows.sort_values("rank")
         assert rows["rank"].tolist() == list(range(1, gallery.num_rows + 1))
-        head, tail = rows[rows["rank"] <= 3], rows[rows["rank"] > 3]
+        head, tail = rows[rows["rank"] <= RERANK], rows[rows["rank"] > RERANK]
         assert head.score_token.notna().all() and tail.score_token.isna().all()
         assert (np.diff(head.score.to_numpy()) <= 1e-6).all() and (np.diff(tail.score_global.to_numpy()) <= 1e-6).all()
         assert head.score.min() >= tail.score.max()
@@ -89,13 +98,14 @@ def test_embed_search_evaluate_tables_follow_the_schemas(trained):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_search_ranking_does_not_depend_on_worker_count(trained, tmp_path):
+def test_search_ranking_does_not_depend_on_worker_count(trained, searched, tmp_path):
     paths, _, _ = trained
-    # 12 queries: one chunk on one actor against three chunks (5, 5, 2) on up to two actors, other blocks and batches.
-    one = search.run(paths["features"], str(tmp_path / "one"), rerank_top=4, workers=1, query_chunk=12, rerank_batch=3)
-    two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=4, workers=2, query_chunk=5, block_rows=7, rerank_batch=5)
-    tables = [read_table(open_table(resolve(str(tmp_path / name)))).sort_by([("query_id", "ascending"), ("rank", "ascending")]) for name in ("one", "two")]
-    assert tables[0].equals(tables[1]) and one["rerank_top"] == two["rerank_top"] == 4
+    # 12 queries: the module's search (one chunk on one actor) against three chunks (5, 5, 2)
+    # on up to two actors, with other blocks and batches.
+    two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=RERANK, workers=2, query_chunk=5, block_rows=7, rerank_batch=5)
+    tables = [read_table(open_table(resolve(uri))).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+              for uri in (paths["rankings"], str(tmp_path / "two"))]
+    assert tables[0].equals(tables[1]) and searched["rerank_top"] == two["rerank_top"] == RERANK
 
 
 @pytest.mark.ray

@@ -9,9 +9,17 @@ from mga.similarity import token_similarity
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm transformer block: self-attention, or with `cross` attention over a context."""
+    """Pre-norm transformer block: self-attention, or with `cross` attention over a context.
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, cross: bool = False) -> None:
+    `layer_scale` > 0 multiplies each branch by a learnable per-channel gain initialised to
+    it (LayerScale, Touvron et al. 2021): the block starts near the identity. Without it,
+    the branches' outputs (norm ~ sqrt(width) after LayerNorm) swamp the unit-norm FGA
+    tokens of the residual stream, and since attention at init averages over all tokens,
+    every token of an image comes out as about the same vector (bench/rerank_diagnosis.py
+    measures it: within-image cosine 0.99), so eqs. (4)-(6) compare two single vectors.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, cross: bool = False, layer_scale: float = 0.0) -> None:
         super().__init__()
         self.norm_query = nn.LayerNorm(width)
         self.norm_context = nn.LayerNorm(width) if cross else None
@@ -19,12 +27,16 @@ class TransformerBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.gain_attention = nn.Parameter(torch.full((width,), layer_scale)) if layer_scale > 0 else None
+        self.gain_mlp = nn.Parameter(torch.full((width,), layer_scale)) if layer_scale > 0 else None
 
     def forward(self, query: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         normed = self.norm_query(query)
         keys = normed if self.norm_context is None else self.norm_context(context)
-        query = query + self.attention(normed, keys, keys, need_weights=False)[0]
-        return query + self.mlp(self.norm_mlp(query))
+        attended = self.attention(normed, keys, keys, need_weights=False)[0]
+        query = query + (attended if self.gain_attention is None else self.gain_attention * attended)
+        refined = self.mlp(self.norm_mlp(query))
+        return query + (refined if self.gain_mlp is None else self.gain_mlp * refined)
 
 
 class AttentionTokenAlignment(nn.Module):
@@ -46,10 +58,13 @@ class AttentionTokenAlignment(nn.Module):
         temperature: float,
         token_reduce: str,
         stage2_keys: str,
+        layer_scale: float = 0.0,
     ) -> None:
         super().__init__()
-        self.pair_block = TransformerBlock(token_dim, heads, mlp_ratio)
-        self.detail_blocks = nn.ModuleList(TransformerBlock(token_dim, heads, mlp_ratio, cross=True) for _ in range(num_layers - 1))
+        self.pair_block = TransformerBlock(token_dim, heads, mlp_ratio, layer_scale=layer_scale)
+        self.detail_blocks = nn.ModuleList(
+            TransformerBlock(token_dim, heads, mlp_ratio, cross=True, layer_scale=layer_scale) for _ in range(num_layers - 1)
+        )
         self.temperature = temperature
         self.token_reduce = token_reduce
         self.stage2_keys = stage2_keys

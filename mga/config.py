@@ -36,6 +36,10 @@ class ModelConfig(StrictModel):
     # ("same", default: the text's "coarse tokens attend fined tokens for more detailed
     # information" of each image) or of both images of the pair ("pair").
     stage2_keys: Literal["same", "pair"] = "same"
+    # LayerScale gain of ATA's transformer branches at init (0: off, plain pre-norm blocks).
+    # The paper does not say how its blocks are built; without it the attended tokens of an
+    # image collapse into one vector (mga.ata.TransformerBlock). 0 keeps older artifacts loadable.
+    ata_layer_scale: float = Field(0.0, ge=0.0)
     # S = alpha * S_global + (1 - alpha) * S_token (Sec. 2.3), used in training and search.
     alpha: float = Field(0.5, ge=0.0, le=1.0)
 

@@ -55,6 +55,7 @@ class MGAModel(nn.Module):
             temperature=config.temperature,
             token_reduce=config.token_reduce,
             stage2_keys=config.stage2_keys,
+            layer_scale=config.ata_layer_scale,
         )
 
     def forward(self, images: torch.Tensor) -> tuple[Embedding, torch.Tensor]:

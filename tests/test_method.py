@@ -105,15 +105,41 @@ def test_similarity_matrix_matches_pairs_and_pair_scores_are_symmetric(tiny_mode
     assert matrix[4, 0].item() == pytest.approx(pairs[1].item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("stage2_keys", ["same", "pair"])
-def test_every_parameter_gets_a_gradient(stage2_keys):
+@pytest.mark.parametrize("stage2_keys,layer_scale", [("same", 0.0), ("pair", 0.0), ("same", 1e-3)])
+def test_every_parameter_gets_a_gradient(stage2_keys, layer_scale):
     torch.manual_seed(0)
-    model = MGAModel(ModelConfig(**TINY, stage2_keys=stage2_keys))
+    model = MGAModel(ModelConfig(**TINY, stage2_keys=stage2_keys, ata_layer_scale=layer_scale))
     objective = MGAObjective(model, num_classes=3, loss=LossConfig())
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     objective(images(6), labels).total.backward()
     starved = [name for name, parameter in objective.named_parameters() if parameter.grad is None or not parameter.grad.abs().sum() > 0]
     assert starved == []
+
+
+def _within_image_cosine(tokens: torch.Tensor) -> float:
+    unit = torch.nn.functional.normalize(tokens, dim=-1)
+    count = tokens.shape[1]
+    return float(((unit @ unit.transpose(1, 2)).sum((1, 2)) - count).mean() / (count * count - count))
+
+
+def test_layer_scale_keeps_the_attended_tokens_of_an_image_apart():
+    # Plain pre-norm blocks at init turn an image's tokens into about one vector (the
+    # branches swamp the unit-norm tokens); with LayerScale the blocks start near the
+    # identity, so the attended tokens are as distinct as the coarse FGA tokens they start from.
+    pixels = images(4, seed=2)
+    torch.manual_seed(0)
+    plain = MGAModel(ModelConfig(**TINY)).eval()
+    torch.manual_seed(0)
+    scaled = MGAModel(ModelConfig(**TINY, ata_layer_scale=1e-4)).eval()
+    tokens = plain.embed(pixels).tokens
+    with torch.no_grad():
+        plain_attended, _ = plain.alignment.attend(tokens, [layer.flip(0) for layer in tokens])
+        scaled_attended, _ = scaled.alignment.attend(tokens, [layer.flip(0) for layer in tokens])
+    coarse = _within_image_cosine(tokens[-1])
+    assert _within_image_cosine(plain_attended) > coarse + 0.02
+    assert abs(_within_image_cosine(scaled_attended) - coarse) < 0.01
+    assert not plain.state_dict().keys() >= {"alignment.pair_block.gain_attention"}
+    assert {"alignment.pair_block.gain_attention", "alignment.detail_blocks.0.gain_mlp"} <= scaled.state_dict().keys()
 
 
 def test_loss_goes_down_on_a_tiny_batch():

@@ -18,13 +18,13 @@ import itertools
 import numpy as np
 import pyarrow.compute as pc
 import torch
-import torch.nn.functional as F
 
 from mga.model import Embedding, MGAModel
 from mga.retrieval import exact_top_k, tie_keys
-from mga.similarity import fuse_similarity
+from mga.similarity import fuse_similarity, within_image_token_cosine
 from pipelines.model_store import load_model
 from pipelines.schemas import column_matrix
+from pipelines.search.ranking import token_columns
 from pipelines.storage import resolve
 from pipelines.tables import open_table, read_table
 
@@ -36,8 +36,8 @@ ALPHAS = (0.25, 0.5, 0.75, 0.9)
 def split_embedding(table, info: dict, split: str) -> tuple[Embedding, np.ndarray, list[str]]:
     rows = table.filter(pc.field("split") == split)
     shape = (info["num_tokens"], info["token_dim"])
-    tokens = [torch.from_numpy(column_matrix(rows, f"tokens_{i}", shape).astype(np.float32)) for i in range(len(info["layers"]))]
-    embedding = Embedding(torch.from_numpy(column_matrix(rows, "global").astype(np.float32)), tokens)
+    tokens = [torch.from_numpy(column_matrix(rows, name, shape)) for name in token_columns(info)]
+    embedding = Embedding(torch.from_numpy(column_matrix(rows, "global")), tokens)
     return embedding, np.array(rows.column("item_id").to_pylist()), rows.column("image_id").to_pylist()
 
 
@@ -51,15 +51,6 @@ def head_token_scores(model: MGAModel, queries: Embedding, gallery: Embedding, h
     return torch.cat(scores)
 
 
-def within_image_cosine(tokens: torch.Tensor) -> float:
-    """Mean cosine between different tokens of one image, [B, M, d] -> a number: 1 means the
-    M tokens have collapsed into one vector and eqs. (4)-(6) compare two single vectors."""
-    unit = F.normalize(tokens.float(), dim=-1)
-    cosines = unit @ unit.transpose(1, 2)
-    count = tokens.shape[1]
-    return float(((cosines.sum((1, 2)) - count) / (count * count - count)).mean())
-
-
 def token_collapse(model: MGAModel, queries: Embedding, gallery: Embedding, pairs: int = 200) -> str:
     """Within-image token cosine of each layer's FGA tokens and of ATA's attended tokens."""
     generator = torch.Generator().manual_seed(0)
@@ -67,8 +58,8 @@ def token_collapse(model: MGAModel, queries: Embedding, gallery: Embedding, pair
     second = gallery.index(torch.randint(0, len(gallery), (pairs,), generator=generator))
     with torch.no_grad():
         attended, _ = model.alignment.attend(first.tokens, second.tokens)
-    layers = ", ".join(f"layer {layer} {within_image_cosine(tokens):.3f}" for layer, tokens in zip(model.config.layers, first.tokens))
-    return f"within-image token cosine: FGA {layers}; ATA attended {within_image_cosine(attended):.3f}"
+    layers = ", ".join(f"layer {layer} {within_image_token_cosine(tokens).mean().item():.3f}" for layer, tokens in zip(model.config.layers, first.tokens))
+    return f"within-image token cosine: FGA {layers}; ATA attended {within_image_token_cosine(attended).mean().item():.3f}"
 
 
 def first_is_match(is_match: np.ndarray, score: torch.Tensor) -> float:

@@ -40,6 +40,17 @@ def token_similarity(
     raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
 
 
+def within_image_token_cosine(tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between the different tokens of each image, [B, M, d] -> [B].
+
+    A diagnostic of eqs. (4)-(6)'s input: near 1, the M tokens are one vector, and the token
+    alignment compares two single vectors whatever tau and the reduction are.
+    """
+    unit = F.normalize(tokens.float(), dim=-1)
+    count = tokens.shape[1]
+    return ((unit @ unit.transpose(1, 2)).sum((1, 2)) - count) / (count * count - count)
+
+
 def fuse_similarity(global_score: torch.Tensor, token_score: torch.Tensor, alpha: float) -> torch.Tensor:
     """Sec. 2.3: S = alpha * S_global + (1 - alpha) * S_token."""
     return alpha * global_score + (1.0 - alpha) * token_score

@@ -15,7 +15,7 @@ from mga import LossConfig, MGAModel, ModelConfig
 from mga.artifact import ArtifactError, pack_artifact, unpack_artifact
 from mga.fga import aggregate_tokens
 from mga.objective import MGAObjective, batch_hard_triplet_loss
-from mga.similarity import token_similarity
+from mga.similarity import token_similarity, within_image_token_cosine
 
 TINY = dict(backbone="tf_efficientnetv2_b0", layers=(3, 4), global_dim=32, token_dim=16, num_tokens=4, heads=2)
 
@@ -116,16 +116,13 @@ def test_every_parameter_gets_a_gradient(stage2_keys, layer_scale):
     assert starved == []
 
 
-def _within_image_cosine(tokens: torch.Tensor) -> float:
-    unit = torch.nn.functional.normalize(tokens, dim=-1)
-    count = tokens.shape[1]
-    return float(((unit @ unit.transpose(1, 2)).sum((1, 2)) - count).mean() / (count * count - count))
-
-
 def test_layer_scale_keeps_the_attended_tokens_of_an_image_apart():
     # Plain pre-norm blocks at init turn an image's tokens into about one vector (the
     # branches swamp the unit-norm tokens); with LayerScale the blocks start near the
     # identity, so the attended tokens are as distinct as the coarse FGA tokens they start from.
+    # The measure itself: one repeated token is 1, orthogonal tokens are 0.
+    assert within_image_token_cosine(torch.ones(1, 3, 4)).tolist() == pytest.approx([1.0])
+    assert within_image_token_cosine(torch.eye(3)[None]).tolist() == pytest.approx([0.0])
     pixels = images(4, seed=2)
     torch.manual_seed(0)
     plain = MGAModel(ModelConfig(**TINY)).eval()
@@ -135,9 +132,9 @@ def test_layer_scale_keeps_the_attended_tokens_of_an_image_apart():
     with torch.no_grad():
         plain_attended, _ = plain.alignment.attend(tokens, [layer.flip(0) for layer in tokens])
         scaled_attended, _ = scaled.alignment.attend(tokens, [layer.flip(0) for layer in tokens])
-    coarse = _within_image_cosine(tokens[-1])
-    assert _within_image_cosine(plain_attended) > coarse + 0.02
-    assert abs(_within_image_cosine(scaled_attended) - coarse) < 0.01
+    coarse = within_image_token_cosine(tokens[-1]).mean().item()
+    assert within_image_token_cosine(plain_attended).mean().item() > coarse + 0.02
+    assert abs(within_image_token_cosine(scaled_attended).mean().item() - coarse) < 0.01
     assert not plain.state_dict().keys() >= {"alignment.pair_block.gain_attention"}
     assert {"alignment.pair_block.gain_attention", "alignment.detail_blocks.0.gain_mlp"} <= scaled.state_dict().keys()
 

@@ -6,7 +6,8 @@ by S_token alone and by the fused S at several alphas. The knobs are parameter-f
 retraining is needed; the model's trained alpha, tau and reduction are one cell of the grid.
 A rerank can only pay where S_token ranks the head about as well as S_global on its own
 and errs elsewhere. It also prints how alike the M tokens of one image are, before and after
-ATA's transformer blocks. No Ray: the features are read with pyarrow.
+ATA's transformer blocks. No Ray: the features are read with pyarrow and held in memory, so it
+is for evaluation-sized tables (thousands of queries and gallery images), not a catalog.
 Usage: python -m bench.rerank_diagnosis MODEL_URI FEATURES_URI [--top 50]
 """
 

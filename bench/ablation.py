@@ -88,15 +88,37 @@ def main() -> None:
             train.run(config)
             reranks = config.model.alpha < 1.0
             record(label, evaluate_model(seed_dir, f"model{number}", f"{seed_dir}/model{number}"), ("global", "reranked") if reranks else ("global",))
+        print(f"\nafter seed {seed} (models under {seed_dir}):")  # a stopped run still leaves numbers
+        print_table(rows)
 
     print(f"\nmachine: {machine()}; revision {git_revision()}")
     print(f"catalog: the demo's ({demo.DEMO_SPEC}), seeds {args.seeds}; tiny config{' + ' + ' '.join(args.overrides) if args.overrides else ''}")
+    print_table(rows)
+    print_gain(rows)
+
+
+def print_table(rows: dict[tuple[str, str, str], dict[str, list[float]]]) -> None:
     print("mean ± half the min..max range over the seeds")
     print("| model | ranking | split | R@1 | R@10 | mAP |")
     print("|---|---|---|---|---|---|")
     for (label, split, ordering), metrics in rows.items():
         ranking = "ATA rerank of the global top 50" if ordering == "reranked" else "global"
-        print(f"| {label} | {ranking} | {split} | {spread(metrics['R@1'])} | {spread(metrics['R@10'])} | {spread(metrics['mAP'])} |")
+        print(f"| {label} | {ranking} | {split} | {spread(metrics['R@1'])} | {spread(metrics['R@10'])} | {spread(metrics['mAP'])} |", flush=True)
+
+
+def print_gain(rows: dict[tuple[str, str, str], dict[str, list[float]]]) -> None:
+    """Issue 12's goal: MGA reranked minus the best global-only model (by mean R@1), seed by seed."""
+    mga = list(MODELS)[-1]
+    for split in SPLITS:
+        global_only = {label: rows[(label, split, "global")]["R@1"] for label in [ZERO_SHOT, *list(MODELS)[:-1]] if (label, split, "global") in rows}
+        reranked = rows.get((mga, split, "reranked"), {}).get("R@1", [])
+        if not global_only or not reranked:
+            continue
+        best = max(global_only, key=lambda label: statistics.fmean(global_only[label]))
+        gains = [mine - theirs for mine, theirs in zip(reranked, global_only[best])]
+        print(f"{split}: MGA reranked - {best} R@1 per seed {[round(g, 3) for g in gains]}: {spread(gains)}; spread excludes 0: {min(gains) > 0}")
+        own = [mine - theirs for mine, theirs in zip(reranked, rows[(mga, split, "global")]["R@1"])]
+        print(f"{split}: MGA reranked - MGA's own global ranking, R@1 per seed {[round(g, 3) for g in own]}: {spread(own)}")
 
 
 if __name__ == "__main__":

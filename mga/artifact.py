@@ -56,7 +56,8 @@ def unpack_artifact(files: dict[str, bytes], where: str = "artifact") -> tuple[M
     if recorded != actual:
         raise ArtifactError(f"{where}: model_id mismatch: {INDEX} says {recorded}, the files hash to {actual} (corrupted or modified)")
     config = json.loads(files[CONFIG])
-    model = MGAModel(ModelConfig(**config["model"]))
+    # Artifacts from before `ata_layer_scale` existed were built with plain blocks (0).
+    model = MGAModel(ModelConfig(**{"ata_layer_scale": 0.0, **config["model"]}))
     state = load_safetensors(files[WEIGHTS])
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

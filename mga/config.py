@@ -38,8 +38,9 @@ class ModelConfig(StrictModel):
     stage2_keys: Literal["same", "pair"] = "same"
     # LayerScale gain of ATA's transformer branches at init (0: off, plain pre-norm blocks).
     # The paper does not say how its blocks are built; without it the attended tokens of an
-    # image collapse into one vector (mga.ata.TransformerBlock). 0 keeps older artifacts loadable.
-    ata_layer_scale: float = Field(0.0, ge=0.0)
+    # image collapse into one vector (mga.ata.TransformerBlock; bench/RESULTS.md measures it).
+    # Artifacts written before this setting existed load as 0 (mga.artifact).
+    ata_layer_scale: float = Field(1e-3, ge=0.0)
     # S = alpha * S_global + (1 - alpha) * S_token (Sec. 2.3), used in training and search.
     alpha: float = Field(0.5, ge=0.0, le=1.0)
 

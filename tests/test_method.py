@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from mga import LossConfig, MGAModel, ModelConfig
-from mga.artifact import ArtifactError, pack_artifact, unpack_artifact
+from mga.artifact import ArtifactError, artifact_id, pack_artifact, unpack_artifact
 from mga.fga import aggregate_tokens
 from mga.objective import MGAObjective, batch_hard_triplet_loss
 from mga.similarity import token_similarity, within_image_token_cosine
@@ -125,7 +126,7 @@ def test_layer_scale_keeps_the_attended_tokens_of_an_image_apart():
     assert within_image_token_cosine(torch.eye(3)[None]).tolist() == pytest.approx([0.0])
     pixels = images(4, seed=2)
     torch.manual_seed(0)
-    plain = MGAModel(ModelConfig(**TINY)).eval()
+    plain = MGAModel(ModelConfig(**TINY, ata_layer_scale=0.0)).eval()
     torch.manual_seed(0)
     scaled = MGAModel(ModelConfig(**TINY, ata_layer_scale=1e-4)).eval()
     tokens = plain.embed(pixels).tokens
@@ -187,6 +188,23 @@ def test_artifact_round_trip_and_tamper_detection(tiny_model):
     with pytest.raises(ArtifactError, match="model_id mismatch"):
         unpack_artifact(tampered, "s3://bucket/model")
     assert b"pickle" not in files["model.safetensors"][:200]
+
+
+def test_an_artifact_from_before_layer_scale_loads_with_plain_blocks():
+    # Artifacts written before `ata_layer_scale` existed have no such key and no gains.
+    torch.manual_seed(0)
+    plain = MGAModel(ModelConfig(**TINY, ata_layer_scale=0.0)).eval()
+    files = pack_artifact(plain, {"image_size": 64})
+    config = json.loads(files["config.json"])
+    del config["model"]["ata_layer_scale"]
+    files["config.json"] = json.dumps(config).encode()
+    files["artifact.json"] = json.dumps({"model_id": artifact_id(files["model.safetensors"], files["config.json"]), "files": ["model.safetensors", "config.json"]}).encode()
+    loaded, _, _ = unpack_artifact(files)
+    assert loaded.config.ata_layer_scale == 0.0 and ModelConfig().ata_layer_scale > 0
+    batch = images(2)
+    tokens = plain.embed(batch).tokens
+    with torch.no_grad():
+        assert torch.allclose(loaded.align_tokens(tokens, tokens), plain.align_tokens(tokens, tokens), atol=1e-6)
 
 
 def test_config_errors_name_the_key():

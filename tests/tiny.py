@@ -16,6 +16,9 @@ TRAIN = [
     "data.items_per_batch=3",
     "data.images_per_item=2",
     "scaling.cpus_per_worker=1",
+    # The test catalog has 2 train groups of 3 items: too few for look-alike batches.
+    "data.groups_per_batch=0",
+    "model.layers=[3,4]",
     "model.global_dim=32",
     "model.token_dim=16",
     "model.num_tokens=4",

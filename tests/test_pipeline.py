@@ -100,9 +100,9 @@ def test_embed_search_evaluate_tables_follow_the_schemas(trained, searched):
 @pytest.mark.timeout(600)
 def test_search_ranking_does_not_depend_on_worker_count(trained, searched, tmp_path):
     paths, _, _ = trained
-    # 12 queries: the module's search (one chunk on one actor) against three chunks (5, 5, 2)
+    # 12 queries: the module's search (one chunk on one actor) against two chunks (7, 5)
     # on up to two actors, with other blocks and batches.
-    two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=RERANK, workers=2, query_chunk=5, block_rows=7, rerank_batch=5)
+    two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=RERANK, workers=2, query_chunk=7, block_rows=7, rerank_batch=5)
     tables = [read_table(open_table(resolve(uri))).sort_by([("query_id", "ascending"), ("rank", "ascending")])
               for uri in (paths["rankings"], str(tmp_path / "two"))]
     assert tables[0].equals(tables[1]) and searched["rerank_top"] == two["rerank_top"] == RERANK

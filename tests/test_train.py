@@ -586,3 +586,14 @@ def test_a_worker_group_that_starves_the_decode_tasks_is_refused(ray_local, cata
     config = _config(catalog, tmp_path, "starved", "scaling.num_workers=2", "scaling.cpus_per_worker=2", "run.validate_every=0")
     with pytest.raises(ValueError, match=r"scaling: 2 workers x 2 CPUs take 4 of the 4 CPUs of the local Ray instance"):
         train.run(config)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_gpu_workers_on_a_local_instance_without_gpus_are_refused(ray_local, catalog, tmp_path, monkeypatch):
+    # Ray Train would retry the worker group's start every minute, forever.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    gpus = int(ray_local.cluster_resources().get("GPU", 0))  # 0 here; one more than a GPU machine has
+    config = _config(catalog, tmp_path, "no-gpus", f"scaling.num_workers={gpus + 1}", "scaling.cpus_per_worker=0.5", "scaling.use_gpu=true", "run.validate_every=0")
+    with pytest.raises(ValueError, match=rf"scaling.use_gpu=true: {gpus + 1} GPU workers, but the local Ray instance has {gpus} GPUs"):
+        train.run(config)

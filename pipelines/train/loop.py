@@ -218,16 +218,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the trainer
 
 
-def check_local_cpus(config: TrainConfig) -> None:
-    """On a local Ray instance, refuse a worker group that leaves no CPU for the decode tasks.
+def check_local_resources(config: TrainConfig) -> None:
+    """On a local Ray instance, refuse a worker group that can never start or never get data.
 
     Ray Train reserves its workers' CPUs for the whole run; the Ray Data tasks that decode
     the images need DECODE_TASK_CPUS each beside them, or the stream never starts and the
-    run waits forever. (A cluster may autoscale, so there this is left to Ray.)
+    run waits forever. GPU workers on an instance without the GPUs would wait forever too
+    (Ray Train retries the worker group's start every minute). A cluster may autoscale, so
+    there both are left to Ray.
     """
     if os.environ.get("RAY_ADDRESS"):
         return
-    total = float(ray.cluster_resources().get("CPU", 0))
+    resources = ray.cluster_resources()
+    total = float(resources.get("CPU", 0))
     workers = config.scaling.num_workers * config.scaling.cpus_per_worker
     if workers + DECODE_TASK_CPUS > total:
         raise InputError(
@@ -235,12 +238,19 @@ def check_local_cpus(config: TrainConfig) -> None:
             f"{total:g} CPUs of the local Ray instance, leaving less than {DECODE_TASK_CPUS} for the tasks that decode images: "
             "lower scaling.cpus_per_worker or scaling.num_workers (or give Ray more CPUs with MGA_RAY_CPUS)"
         )
+    gpus = int(resources.get("GPU", 0))
+    if config.scaling.use_gpu and config.scaling.num_workers > gpus:
+        raise InputError(
+            f"scaling.use_gpu=true: {config.scaling.num_workers} GPU workers, but the local Ray instance has {gpus} GPUs "
+            f"(torch sees {torch.cuda.device_count()}): set scaling.use_gpu=false, lower scaling.num_workers, "
+            "or submit to a cluster with GPUs (RAY_ADDRESS)"
+        )
 
 
 def fit(config: TrainConfig, catalog: Catalog, validation: dict[str, Any] | None, storage: Location) -> Any:
     """Run `train_loop` on a Ray Train worker group; the Ray Train result (its checkpoints under storage/run.name)."""
     init_ray()
-    check_local_cpus(config)
+    check_local_resources(config)
     if validation:
         checkpoint_config = ray.train.CheckpointConfig(
             num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute=config.run.best_metric, checkpoint_score_order="max"

@@ -91,8 +91,11 @@ def test_other_exceptions_keep_their_traceback():
 def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path):
     fifo = tmp_path / "config.yaml"
     os.mkfifo(fifo)  # reading the config blocks until the test writes: the command waits there
+    # SIGINT as a terminal gives it: a pytest started in the background (`pytest &`, nohup) has
+    # SIGINT ignored, children inherit that, and Python then installs no handler for it.
     process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--config", str(fifo)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 50
     while True:  # opening the write end fails (ENXIO) until the command has the FIFO open for reading
         assert process.poll() is None and time.time() < deadline, process.communicate()
@@ -106,9 +109,8 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path):
         process.send_signal(signal.SIGINT)
         time.sleep(1)
     finally:
-        # The command has threads (pyarrow's jemalloc, ...) and the kernel may hand SIGINT to one
-        # of them: the main thread then stays in read() until the FIFO closes, and raises
-        # KeyboardInterrupt as it comes back to Python (a fresh-clone run once hung 150 s here).
+        # Should SIGINT land on another of the command's threads (pyarrow's jemalloc, ...), the
+        # main thread stays in read() until the FIFO closes, then raises KeyboardInterrupt.
         os.close(writer)
     _, stderr = process.communicate(timeout=150)
     assert process.returncode == 130 and stderr.strip() == "mga: interrupted", stderr

@@ -143,10 +143,10 @@ class ShortlistMerge:
             return
         shape = (self.num_queries, width)
         offset = len(self.ids)
-        # np.array copies out of the read-only Arrow buffers (torch warns on those): O(queries x width).
+        cpu = torch.device("cpu")
         found = TopK(
-            torch.from_numpy(np.array(row["scores"], dtype=np.float32).reshape(shape)),
-            torch.from_numpy(np.array(row["keys"], dtype=np.int64).reshape(shape)),
+            _tensor(np.asarray(row["scores"], dtype=np.float32).reshape(shape), cpu),
+            _tensor(np.asarray(row["keys"], dtype=np.int64).reshape(shape), cpu),
             torch.arange(offset, offset + self.num_queries * width).reshape(shape),
         )
         ids = pa.concat_arrays([self.ids, _string_array(row["ids"])])

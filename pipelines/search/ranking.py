@@ -109,7 +109,7 @@ def token_scan(features: Snapshot, chunk: dict[str, Any], shortlisted: Shortlist
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         query, position = (torch.from_numpy(batch.column(name).to_numpy().astype(np.int64)) for name in ("query", "head"))
-        scores[query, position] = torch.from_numpy(batch.column("score_token").to_numpy())
+        scores[query, position] = torch.from_numpy(batch.column("score_token").to_numpy().copy())  # a copy: Arrow's buffers are read-only
     missing = int(torch.isnan(scores).sum())
     if missing:
         raise RuntimeError(f"search: {missing} shortlisted pairs got no token score (gallery rows vanished from {features.uri}?)")

@@ -30,32 +30,33 @@ def open_catalog(uri: str, version: int | None = None) -> Snapshot:
 def table_dataset(table: Snapshot, columns: list[str], *where: tuple[str, Iterable[str]]) -> ray.data.Dataset:
     """A streaming Ray dataset of one table version's rows, `where` each `column in values`.
 
-    Without `where`, Ray Data reads the version's files. With it, only the files whose
-    statistics may hold the values (Snapshot.paths), and in them only such row groups
-    (read from the footers on the driver), are read, by one task per file: Ray Data's own
-    pushdown would read every row group of a file against a long `is_in`.
+    One Ray Data task per data file reads it a row group at a time: the version's file list
+    is the Delta log's, so nothing is listed and no footer is read up front (Ray Data's
+    `read_parquet` starts a pool of footer-reading actors for every read, 32 processes by
+    default, which on a laptop cost more than the read). With `where`, only the files whose
+    statistics may hold the values (Snapshot.paths), and in them only such row groups (read
+    from the footers on the driver), are read: Ray Data's own pushdown would read every row
+    group of a file against a long `is_in`.
     """
-    if not where:
-        return ray.data.read_parquet(table.paths(), filesystem=table.location.fs, columns=list(columns))
-    pieces = [{"path": path, "row_groups": groups} for path in table.paths(*where) if (groups := row_groups(table.location, path, where))]
+    if where:
+        pieces = [{"path": path, "row_groups": groups} for path in table.paths(*where) if (groups := row_groups(table.location, path, where))]
+        condition = functools.reduce(operator.and_, [pc.field(name).isin(sorted(set(values))) for name, values in where])
+    else:
+        pieces, condition = [{"path": path, "row_groups": None} for path in table.paths()], None
     if not pieces:
         return ray.data.from_arrow(read_table(table, list(columns), None, *where).slice(0, 0))
-    condition = functools.reduce(operator.and_, [pc.field(name).isin(sorted(set(values))) for name, values in where])
     return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
         _read_pieces, fn_kwargs={"location": table.location, "columns": list(columns), "condition": condition}, batch_size=1, batch_format="pyarrow"
     )
 
 
-def _read_pieces(pieces: pa.Table, location: Location, columns: list[str], condition: pc.Expression) -> Iterator[pa.Table]:
-    """Ray Data task: the rows of the given row groups that satisfy `condition`, a row group at a time."""
+def _read_pieces(pieces: pa.Table, location: Location, columns: list[str], condition: pc.Expression | None) -> Iterator[pa.Table]:
+    """Ray Data task: the rows of the given row groups (all of a file's for None) that satisfy `condition`, a row group at a time."""
     parquet = pads.ParquetFileFormat()
     for path, groups in zip(pieces.column("path").to_pylist(), pieces.column("row_groups").to_pylist()):
-        for group in groups:
-            yield parquet.make_fragment(path, filesystem=location.fs, row_groups=[group]).to_table(columns=columns, filter=condition)
-
-
-def catalog_dataset(uri: str, columns: list[str], splits: tuple[str, ...] | None = None) -> ray.data.Dataset:
-    return table_dataset(open_catalog(uri), columns, *([("split", splits)] if splits else []))
+        fragment = parquet.make_fragment(path, filesystem=location.fs)
+        for group in fragment.split_by_row_group() if groups is None else (fragment.subset(row_group_ids=[group]) for group in groups):
+            yield group.to_table(columns=columns, filter=condition)
 
 
 def rewrite_without(writer: TableWriter, stale: dict[str, list[str]], schema: pa.Schema, **parquet_options: Any) -> tuple[list[str], int, int]:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+import ray
 
 from pipelines import embed, evaluate, search
 from pipelines.model_store import load_model
@@ -98,14 +103,29 @@ def test_embed_search_evaluate_tables_follow_the_schemas(trained, searched):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_search_ranking_does_not_depend_on_worker_count(trained, searched, tmp_path):
+def test_search_ranking_does_not_depend_on_worker_count_or_a_killed_scan_actor(trained, searched, tmp_path):
     paths, _, _ = trained
-    # 12 queries: the module's search (one chunk on one actor) against two chunks (7, 5)
-    # on up to two actors, with other blocks and batches.
-    two = search.run(paths["features"], str(tmp_path / "two"), rerank_top=RERANK, workers=2, query_chunk=7, block_rows=7, rerank_batch=5)
+    # 12 queries: the module's search (one chunk on one actor) against two chunks (7, 5) on two
+    # actors, with other blocks and batches, one of the actors SIGKILLed mid-search: Ray restarts
+    # it and retries its call, which fetches the chunk's arrays again.
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(two=search.run(
+        paths["features"], str(tmp_path / "two"), rerank_top=RERANK, workers=2, query_chunk=7, block_rows=7, rerank_batch=5)))
+    runner.start()
+    killed, deadline = None, time.time() + 300
+    while runner.is_alive() and time.time() < deadline and killed is None:
+        alive = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE" and a["ActorClassName"] == "GalleryScanner"]
+        if alive:
+            time.sleep(0.3)  # into its first calls
+            killed = alive[0]
+            os.kill(killed["Pid"], signal.SIGKILL)
+        time.sleep(0.02)
+    runner.join(timeout=300)
+    assert killed is not None and "two" in result, "no scan actor was killed while the search ran, or the search failed"
+    assert ray._private.state.actors()[killed["ActorID"]]["NumRestarts"] >= 1
     tables = [read_table(open_table(resolve(uri))).sort_by([("query_id", "ascending"), ("rank", "ascending")])
               for uri in (paths["rankings"], str(tmp_path / "two"))]
-    assert tables[0].equals(tables[1]) and searched["rerank_top"] == two["rerank_top"] == RERANK
+    assert tables[0].equals(tables[1]) and searched["rerank_top"] == result["two"]["rerank_top"] == RERANK
 
 
 @pytest.mark.ray

@@ -472,7 +472,7 @@ def test_search_killed_midway_then_rerun_gives_identical_rankings(base, tmp_path
     try:
         deadline = time.time() + 300
         while job.poll() is None and time.time() < deadline:
-            scanned = scanned or any("ShortlistScan" in a["ActorClassName"] and a["State"] == "ALIVE" and a["JobID"] != own_job
+            scanned = scanned or any("GalleryScanner" in a["ActorClassName"] and a["State"] == "ALIVE" and a["JobID"] != own_job
                                      for a in ray._private.state.actors().values())
             if scanned and _new_files(out, old_runs[out]):  # its gallery scan ran and its first chunk's rankings are on disk: kill the driver
                 killed_at = time.time()

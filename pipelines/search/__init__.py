@@ -11,9 +11,9 @@ For every query (`split=query` rows of the features table) against the gallery
   so R@K and mAP over the whole gallery need no queries x gallery rows (mga.metrics).
 
 The gallery is never held: queries are handled in chunks of `--query-chunk`, and for each
-chunk the gallery's files stream twice through autoscaling actor pools
-(pipelines.search.gallery_scan explains the choice). Per-node memory grows with the queries and
-the depth, not with the gallery. Shortlisting is torch matmul + top-k on each actor's
+chunk the gallery's row groups are read twice by the job's scan actors, started once for
+the whole search (pipelines.search.gallery_scan explains the choice). Per-node memory grows
+with the queries and the depth, not with the gallery. Shortlisting is torch matmul + top-k on each actor's
 device, so a GPU has no cap on the depth. `--index ivf|hnsw|ivfpq` shortlists with a faiss
 index instead (pipelines.search.approximate), and records its recall@100 against the exact scan.
 
@@ -73,7 +73,7 @@ def run(
     from pipelines.model_store import load_artifact, read_artifact_files
     from pipelines.runtime import init_ray
     from pipelines.search.approximate import approximate_shortlist, build_index, shortlist_recall
-    from pipelines.search.ranking import chunk_arrays, find_positives, pool_args, rank_chunk, read_queries, shortlist_scan, token_scan
+    from pipelines.search.ranking import chunk_arrays, find_positives, gallery_pieces, rank_chunk, read_queries, scanner_pool, shortlist_scan, token_scan
 
     for name, value in (("--depth", depth), ("--query-chunk", query_chunk), ("--block-rows", block_rows), ("--workers", workers or 1), ("--rerank-batch", rerank_batch or 1)):
         _check_positive(name, value)
@@ -100,14 +100,15 @@ def run(
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
     workers = workers or default_actors(gpus, gpus_up)
-    pool = pool_args(gpus, cpus_per_actor, workers)
+    pieces = execute(lambda: gallery_pieces(features_table), features_table.uri, out)
+    pool = scanner_pool(features_table, files, workers, gpus, cpus_per_actor)
     # Pairs per ATA call: an H100 saturates at about 4096 (bench/retrieval_device.py); a CPU at ~128.
     rerank_batch = rerank_batch or (4096 if gpus else 128)
     approximate = build_index(features_table, index) if index != "exact" else None
     recall = None
     if approximate is not None:  # against the exact scan, on the first queries
         sample = chunk_arrays(queries, positives, 0, min(RECALL_QUERIES, queries.num_rows), info)
-        exact = execute(lambda: shortlist_scan(features_table, sample, 100, block_rows, pool), features_table.uri, out)
+        exact = execute(lambda: shortlist_scan(features_table, pieces, sample, 100, block_rows, pool), features_table.uri, out)
         recall = shortlist_recall(approximate_shortlist(*approximate, sample, 100), exact)
     table = resolve(out)
     totals = {"rows": 0, "positives": 0, "head": 0}
@@ -115,12 +116,12 @@ def run(
         for part, start in enumerate(range(0, queries.num_rows, query_chunk)):
             chunk = chunk_arrays(queries, positives, start, min(start + query_chunk, queries.num_rows), info)
             shortlisted = (
-                execute(lambda: shortlist_scan(features_table, chunk, depth, block_rows, pool), features_table.uri, table.uri)
+                execute(lambda: shortlist_scan(features_table, pieces, chunk, depth, block_rows, pool), features_table.uri, table.uri)
                 if approximate is None else approximate_shortlist(*approximate, chunk, depth)
             )
             head = min(rerank_top, shortlisted.top.rows.shape[1]) if alpha < 1.0 else 0
             token_scores = (
-                execute(lambda: token_scan(features_table, chunk, shortlisted, head, files, rerank_batch, pool), features_table.uri, table.uri)
+                execute(lambda: token_scan(features_table, chunk, shortlisted, head, rerank_batch, pool), features_table.uri, table.uri)
                 if head else torch.zeros(len(chunk["global"]), 0)
             )
             rankings, positive_rows = rank_chunk(chunk, shortlisted, token_scores, alpha)
@@ -159,7 +160,7 @@ def run(
             "rerank": f"top {totals['head']} per query by ATA (alpha {alpha}, {rerank_batch} pairs a call)",
             "wrote": f"{table.uri} (version {result.version}, {totals['rows']} rankings rows); positives with full-gallery ranks: "
                      f"{positives_table.uri} (version {positives_table.version}, {totals['positives']} rows)",
-            "workers": f"up to {workers} x " + (f"{gpus:g} GPU" if gpus else f"{cpus_per_actor:g} CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",
+            "workers": f"{workers} x " + (f"{gpus:g} GPU" if gpus else f"{cpus_per_actor:g} CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",
             "wall time": f"{time.time() - started:.1f} s",
         },
     )
@@ -172,7 +173,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="ranked gallery images written per query (metrics still cover the whole gallery)")
     parser.add_argument("--rerank-top", type=int, default=50, help="candidates per query reranked by ATA")
     parser.add_argument("--index", default="exact", choices=INDEX_KINDS, help="exact: a blocked scan on the actors' devices; ivf|hnsw|ivfpq: a faiss index on the driver (ivfpq: 64-byte codes for 10^7+ images)")
-    parser.add_argument("--workers", type=int, default=None, help="most actors per pool; pools start with one and grow while blocks queue (default: one per GPU up, else 1)")
+    parser.add_argument("--workers", type=int, default=None, help="scan actors, started once for the whole search (default: one per GPU up, else 1)")
     parser.add_argument("--query-chunk", type=int, default=20000, help="queries searched per pass over the gallery (bounds memory by queries x depth)")
     parser.add_argument("--block-rows", type=int, default=32768, help="gallery rows scored per shortlist block")
     parser.add_argument("--rerank-batch", type=int, default=None, help="query-candidate pairs per ATA call (default: 4096 on GPU, 128 on CPU)")

@@ -1,42 +1,59 @@
-"""The two gallery scans behind `mga search`, streamed by Ray Data through autoscaling actor pools.
+"""The two gallery scans behind `mga search`, on one pool of long-lived actors per job.
 
 Nothing of the gallery is held whole anywhere. A search handles its queries in chunks;
-for each chunk the gallery's files are read twice, as streams of blocks:
+for each chunk the gallery is read twice, a Parquet row group ("piece") at a time, by the
+job's `GalleryScanner` actors (`ScannerPool` hands each free actor the next piece):
 
-1. **Shortlist scan** (`ShortlistScan`): blocks of `image_id, item_id, global` go through
-   actors that hold only the chunk's query features and its positives (O(queries)). For
-   each block an actor returns the block's exact top-`depth` per query and, per positive,
-   how many of the block's rows come before it in the global order (mga.retrieval). The
-   driver folds the blocks in as they arrive (`ShortlistMerge`): O(queries x depth).
-2. **Token scan** (`TokenScorer`): only the rows some query shortlisted into its reranked
-   head are kept from blocks of `image_id, tokens_*` (the id filter is pushed into the
-   Parquet read); actors that hold the model and the chunk's query tokens score every
-   (query, candidate) pair whose candidate is in the block with ATA, in fixed-size padded
-   batches, and return one S_token per pair.
+1. **Shortlist scan** (`GalleryScanner.shortlist`): the piece's `image_id, item_id, global`
+   rows, in blocks of `block_rows`, against the chunk's query features and its positives
+   (O(queries)). For each block the actor returns the block's exact top-`depth` per query
+   and, per positive, how many of the block's rows come before it in the global order
+   (mga.retrieval). The driver folds the blocks in as they arrive (`ShortlistMerge`):
+   O(queries x depth).
+2. **Token scan** (`GalleryScanner.score_tokens`): only the pieces whose statistics may hold
+   a candidate some query shortlisted into its reranked head are read, and in them only
+   those rows' `tokens_*`; the actor scores every (query, candidate) pair whose candidate is
+   in the piece with ATA, in fixed-size padded batches, and returns one S_token per pair.
 
-Why scans grouped by gallery block rather than an index in memory or a join: the exact
+Why scans grouped by gallery piece rather than an index in memory or a join: the exact
 top-k and the full-gallery rank of every positive need every gallery score once per query
 anyway, so a scan costs what a flat index costs in compute, without holding the gallery
 (global features 2 KB per image at D = 512, tokens 6 KB more in float16) on any node or in
-any actor. A Ray Data join of pairs with tokens would shuffle all pairs and all tokens
-across the cluster; here only the candidates' tokens leave the reading tasks, and each
-block is scored where it arrives. bench/search_scale.py measures it: at 1M gallery images
-the peak memory of the whole process tree is within the goal of 1.2x the 250k run's.
+any actor. A join of pairs with tokens would shuffle all pairs and all tokens across the
+cluster; here only the candidates' tokens are read, and each piece is scored where it is read.
+
+Why actors of the job's own rather than a Ray Data actor pool per scan: a Ray Data
+execution starts its actors afresh, so a search of many chunks would start 2 pools a chunk,
+each actor importing torch and the model again (seconds each, on every node, every chunk).
+The job's actors live for the whole search: the model loads once per actor, at its first
+token scan, and the chunk's arrays travel by reference with each call, cached by the actor
+(a restarted actor, `max_restarts=-1`, fetches them again and Ray retries the call).
+bench/search_scale.py measures the scan: at 1M gallery images the peak memory of the whole
+process tree is within the goal of 1.2x the 250k run's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray
 import torch
 
 from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, merge_top_k, tie_keys
 from pipelines.resources import actor_device
 from pipelines.schemas import column_matrix
+from pipelines.storage import Location
+
+# A piece of the gallery: one row group of one data file of the features table.
+Piece = tuple[str, int]
+
+# Queries scored against a block at once: bounds the [queries, block rows] score matrix.
+QUERY_TILE = 1024
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -44,71 +61,149 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(array)).to(device)
 
 
-SHORTLIST_SCHEMA = pa.schema(
-    [
-        ("rows", pa.int64()),
-        ("width", pa.int32()),
-        ("scores", pa.list_(pa.float32())),
-        ("keys", pa.list_(pa.int64())),
-        ("ids", pa.list_(pa.string())),
-        ("items", pa.list_(pa.string())),
-        ("counts", pa.list_(pa.int64())),
-    ]
-)
+class GalleryScanner:
+    """Actor: reads gallery pieces and scores them against the current query chunk, for the whole job."""
 
-
-# Queries scored against a block at once: bounds the [queries, block rows] score matrix.
-QUERY_TILE = 1024
-
-
-class ShortlistScan:
-    """Actor: one gallery block -> its top-`depth` per query and the positives' counts (one row)."""
-
-    def __init__(self, queries: list, depth: int, use_gpu: bool) -> None:
-        chunk = ray.get(queries[0])
+    def __init__(self, location: Location, artifact: list, use_gpu: bool) -> None:
+        self.location, self.artifact = location, artifact
         self.device = actor_device(use_gpu)
-        self.query_global = _tensor(chunk["global"], self.device)
-        self.positive_query, self.positive_score, self.positive_key = (_tensor(chunk[name], self.device) for name in ("positive_query", "positive_score", "positive_key"))
-        self.depth = depth
+        self.model: torch.nn.Module | None = None
+        self.cached: dict[str, tuple[str, Any]] = {}
 
-    def __call__(self, block: pa.Table) -> pa.Table:
+    def _cached(self, name: str, reference: list, build: Any) -> Any:
+        """`build(value)` of the object `reference[0]` points to, kept until another object comes under `name`."""
+        key = reference[0].hex()
+        if self.cached.get(name, ("",))[0] != key:
+            self.cached.pop(name, None)  # free the previous chunk's arrays first
+            self.cached[name] = (key, build(ray.get(reference[0])))
+        return self.cached[name][1]
+
+    def _fragment(self, piece: Piece) -> pads.ParquetFileFragment:
+        path, group = piece
+        return pads.ParquetFileFormat().make_fragment(path, filesystem=self.location.fs, row_groups=[group])
+
+    def _queries(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        arrays = {name: _tensor(chunk[name], self.device) for name in ("global", "positive_query", "positive_score", "positive_key")}
+        arrays["tokens"] = [_tensor(layer, self.device) for layer in chunk["tokens"]]
+        return arrays
+
+    def shortlist(self, piece: Piece, chunk: list, depth: int, block_rows: int) -> list[dict[str, Any]]:
+        """The piece's gallery rows in blocks of `block_rows`: each block's top-`depth` per query and the positives' counts."""
+        queries = self._cached("chunk", chunk, self._queries)
+        rows = self._fragment(piece).to_table(columns=["image_id", "item_id", "global"], filter=pc.field("split") == "gallery")
+        return [self._shortlist_block(rows.slice(start, block_rows), queries, depth) for start in range(0, max(rows.num_rows, 1), block_rows)]
+
+    def _shortlist_block(self, block: pa.Table, queries: dict[str, Any], depth: int) -> dict[str, Any]:
         ids = block.column("image_id").combine_chunks()
-        counts = torch.zeros(len(self.positive_query), dtype=torch.int64, device=self.device)
+        positive_query = queries["positive_query"]
+        counts = torch.zeros(len(positive_query), dtype=torch.int64, device=self.device)
         if block.num_rows == 0:
-            return self._row(0, None, ids, block, counts)
+            return {"rows": 0, "counts": counts.cpu().numpy()}
         keys = torch.from_numpy(tie_keys(ids.to_numpy(zero_copy_only=False))).to(self.device)
         gallery = torch.from_numpy(column_matrix(block, "global")).to(self.device)
         tiles = []
         with torch.inference_mode():
-            for start in range(0, len(self.query_global), QUERY_TILE):
-                queries = self.query_global[start:start + QUERY_TILE]
-                scores = block_scores(queries, gallery)
-                tiles.append(block_top_k(queries, gallery, keys, self.depth, scores=scores))
+            for start in range(0, len(queries["global"]), QUERY_TILE):
+                tile = queries["global"][start:start + QUERY_TILE]
+                scores = block_scores(tile, gallery)
+                tiles.append(block_top_k(tile, gallery, keys, depth, scores=scores))
                 # This tile's positives (sorted by query), renumbered within the tile.
-                first, last = (int(torch.searchsorted(self.positive_query, bound)) for bound in (start, start + len(queries)))
+                first, last = (int(torch.searchsorted(positive_query, bound)) for bound in (start, start + len(tile)))
                 if last > first:
                     counts[first:last] = count_ranked_above(
-                        scores, queries, gallery, keys, self.positive_query[first:last] - start, self.positive_score[first:last], self.positive_key[first:last]
+                        scores, tile, gallery, keys, positive_query[first:last] - start,
+                        queries["positive_score"][first:last], queries["positive_key"][first:last],
                     )
         found = TopK(*(torch.cat(parts) for parts in zip(*((t.scores, t.keys, t.rows) for t in tiles))))
-        return self._row(block.num_rows, found, ids, block, counts)
+        take = pa.array(found.rows.reshape(-1).cpu().numpy())
+        return {
+            "rows": block.num_rows,
+            "counts": counts.cpu().numpy(),
+            "scores": found.scores.cpu().numpy(),
+            "keys": found.keys.cpu().numpy(),
+            "ids": ids.take(take),
+            "items": block.column("item_id").combine_chunks().take(take),
+        }
 
-    @staticmethod
-    def _row(rows: int, found: TopK | None, ids: pa.Array, block: pa.Table, counts: torch.Tensor) -> pa.Table:
-        take = pa.array(found.rows.reshape(-1).cpu().numpy() if found is not None else np.zeros(0, np.int64))
-        empty = np.zeros(0)
-        return pa.Table.from_pydict(
-            {
-                "rows": [rows],
-                "width": [found.rows.shape[1] if found is not None else 0],
-                "scores": [found.scores.reshape(-1).cpu().numpy() if found is not None else empty.astype(np.float32)],
-                "keys": [found.keys.reshape(-1).cpu().numpy() if found is not None else empty.astype(np.int64)],
-                "ids": [ids.take(take)],
-                "items": [block.column("item_id").combine_chunks().take(take)],
-                "counts": [counts.cpu().numpy()],
-            },
-            schema=SHORTLIST_SCHEMA,
-        )
+    def score_tokens(self, piece: Piece, chunk: list, pairs: list, token_names: list[str], rerank_batch: int) -> dict[str, np.ndarray]:
+        """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA."""
+        if self.model is None:
+            # Here, not at __init__: the model (timm, torchvision) costs an actor ~3 s to
+            # import, and a search that reranks nothing never needs it.
+            from mga.artifact import unpack_artifact
+
+            model, _, _ = unpack_artifact(ray.get(self.artifact[0]))
+            self.model = model.to(self.device).eval()
+        queries = self._cached("chunk", chunk, self._queries)
+        pair_ids, pair_query, pair_head = self._cached("pairs", pairs, _sorted_pairs)
+        fragment = self._fragment(piece)
+        block_ids = fragment.to_table(columns=["image_id"]).column("image_id").to_numpy(zero_copy_only=False).astype(str)
+        first = np.searchsorted(pair_ids, block_ids, "left")
+        last = np.searchsorted(pair_ids, block_ids, "right")
+        wanted = last > first
+        if not wanted.any():
+            return {"query": np.zeros(0, np.int32), "head": np.zeros(0, np.int32), "score_token": np.zeros(0, np.float32)}
+        block = fragment.to_table(columns=token_names).filter(pa.array(wanted))
+        first, per_row = first[wanted], (last - first)[wanted]
+        block_row = np.repeat(np.arange(len(per_row)), per_row)
+        pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
+        token_shape = (self.model.config.num_tokens, self.model.config.token_dim)
+        tokens = [torch.from_numpy(column_matrix(block, name, token_shape)) for name in token_names]
+        scores = np.empty(len(pair), dtype=np.float32)
+        for start in range(0, len(pair), rerank_batch):
+            # Every ATA call has the same shape (the last batch is padded): a pair's score does
+            # not depend on which pairs share its batch.
+            rows = np.arange(start, start + rerank_batch).clip(max=len(pair) - 1)
+            query = torch.from_numpy(pair_query[pair[rows]]).to(self.device)
+            gallery_rows = torch.from_numpy(block_row[rows])
+            # bf16 on a GPU, as embed does: 1.5x the pairs/s at 4096 pairs a call on an H100,
+            # S_token within 0.005 of fp32 (bench/RESULTS.md).
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                result = self.model.align_tokens(
+                    [layer[query] for layer in queries["tokens"]], [layer[gallery_rows].to(self.device) for layer in tokens]
+                )
+            valid = min(rerank_batch, len(pair) - start)
+            scores[start:start + valid] = result.float().cpu().numpy()[:valid]
+        return {"query": pair_query[pair].astype(np.int32), "head": pair_head[pair].astype(np.int32), "score_token": scores}
+
+
+def _sorted_pairs(pairs: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A chunk's (query, head) pairs sorted by candidate id: (ids, query, head)."""
+    ids = pairs.column("gallery_id").to_numpy(zero_copy_only=False).astype(str)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], pairs.column("query").to_numpy()[order], pairs.column("head").to_numpy()[order]
+
+
+class ScannerPool:
+    """The job's `GalleryScanner` actors: created once, each fed the next piece when free.
+
+    An actor that cannot start yet (a GPU an autoscaler has still to add) gets no work until
+    it can: the others go on without it. A dead actor is restarted by Ray and its call retried.
+    """
+
+    def __init__(self, size: int, options: dict[str, Any], location: Location, artifact: list, use_gpu: bool) -> None:
+        actor = ray.remote(GalleryScanner).options(max_restarts=-1, max_task_retries=-1, **options)
+        self.starting = {}
+        for _ in range(size):
+            handle = actor.remote(location, artifact, use_gpu)
+            self.starting[handle.__ray_ready__.remote()] = handle
+        self.free: list[Any] = []
+
+    def map(self, method: str, pieces: Iterable[Piece], *args: Any) -> Iterator[Any]:
+        """`method(piece, *args)` on the actors for every piece; the results in the order they finish."""
+        queue = list(pieces)[::-1]
+        running: dict[Any, Any] = {}
+        while queue or running:
+            while self.free and queue:
+                handle = self.free.pop()
+                running[getattr(handle, method).remote(queue.pop(), *args)] = handle
+            done = ray.wait([*running, *self.starting], num_returns=1)[0][0]
+            if done in self.starting:
+                ray.get(done)  # an actor that failed to start raises here
+                self.free.append(self.starting.pop(done))
+                continue
+            self.free.append(running.pop(done))
+            yield ray.get(done)
 
 
 @dataclass
@@ -135,22 +230,18 @@ class ShortlistMerge:
         self.counts = np.zeros(num_positives, dtype=np.int64)
         self.gallery_rows = 0
 
-    def add(self, row: dict[str, Any]) -> None:
-        self.gallery_rows += int(row["rows"])
-        self.counts += np.asarray(row["counts"], dtype=np.int64)
-        width = int(row["width"])
-        if width == 0:
+    def add(self, block: dict[str, Any]) -> None:
+        """Fold in one block's result (GalleryScanner.shortlist)."""
+        self.gallery_rows += int(block["rows"])
+        self.counts += block["counts"]
+        if not block["rows"]:
             return
-        shape = (self.num_queries, width)
-        offset = len(self.ids)
         cpu = torch.device("cpu")
-        found = TopK(
-            _tensor(np.asarray(row["scores"], dtype=np.float32).reshape(shape), cpu),
-            _tensor(np.asarray(row["keys"], dtype=np.int64).reshape(shape), cpu),
-            torch.arange(offset, offset + self.num_queries * width).reshape(shape),
-        )
-        ids = pa.concat_arrays([self.ids, _string_array(row["ids"])])
-        items = pa.concat_arrays([self.items, _string_array(row["items"])])
+        scores, keys = _tensor(block["scores"], cpu), _tensor(block["keys"], cpu)
+        offset = len(self.ids)
+        found = TopK(scores, keys, torch.arange(offset, offset + scores.numel()).reshape(scores.shape))
+        ids = pa.concat_arrays([self.ids, block["ids"]])
+        items = pa.concat_arrays([self.items, block["items"]])
         merged = found if self.shortlist is None else merge_top_k(self.shortlist, found, self.depth)
         # Keep only the ids and items of what survived: memory stays O(queries x depth).
         take = pa.array(merged.rows.reshape(-1).numpy())
@@ -163,60 +254,3 @@ class ShortlistMerge:
             raise ValueError("no rows with split=gallery to search")
         return Shortlisted(self.shortlist, self.ids, self.items, self.gallery_rows, self.counts + 1)
 
-
-def _string_array(values: Any) -> pa.Array:
-    return values if isinstance(values, pa.Array) else pa.array(values, pa.string())
-
-
-class TokenScorer:
-    """Actor: the (query, candidate) pairs whose candidate is in a block, scored by ATA."""
-
-    def __init__(self, artifact: list, queries: list, pairs: list, token_names: list[str], rerank_batch: int, use_gpu: bool) -> None:
-        # Here, not at the top: the model (timm, torchvision) costs an actor ~3 s to import,
-        # and the shortlist actors, started once per query chunk, never need it.
-        from mga.artifact import unpack_artifact
-
-        model, _, _ = unpack_artifact(ray.get(artifact[0]))
-        self.device = actor_device(use_gpu)
-        self.model = model.to(self.device).eval()
-        self.token_shape = (model.config.num_tokens, model.config.token_dim)
-        chunk = ray.get(queries[0])
-        self.query_tokens = [_tensor(layer, self.device) for layer in chunk["tokens"]]
-        pair_table: pa.Table = ray.get(pairs[0])
-        ids = pair_table.column("gallery_id").to_numpy(zero_copy_only=False).astype(str)
-        order = np.argsort(ids, kind="stable")
-        self.pair_ids = ids[order]
-        self.pair_query = pair_table.column("query").to_numpy()[order]
-        self.pair_head = pair_table.column("head").to_numpy()[order]
-        self.token_names, self.rerank_batch = token_names, rerank_batch
-
-    def __call__(self, block: pa.Table) -> pa.Table:
-        block_ids = block.column("image_id").to_numpy(zero_copy_only=False).astype(str)
-        first = np.searchsorted(self.pair_ids, block_ids, "left")
-        last = np.searchsorted(self.pair_ids, block_ids, "right")
-        per_row = last - first
-        block_row = np.repeat(np.arange(len(block_ids)), per_row)
-        pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
-        tokens = [torch.from_numpy(column_matrix(block, name, self.token_shape)) for name in self.token_names]
-        scores = np.empty(len(pair), dtype=np.float32)
-        for start in range(0, len(pair), self.rerank_batch):
-            # Every ATA call has the same shape (the last batch is padded): a pair's score does
-            # not depend on which pairs share its batch.
-            rows = np.arange(start, start + self.rerank_batch).clip(max=len(pair) - 1)
-            query = torch.from_numpy(self.pair_query[pair[rows]]).to(self.device)
-            gallery_rows = torch.from_numpy(block_row[rows])
-            # bf16 on a GPU, as embed does: 1.5x the pairs/s at 4096 pairs a call on an H100,
-            # S_token within 0.005 of fp32 (bench/RESULTS.md).
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                result = self.model.align_tokens(
-                    [layer[query] for layer in self.query_tokens], [layer[gallery_rows].to(self.device) for layer in tokens]
-                )
-            valid = min(self.rerank_batch, len(pair) - start)
-            scores[start:start + valid] = result.float().cpu().numpy()[:valid]
-        return pa.table(
-            {
-                "query": pa.array(self.pair_query[pair], pa.int32()),
-                "head": pa.array(self.pair_head[pair], pa.int32()),
-                "score_token": pa.array(scores, pa.float32()),
-            }
-        )

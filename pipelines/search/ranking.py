@@ -1,5 +1,5 @@
-"""The driver's side of `mga search` for one chunk of queries: the queries and their positives,
-the two gallery scans through actor pools (gallery_scan), and the chunk's ranked rows."""
+"""The driver's side of `mga search`: the queries and their positives, the gallery's pieces,
+the two scans of a chunk on the job's actors (gallery_scan), and the chunk's ranked rows."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import torch
 
 from mga.errors import InputError
 from mga.retrieval import pair_scores, rerank, reranked_ranks, tie_keys
-from pipelines.catalog import table_dataset
-from pipelines.resources import actor_cpus, actor_pool
+from pipelines.resources import actor_cpus
 from pipelines.schemas import POSITIVES, RANKINGS, column_matrix
-from pipelines.search.gallery_scan import ShortlistMerge, ShortlistScan, Shortlisted, TokenScorer
-from pipelines.tables import Snapshot, read_table
+from pipelines.search.gallery_scan import Piece, ScannerPool, ShortlistMerge, Shortlisted
+from pipelines.tables import Snapshot, read_table, row_groups
 
 
 def token_columns(info: dict[str, Any]) -> list[str]:
@@ -57,35 +56,36 @@ def find_positives(features: Snapshot, queries: pa.Table) -> dict[str, np.ndarra
     }
 
 
-def _gallery_dataset(features: Snapshot, columns: list[str], ids: pa.Array | None = None) -> ray.data.Dataset:
-    """The gallery rows' `columns` (only those of `ids`, if given) as a stream."""
-    return table_dataset(features, columns, ("split", ["gallery"]), *([] if ids is None else [("image_id", ids.to_pylist())]))
+GALLERY = ("split", ["gallery"])
 
 
-def pool_args(gpus: float, cpus_per_actor: float, workers: int) -> dict[str, Any]:
-    return {"compute": actor_pool(workers), "num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor), "batch_format": "pyarrow"}
+def gallery_pieces(features: Snapshot, *where: tuple[str, list[str]]) -> list[Piece]:
+    """The row groups of the features table that may hold gallery rows (and `where`), by their statistics."""
+    conditions = (GALLERY, *where)
+    return [(path, group) for path in features.paths(*conditions) for group in row_groups(features.location, path, conditions)]
 
 
-def shortlist_scan(features: Snapshot, chunk: dict[str, Any], depth: int, block_rows: int, pool: dict[str, Any]) -> Shortlisted:
-    """Pass 1: the chunk's exact top-`depth` and each positive's count of gallery images before it."""
+def scanner_pool(features: Snapshot, files: dict[str, bytes], workers: int, gpus: float, cpus_per_actor: float) -> ScannerPool:
+    """The job's scan actors: `workers` of them, each with `gpus` GPUs or `cpus_per_actor` CPUs."""
+    options = {"num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor)}
+    return ScannerPool(workers, options, features.location, [ray.put(files)], gpus > 0)
+
+
+def shortlist_scan(features: Snapshot, pieces: list[Piece], chunk: dict[str, Any], depth: int, block_rows: int, pool: ScannerPool) -> Shortlisted:
+    """Pass 1: the chunk's exact top-`depth` and each positive's count of gallery images before it.
+
+    `chunk` (chunk_arrays) travels to the actors by its `reference`, put once for both scans."""
     merge = ShortlistMerge(len(chunk["global"]), depth, len(chunk["positive_query"]))
-    dataset = _gallery_dataset(features, ["image_id", "item_id", "global"]).map_batches(
-        ShortlistScan, fn_constructor_kwargs={"queries": [ray.put(chunk)], "depth": depth, "use_gpu": pool["num_gpus"] > 0}, batch_size=block_rows, **pool
-    )
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for index in range(batch.num_rows):
-            merge.add({name: _scalar_value(batch.column(name)[index]) for name in batch.column_names})
+    for blocks in pool.map("shortlist", pieces, chunk["reference"], depth, block_rows):
+        for block in blocks:
+            merge.add(block)
     try:
         return merge.result()
     except ValueError as error:
         raise InputError(f"{features.uri}: {error}") from None
 
 
-def _scalar_value(scalar: pa.Scalar) -> Any:
-    return scalar.values if isinstance(scalar, pa.ListScalar) else scalar.as_py()
-
-
-def token_scan(features: Snapshot, chunk: dict[str, Any], shortlisted: Shortlisted, head: int, files: dict[str, bytes], rerank_batch: int, pool: dict[str, Any]) -> torch.Tensor:
+def token_scan(features: Snapshot, chunk: dict[str, Any], shortlisted: Shortlisted, head: int, rerank_batch: int, pool: ScannerPool) -> torch.Tensor:
     """Pass 2: S_token of each query with the first `head` rows of its shortlist, [Q, head]."""
     count = len(chunk["global"])
     scores = torch.full((count, head), float("nan"))
@@ -97,19 +97,10 @@ def token_scan(features: Snapshot, chunk: dict[str, Any], shortlisted: Shortlist
             "head": pa.array(np.tile(np.arange(head), count), pa.int32()),
         }
     )
-    names = token_columns(features.info)
-    dataset = _gallery_dataset(features, ["image_id", *names], pc.unique(pairs.column("gallery_id"))).map_batches(
-        TokenScorer,
-        fn_constructor_kwargs={
-            "artifact": [ray.put(files)], "queries": [ray.put({"tokens": chunk["tokens"]})], "pairs": [ray.put(pairs)],
-            "token_names": names, "rerank_batch": rerank_batch, "use_gpu": pool["num_gpus"] > 0,
-        },
-        batch_size=4 * rerank_batch,  # candidate rows: >= 4 ATA calls a block, so padding the last wastes <= 1/4
-        **pool,
-    )
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        query, position = (torch.from_numpy(batch.column(name).to_numpy().astype(np.int64)) for name in ("query", "head"))
-        scores[query, position] = torch.from_numpy(batch.column("score_token").to_numpy().copy())  # a copy: Arrow's buffers are read-only
+    pieces = gallery_pieces(features, ("image_id", pc.unique(pairs.column("gallery_id")).to_pylist()))
+    for scored in pool.map("score_tokens", pieces, chunk["reference"], [ray.put(pairs)], token_columns(features.info), rerank_batch):
+        query, position = (torch.from_numpy(scored[name].astype(np.int64)) for name in ("query", "head"))
+        scores[query, position] = torch.from_numpy(scored["score_token"].copy())  # a copy: object store arrays are read-only
     missing = int(torch.isnan(scores).sum())
     if missing:
         raise RuntimeError(f"search: {missing} shortlisted pairs got no token score (gallery rows vanished from {features.uri}?)")
@@ -117,11 +108,12 @@ def token_scan(features: Snapshot, chunk: dict[str, Any], shortlisted: Shortlist
 
 
 def chunk_arrays(queries: pa.Table, positives: dict[str, np.ndarray], start: int, stop: int, info: dict[str, Any]) -> dict[str, Any]:
-    """The arrays the actors need for queries [start, stop), positives renumbered within the chunk."""
+    """The arrays the actors need for queries [start, stop), positives renumbered within the chunk,
+    and a `reference` to them in the object store (in a list: Ray passes it on unresolved)."""
     rows = queries.slice(start, stop - start)
     keep = (positives["positive_query"] >= start) & (positives["positive_query"] < stop)
     shape = (info["num_tokens"], info["token_dim"])
-    return {
+    arrays = {
         "global": np.ascontiguousarray(column_matrix(rows, "global")),
         "tokens": [np.ascontiguousarray(column_matrix(rows, name, shape)) for name in token_columns(info)],
         "positive_query": positives["positive_query"][keep] - start,
@@ -131,6 +123,7 @@ def chunk_arrays(queries: pa.Table, positives: dict[str, np.ndarray], start: int
         "ids": rows.column("image_id").combine_chunks(),
         "items": rows.column("item_id").combine_chunks(),
     }
+    return {**arrays, "reference": [ray.put(arrays)]}
 
 
 def rank_chunk(chunk: dict[str, Any], shortlisted: Shortlisted, token_scores: torch.Tensor, alpha: float) -> tuple[pa.Table, pa.Table]:

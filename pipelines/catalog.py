@@ -18,7 +18,6 @@ from pipelines.tables import (
     copy_without,
     open_table,
     read_table,
-    row_groups,
 )
 
 
@@ -39,7 +38,7 @@ def table_dataset(table: Snapshot, columns: list[str], *where: tuple[str, Iterab
     group of a file against a long `is_in`.
     """
     if where:
-        pieces = [{"path": path, "row_groups": groups} for path in table.paths(*where) if (groups := row_groups(table.location, path, where))]
+        pieces = [{"path": path, "row_groups": groups} for path, groups in table.pieces(*where)]
         condition = functools.reduce(operator.and_, [pc.field(name).isin(sorted(set(values))) for name, values in where])
     else:
         pieces, condition = [{"path": path, "row_groups": None} for path in table.paths()], None

@@ -154,6 +154,12 @@ class Snapshot:
             keep = [kept and _may_hold(wanted, low, high) for kept, low, high in zip(keep, lows, highs)]
         return [path for path, kept in zip(self.files.column("path").to_pylist(), keep) if kept]
 
+    def pieces(self, *where: tuple[str, Iterable[str]]) -> list[tuple[str, list[int]]]:
+        """(path, row groups) of the data files that may hold rows with `column in values` for
+        every condition: the files by `paths`, then their row groups by their footers'
+        statistics (`row_groups`); a file with no such row group is left out."""
+        return [(path, groups) for path in self.paths(*where) if (groups := row_groups(self.location, path, where))]
+
     def only(self, paths: Iterable[str]) -> "Snapshot":
         """This version restricted to the data files `paths` (a reader that knows where its rows are)."""
         keep = pc.is_in(self.files.column("path"), value_set=pa.array(sorted(set(paths)), pa.string()))
@@ -242,7 +248,7 @@ def read_table(snapshot: Snapshot, columns: list[str] | None = None, filter: pad
         if not where:
             return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter)
         parquet = pads.ParquetFileFormat()
-        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=groups) for path in paths if (groups := row_groups(snapshot.location, path, where))]
+        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=groups) for path, groups in snapshot.pieces(*where)]
         schema = pq.read_schema(paths[0], filesystem=fs)
         return pads.FileSystemDataset(fragments, schema, parquet, fs).to_table(columns=columns, filter=filter)
     except OSError as error:  # a file vacuumed under an old version, an S3 outage

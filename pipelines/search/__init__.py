@@ -13,9 +13,10 @@ For every query (`split=query` rows of the features table) against the gallery
 The gallery is never held: queries are handled in chunks of `--query-chunk`, and for each
 chunk the gallery's row groups are read twice by the job's scan actors, started once for
 the whole search (pipelines.search.gallery_scan explains the choice). Per-node memory grows
-with the queries and the depth, not with the gallery. Shortlisting is torch matmul + top-k on each actor's
-device, so a GPU has no cap on the depth. `--index ivf|hnsw|ivfpq` shortlists with a faiss
-index instead (pipelines.search.approximate), and records its recall@100 against the exact scan.
+with the queries and the depth, not with the gallery. Shortlisting is torch matmul + top-k
+on each actor's device, so a GPU has no cap on the depth. `--index ivf|hnsw|ivfpq`
+shortlists with a faiss index instead (pipelines.search.approximate), and records its
+recall@100 against the exact scan.
 
 The positives and then the rankings are each one Delta commit (pipelines.tables), the
 rankings' naming the positives' version: a search that fails or is killed leaves the

@@ -16,7 +16,7 @@ from mga.retrieval import pair_scores, rerank, reranked_ranks, tie_keys
 from pipelines.resources import actor_cpus
 from pipelines.schemas import POSITIVES, RANKINGS, column_matrix
 from pipelines.search.gallery_scan import Piece, ScannerPool, ShortlistMerge, Shortlisted
-from pipelines.tables import Snapshot, read_table, row_groups
+from pipelines.tables import Snapshot, read_table
 
 
 def token_columns(info: dict[str, Any]) -> list[str]:
@@ -61,8 +61,7 @@ GALLERY = ("split", ["gallery"])
 
 def gallery_pieces(features: Snapshot, *where: tuple[str, list[str]]) -> list[Piece]:
     """The row groups of the features table that may hold gallery rows (and `where`), by their statistics."""
-    conditions = (GALLERY, *where)
-    return [(path, group) for path in features.paths(*conditions) for group in row_groups(features.location, path, conditions)]
+    return [(path, group) for path, groups in features.pieces(GALLERY, *where) for group in groups]
 
 
 def scanner_pool(features: Snapshot, files: dict[str, bytes], workers: int, gpus: float, cpus_per_actor: float) -> ScannerPool:

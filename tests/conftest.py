@@ -21,10 +21,38 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+# The modules that share the session's one training (`trained_model`): pytest-xdist runs them
+# in one worker, so the suite trains it once.
+SHARED_TRAINING = ("tests/test_pipeline.py", "tests/test_train.py")
+
+
 def pytest_collection_modifyitems(config, items):
     unmarked = [item.nodeid for item in items if "ray_local" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("ray")]
     if unmarked:
         raise pytest.UsageError("tests that use ray_local without @pytest.mark.ray: " + ", ".join(unmarked))
+    stray = [item.nodeid for item in items if "trained_model" in getattr(item, "fixturenames", ()) and _module(item.nodeid) not in SHARED_TRAINING]
+    if stray:
+        raise pytest.UsageError(f"tests outside {SHARED_TRAINING} use trained_model (add their module there): " + ", ".join(stray))
+    # The longest work first (the scheduler keeps collection order): the training's modules.
+    items.sort(key=lambda item: _module(item.nodeid) not in SHARED_TRAINING)
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`-n 2` (pyproject): whole modules go to a worker, so module fixtures are built once, and
+    the SHARED_TRAINING modules go together. (xdist's `loadgroup` would do the latter, but its
+    marks do not reach pytest 9.2's node ids.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            return "shared-training" if module in SHARED_TRAINING else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

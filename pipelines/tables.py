@@ -321,6 +321,15 @@ class TableWriter:
             raise StorageError(f"cannot write {self.run.uri}: {error}{credentials_hint(self.run.uri)}") from error
         return location
 
+    def discard(self, name: str) -> None:
+        """Delete the run's directory `name` (staging the job has gathered), so no commit takes it."""
+        location = self.run.join(name)
+        try:
+            if self.location.fs.get_file_info(location.path).type != pafs.FileType.NotFound:
+                self.location.fs.delete_dir(location.path)
+        except OSError as error:
+            raise StorageError(f"cannot delete {location.uri}: {error}{credentials_hint(location.uri)}") from error
+
     def written(self) -> list[str]:
         """The Parquet files below the run directory (on the table's filesystem), sorted."""
         try:

@@ -230,6 +230,34 @@ def test_bad_image_corpus_through_prepare_and_embed(base, tmp_path):
 # ------------------------------------------------------------------------------ faults
 
 
+def test_a_retried_decoding_batch_stages_its_rejects_once(tmp_path):
+    """Embed's decoding tasks stage undecodable rows as files named by their batch: a task retried
+    on the same rows rewrites its file; one retried with other rows beside it still yields one reject."""
+    from pipelines.embed.decoding import prepare_batch, staged_rejects
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 60), (200, 30, 30)).save(jpeg, "JPEG")
+    rows = {"good": jpeg.getvalue(), "broken": b"\xff\xd8 not a jpeg", "empty": b""}
+
+    def batch(*names: str) -> pa.Table:
+        return pa.table({"image_id": list(names), "item_id": ["item"] * len(names), "split": ["gallery"] * len(names),
+                         "domain": ["shop"] * len(names), "category": ["top"] * len(names), "sha256": ["0" * 64] * len(names),
+                         "image": [rows[name] for name in names], "bbox": pa.array([None] * len(names), pa.list_(pa.int32(), 4)),
+                         "source_path": [f"/photos/{name}.jpg" for name in names]})
+
+    staging = str(tmp_path / "staged")
+    assert staged_rejects(staging).num_rows == 0  # nothing staged: no files, not an error
+    first = prepare_batch(batch("good", "broken"), 32, 10**6, staging)
+    assert list(first["image_id"]) == ["good"] and first["pixels"].shape == (1, 3, 32, 32)
+    prepare_batch(batch("good", "broken"), 32, 10**6, staging)  # the same task again
+    assert len(os.listdir(staging)) == 1
+    prepare_batch(batch("broken", "empty"), 32, 10**6, staging)  # the broken row again, batched differently
+    staged = staged_rejects(staging)
+    assert staged.column("image_id").to_pylist() == ["broken", "empty"]
+    assert staged.column("source_path").to_pylist() == ["/photos/broken.jpg", "/photos/empty.jpg"]
+    assert staged.column("reason").to_pylist() == ["not an image (unrecognised format)", "empty file (0 bytes)"]
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_embed_survives_a_killed_actor(base, tmp_path):

@@ -409,23 +409,15 @@ def test_interrupted_embed_leaves_the_previous_version_and_a_rerun_commits(world
         [sys.executable, "-m", "pipelines.embed", "--model", world["model"], "--catalog", world["catalog"], "--out", out, "--batch-size", "4"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True,
     )
-    # To land the kill between "data files written" and "version committed" every time, the
-    # job's RejectLog actor (which the driver asks for the rejects after the data is written and
-    # before it commits) is frozen with SIGSTOP as soon as it exists: the driver then waits
-    # there with its data files on disk, and is SIGKILLed.
-    own_job = ray.get_runtime_context().get_job_id()
-    killed_with, frozen = None, None
+    # The driver is frozen (SIGSTOP) the moment its run's first data file appears: the stream
+    # is still writing (batches of 4, 24 of them) and nothing can be committed; then SIGKILLed.
+    killed_with = None
     try:
         deadline = time.time() + 240
         while time.time() < deadline and process.poll() is None:
-            if frozen is None:
-                logs = [a for a in ray._private.state.actors().values()
-                        if a["ActorClassName"] == "RejectLog" and a["State"] == "ALIVE" and a["JobID"] != own_job and a["Pid"]]
-                if logs:
-                    frozen = logs[0]["Pid"]
-                    os.kill(frozen, signal.SIGSTOP)
-            if frozen and _parquet_files(out, _run_dirs(out) - old_runs):
-                time.sleep(0.5)  # let the write task finish its file
+            if _parquet_files(out, _run_dirs(out) - old_runs):
+                os.killpg(process.pid, signal.SIGSTOP)
+                time.sleep(0.5)  # let the write tasks in flight finish their files
                 killed_with = len(_parquet_files(out, _run_dirs(out) - old_runs))
                 break
             time.sleep(0.05)
@@ -435,11 +427,6 @@ def test_interrupted_embed_leaves_the_previous_version_and_a_rerun_commits(world
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-        if frozen:
-            try:
-                os.kill(frozen, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
     assert killed_with, "the embed subprocess never wrote a data file"
     # Killed with part of its run on disk: the table is at its previous version, unchanged; the
     # killed run's files are an orphan run directory that no version lists.

@@ -69,7 +69,7 @@ def run(
     import ray
 
     from pipelines.catalog import open_catalog, rewrite_without, table_dataset
-    from pipelines.embed.decoding import RejectLog, prepare_batch
+    from pipelines.embed.decoding import prepare_batch, staged_rejects
     from pipelines.embed.embedder import Embedder
     from pipelines.model_store import load_artifact, read_artifact_files
     from pipelines.runtime import init_ray
@@ -105,14 +105,14 @@ def run(
         else:
             plan, source, where = None, catalog_table, []
             expected = read_table(catalog_table, ["image_id"]).column("image_id").combine_chunks()
-        reject_log = RejectLog.remote()
+        staging = rejects_writer.run.join("staged")  # the decoding tasks' rejects, until the job gathers them
         if len(expected):
 
             def job() -> None:
                 dataset = table_dataset(source, [*IDENTITY_COLUMNS, "image", "bbox", "source_path"], *where)
                 dataset = dataset.map_batches(
                     prepare_batch,
-                    fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "reject_log": reject_log},
+                    fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "rejects_uri": staging.uri},
                     batch_size=batch_size,
                     batch_format="pyarrow",
                     num_cpus=0.5,
@@ -132,9 +132,8 @@ def run(
                 dataset.write_parquet(writer.file("embedded").path, filesystem=table.fs, try_create_dir=not table.is_s3)
 
             execute(job, catalog_table.uri, table.uri)
-        rejects = ray.get(reject_log.all.remote())
-        embedded_files = writer.written()
-        embedded = check_exactly_once(table, embedded_files, pa.array([row[0] for row in rejects], pa.string()), expected)
+        rejects = staged_rejects(staging.uri)
+        embedded = check_exactly_once(table, writer.written(), rejects.column("image_id").combine_chunks(), expected)
         kept = dropped = 0
         if plan is not None and plan.rewrite:
             _, kept, dropped = rewrite_without(writer, plan.rewrite, schema, compression="zstd")
@@ -145,11 +144,9 @@ def run(
             info = {**writer.base.info, "embedded": 0, "rejected": 0, "incremental": {**plan.counts, "rows_written": 0}}
             snapshot, rejects_table = writer.base, None
         else:
-            write_parquet(
-                rejects_writer.file("rejects.parquet"),
-                pa.table({"source_path": [r[1] for r in rejects], "reason": [r[2] for r in rejects]}, schema=REJECTS),
-            )
-            rejects_table = rejects_writer.commit(REJECTS, {"table": "rejects", "of": table.uri, "rows": len(rejects)})
+            write_parquet(rejects_writer.file("rejects.parquet"), rejects.select(REJECTS.names))
+            rejects_writer.discard("staged")
+            rejects_table = rejects_writer.commit(REJECTS, {"table": "rejects", "of": table.uri, "rows": rejects.num_rows})
             info = {
                 "table": "features",
                 "catalog": catalog_table.uri,
@@ -164,7 +161,7 @@ def run(
                 "image_size": image_size,
                 "config": config.model_dump(mode="json"),
                 "embedded": embedded,
-                "rejected": len(rejects),
+                "rejected": rejects.num_rows,
                 "rejects": {"table": rejects_table.uri, "version": rejects_table.version},
                 **({"incremental": {**plan.counts, "rows_written": embedded + kept}} if plan is not None else {}),
             }
@@ -175,7 +172,7 @@ def run(
         "wrote": f"{table.uri} (version {snapshot.version}, {snapshot.rows} rows, D={config.global_dim}, "
         f"{len(config.layers)} layers x M={config.num_tokens} x d={config.token_dim}, tokens {token_dtype})",
         "embedded": embedded,
-        "rejected": f"{len(rejects)}" + (f" (reasons in the table {rejects_table.uri})" if rejects and rejects_table else ""),
+        "rejected": f"{rejects.num_rows}" + (f" (reasons in the table {rejects_table.uri})" if rejects.num_rows and rejects_table else ""),
     }
     if incremental:
         rows["incremental"] = (

@@ -1,36 +1,31 @@
-"""The decoding side of `mga embed`: Ray Data tasks that decode, crop and resize, and the log of
-the rows they set aside. Kept free of torch: every decoding worker process imports this
-module, and torch would add seconds and hundreds of MB to each of them."""
+"""The decoding side of `mga embed`: Ray Data tasks that decode, crop and resize, and set aside
+the rows they cannot use. Kept free of torch: every decoding worker process imports this
+module, and torch would add seconds and hundreds of MB to each of them.
+
+Rows set aside are staged by the task itself as a small Parquet file beside the job's other
+output (no actor to funnel them through, nothing per row on the driver): one file per batch,
+named by the batch's image ids, so a retried task rewrites its file rather than adding one.
+The job reads the staged files once the stream is done (`staged_rejects`)."""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
 
 import numpy as np
 import pyarrow as pa
-import ray
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from mga.transforms import ImageDecodeError, preprocess
 from pipelines.schemas import IDENTITY_COLUMNS
+from pipelines.storage import StorageError, credentials_hint, resolve, write_parquet
+
+STAGED_REJECTS = pa.schema([("image_id", pa.string()), ("source_path", pa.string()), ("reason", pa.string())])
 
 
-@ray.remote(num_cpus=0)
-class RejectLog:
-    """Collects rows set aside by preprocessing tasks, keyed by image_id so a retried task adds nothing twice."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, tuple[str, str]] = {}
-
-    def add(self, rows: list[tuple[str, str, str]]) -> None:
-        for image_id, source_path, reason in rows:
-            self.rows[image_id] = (source_path, reason)
-
-    def all(self) -> list[tuple[str, str, str]]:
-        return [(image_id, path, reason) for image_id, (path, reason) in sorted(self.rows.items())]
-
-
-def prepare_batch(batch: pa.Table, image_size: int, max_pixels: int, reject_log: Any) -> dict[str, np.ndarray]:
-    """Ray Data task: decode, crop and resize; undecodable rows go to the reject log."""
+def prepare_batch(batch: pa.Table, image_size: int, max_pixels: int, rejects_uri: str) -> dict[str, np.ndarray]:
+    """Ray Data task: decode, crop and resize; rows that cannot be decoded are staged under `rejects_uri`."""
     images, bboxes = batch.column("image"), batch.column("bbox").to_pylist()
     kept, pixels, rejected = [], [], []
     for row in range(batch.num_rows):
@@ -38,13 +33,33 @@ def prepare_batch(batch: pa.Table, image_size: int, max_pixels: int, reject_log:
             pixels.append(preprocess(images[row].as_py(), bboxes[row], image_size, None, max_pixels))
             kept.append(row)
         except ImageDecodeError as error:
-            rejected.append((batch.column("image_id")[row].as_py(), batch.column("source_path")[row].as_py(), str(error)))
+            rejected.append((row, str(error)))
         except Exception as error:  # noqa: BLE001 - one odd file must not fail the job; it is reported
-            reason = f"cannot decode: unexpected {type(error).__name__}: {error}"
-            rejected.append((batch.column("image_id")[row].as_py(), batch.column("source_path")[row].as_py(), reason))
+            rejected.append((row, f"cannot decode: unexpected {type(error).__name__}: {error}"))
     if rejected:
-        ray.get(reject_log.add.remote(rejected))
+        rows = pa.array([row for row, _ in rejected], pa.int64())
+        staged = pa.table({"image_id": batch.column("image_id").take(rows), "source_path": batch.column("source_path").take(rows),
+                           "reason": pa.array([reason for _, reason in rejected], pa.string())}, schema=STAGED_REJECTS)
+        name = hashlib.sha256("\n".join(batch.column("image_id").to_pylist()).encode()).hexdigest()[:32]
+        write_parquet(resolve(rejects_uri).join(f"{name}.parquet"), staged)
     rows = pa.array(kept, pa.int64())  # typed: a batch whose rows were all rejected takes nothing
     output = {name: np.array(batch.column(name).take(rows).to_pylist(), dtype=object) for name in IDENTITY_COLUMNS}
     output["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, image_size, image_size), np.uint8)
     return output
+
+
+def staged_rejects(rejects_uri: str) -> pa.Table:
+    """The rows the job's tasks set aside (STAGED_REJECTS), sorted by image_id; empty when there are none."""
+    location = resolve(rejects_uri)
+    try:
+        infos = location.fs.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
+        tables = [pq.read_table(info.path, filesystem=location.fs, schema=STAGED_REJECTS) for info in infos if info.path.endswith(".parquet")]
+    except OSError as error:
+        raise StorageError(f"cannot read the staged rejects in {location.uri}: {error}{credentials_hint(location.uri)}") from error
+    staged = pa.concat_tables([STAGED_REJECTS.empty_table(), *tables]).sort_by("image_id").combine_chunks()
+    if staged.num_rows < 2:
+        return staged
+    # A batch retried with other rows around it would stage its rejects twice: keep one row per image.
+    ids = staged.column("image_id")
+    first = pa.concat_arrays([pa.array([True]), pc.not_equal(ids[1:], ids[:-1]).combine_chunks()])
+    return staged.filter(first)

@@ -1,6 +1,8 @@
 """Shared fixtures: one real local Ray instance, one real S3 endpoint (moto server), and the
 session's data: one synthetic catalog, one random-init model artifact, ONE trained tiny model
-and its features. Tests read them and write their outputs elsewhere.
+and its features. Tests read them and write their outputs elsewhere. Session fixtures are per
+pytest-xdist worker (two, `-n 2` in pyproject): each worker that needs Ray starts its own; the
+scheduler below keeps the training's users on one worker, so it still runs once.
 
 Every test that starts or uses Ray carries `@pytest.mark.ray` (`-m "not ray"` is the fast
 subset); collection fails if a test asks for `ray_local` without it.

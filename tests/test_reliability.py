@@ -245,17 +245,22 @@ def test_a_retried_decoding_batch_stages_its_rejects_once(tmp_path):
                          "image": [rows[name] for name in names], "bbox": pa.array([None] * len(names), pa.list_(pa.int32(), 4)),
                          "source_path": [f"/photos/{name}.jpg" for name in names]})
 
-    staging = str(tmp_path / "staged")
-    assert staged_rejects(staging).num_rows == 0  # nothing staged: no files, not an error
+    writer = TableWriter(resolve(str(tmp_path / "features_rejects")))  # as embed stages them: in the rejects table's run
+    staging = writer.run.join("staged").uri
+
+    def staged() -> pa.Table:
+        return staged_rejects(writer.run, writer.written())
+
+    assert staged().num_rows == 0  # nothing staged: an empty table, not an error
     first = prepare_batch(batch("good", "broken"), 32, 10**6, staging)
     assert list(first["image_id"]) == ["good"] and first["pixels"].shape == (1, 3, 32, 32)
     prepare_batch(batch("good", "broken"), 32, 10**6, staging)  # the same task again
     assert len(os.listdir(staging)) == 1
     prepare_batch(batch("broken", "empty"), 32, 10**6, staging)  # the broken row again, batched differently
-    staged = staged_rejects(staging)
-    assert staged.column("image_id").to_pylist() == ["broken", "empty"]
-    assert staged.column("source_path").to_pylist() == ["/photos/broken.jpg", "/photos/empty.jpg"]
-    assert staged.column("reason").to_pylist() == ["not an image (unrecognised format)", "empty file (0 bytes)"]
+    rejects = staged()
+    assert rejects.column("image_id").to_pylist() == ["broken", "empty"]
+    assert rejects.column("source_path").to_pylist() == ["/photos/broken.jpg", "/photos/empty.jpg"]
+    assert rejects.column("reason").to_pylist() == ["not an image (unrecognised format)", "empty file (0 bytes)"]
 
 
 @pytest.mark.ray

@@ -132,7 +132,7 @@ def run(
                 dataset.write_parquet(writer.file("embedded").path, filesystem=table.fs, try_create_dir=not table.is_s3)
 
             execute(job, catalog_table.uri, table.uri)
-        rejects = staged_rejects(staging.uri)
+        rejects = staged_rejects(staging, rejects_writer.written())
         embedded = check_exactly_once(table, writer.written(), rejects.column("image_id").combine_chunks(), expected)
         kept = dropped = 0
         if plan is not None and plan.rewrite:

@@ -5,7 +5,8 @@ module, and torch would add seconds and hundreds of MB to each of them.
 Rows set aside are staged by the task itself as a small Parquet file beside the job's other
 output (no actor to funnel them through, nothing per row on the driver): one file per batch,
 named by the batch's image ids, so a retried task rewrites its file rather than adding one.
-The job reads the staged files once the stream is done (`staged_rejects`)."""
+The job reads the staged files once the stream is done (`staged_rejects`): until it writes
+the rejects table's own file, they are all the Parquet its run directory holds."""
 
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mga.transforms import ImageDecodeError, preprocess
 from pipelines.schemas import IDENTITY_COLUMNS
-from pipelines.storage import StorageError, credentials_hint, resolve, write_parquet
+from pipelines.storage import Location, StorageError, credentials_hint, resolve, write_parquet
 
 STAGED_REJECTS = pa.schema([("image_id", pa.string()), ("source_path", pa.string()), ("reason", pa.string())])
 
@@ -48,12 +48,10 @@ def prepare_batch(batch: pa.Table, image_size: int, max_pixels: int, rejects_uri
     return output
 
 
-def staged_rejects(rejects_uri: str) -> pa.Table:
-    """The rows the job's tasks set aside (STAGED_REJECTS), sorted by image_id; empty when there are none."""
-    location = resolve(rejects_uri)
+def staged_rejects(location: Location, paths: list[str]) -> pa.Table:
+    """The rows staged in the files `paths` of `location`'s filesystem (STAGED_REJECTS), one per image, sorted by image_id."""
     try:
-        infos = location.fs.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
-        tables = [pq.read_table(info.path, filesystem=location.fs, schema=STAGED_REJECTS) for info in infos if info.path.endswith(".parquet")]
+        tables = [pq.read_table(path, filesystem=location.fs, schema=STAGED_REJECTS) for path in paths]
     except OSError as error:
         raise StorageError(f"cannot read the staged rejects in {location.uri}: {error}{credentials_hint(location.uri)}") from error
     staged = pa.concat_tables([STAGED_REJECTS.empty_table(), *tables]).sort_by("image_id").combine_chunks()

@@ -15,7 +15,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 
 from mga.transforms import ImageDecodeError, preprocess
 from pipelines.schemas import IDENTITY_COLUMNS
@@ -50,11 +50,11 @@ def prepare_batch(batch: pa.Table, image_size: int, max_pixels: int, rejects_uri
 
 def staged_rejects(location: Location, paths: list[str]) -> pa.Table:
     """The rows staged in the files `paths` of `location`'s filesystem (STAGED_REJECTS), one per image, sorted by image_id."""
-    try:
-        tables = [pq.read_table(path, filesystem=location.fs, schema=STAGED_REJECTS) for path in paths]
+    try:  # one dataset: a bad corpus stages a file per batch, read here on parallel threads
+        staged = pads.dataset(paths, schema=STAGED_REJECTS, format="parquet", filesystem=location.fs).to_table()
     except OSError as error:
         raise StorageError(f"cannot read the staged rejects in {location.uri}: {error}{credentials_hint(location.uri)}") from error
-    staged = pa.concat_tables([STAGED_REJECTS.empty_table(), *tables]).sort_by("image_id").combine_chunks()
+    staged = staged.sort_by("image_id").combine_chunks()
     if staged.num_rows < 2:
         return staged
     # A batch retried with other rows around it would stage its rejects twice: keep one row per image.

@@ -506,6 +506,8 @@ def test_manifest_with_all_columns(ray_local, tmp_path):
         "../elsewhere.jpg,sku5,train,shop,,,,,,",
         "images/sku1/0.jpg,sku1,train,shop,tops,,,,,",  # the same path again
         "images/./sku5/0.jpg,sku5,train,shop,,,,,,",
+        "images/sku4/1.jpg,,query,consumer,,,,,,",  # unlabelled photos to match: no item
+        "images/sku4/2.jpg,,query,consumer,dresses,,,,,",
     ]
     with open(csv_path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -521,6 +523,8 @@ def test_manifest_with_all_columns(ray_local, tmp_path):
         "images/sku3/1.jpg": ("sku3", "query", "consumer", "", None),
         "images/sku4/0.jpg": ("sku4", "val", "shop", "", None),
         "images/sku5/0.jpg": ("sku5", "train", "shop", "", None),
+        "images/sku4/1.jpg": (None, "query", "consumer", "", None),
+        "images/sku4/2.jpg": (None, "query", "consumer", "dresses", None),
     }
     assert set(rows) == set(expected)
     for image_id, (item, split, domain, category, bbox) in expected.items():
@@ -532,8 +536,10 @@ def test_manifest_with_all_columns(ray_local, tmp_path):
     assert rejects[f"{base}/images/nothere.jpg"] == "missing file"
     assert rejects[str(tmp_path / "elsewhere.jpg")].startswith("outside the root")
     assert rejects[f"{base}/images/sku1/0.jpg"].startswith("duplicate: images/sku1/0.jpg listed again at")
-    assert manifest["input"] == 12 == manifest["rows"] + manifest["rejected"] and manifest["rejected"] == 4
-    assert manifest["bbox"] == {"kept": 1, "clipped": 1, "degenerate": 1, "none": 5}
+    assert manifest["input"] == 14 == manifest["rows"] + manifest["rejected"] and manifest["rejected"] == 4
+    assert manifest["unlabelled"] == 2 and manifest["items"] == 5 and manifest["items_per_split"]["query"] == 2  # sku2, sku3
+    assert any("2 unlabelled query rows" in note for note in manifest["notes"])
+    assert manifest["bbox"] == {"kept": 1, "clipped": 1, "degenerate": 1, "none": 7}
     assert any("columns ignored: notes" in note for note in manifest["notes"])
     assert manifest["source"] == {"kind": "manifest", "manifest": csv_path, "root": base, "seed": 0, "test_fraction": 0.2}
 
@@ -642,7 +648,8 @@ def test_manifest_without_split_is_seeded_by_item(tmp_path):
         ("path,item_id,x1,y1,x2,y2\nimages/sku1/0.jpg,sku1,1,2,,4\n", ":2: a box needs all of x1,y1,x2,y2 or none; x2 empty"),
         ("path,item_id,x1,y1,x2,y2\nimages/sku1/0.jpg,sku1,1,2,a,4\n", ":2: expected a number in column x2, found 'a'"),
         ("path,item_id,x1,y1\nimages/sku1/0.jpg,sku1,1,2\n", ":1: box columns need all of x1,y1,x2,y2"),
-        ("path,item_id\nimages/sku1/0.jpg,\n", ":2: empty item_id"),
+        ("path,item_id\nimages/sku1/0.jpg,\n", ":2: empty item_id: only split=query rows (unlabelled photos to match) may leave it empty"),
+        ("path,item_id,split\nimages/sku1/0.jpg,,query\nimages/sku1/1.jpg, ,gallery\n", ":3: empty item_id: only split=query rows"),
         ("path,item_id\nimages/sku1/0.jpg,sku1,extra\n", ":2: expected 2 columns, found more"),
     ],
 )

@@ -47,7 +47,7 @@ from pipelines.command import module_main
 from pipelines.console import print_summary
 from pipelines.embed.merge import check_exactly_once, mergeable, plan_incremental
 from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
-from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, TOKEN_DTYPES, features_schema
+from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, TOKEN_DTYPES
 from pipelines.storage import resolve, write_parquet
 from pipelines.tables import TableWriter, companion, read_table
 
@@ -70,7 +70,7 @@ def run(
 
     from pipelines.catalog import open_catalog, rewrite_without, table_dataset
     from pipelines.embed.decoding import prepare_batch, staged_rejects
-    from pipelines.embed.embedder import Embedder
+    from pipelines.embed.embedder import Embedder, model_schema
     from pipelines.model_store import load_artifact, read_artifact_files
     from pipelines.runtime import init_ray
 
@@ -89,7 +89,7 @@ def run(
     model_object, model_id, model_config = load_artifact(files, resolve(model).uri)
     image_size = int(model_config["image_size"])
     config = model_object.config
-    schema = features_schema(config.global_dim, [config.num_tokens * config.token_dim] * len(config.layers), token_dtype)
+    schema = model_schema(model_object, token_dtype)
     table = resolve(out)
 
     init_ray()

@@ -1,4 +1,5 @@
-"""The model actor of `mga embed`: a Ray Data actor that embeds preprocessed pixels into feature rows."""
+"""The model actor of `mga embed`: a Ray Data actor that embeds preprocessed pixels into feature
+rows (`feature_rows`, which `mga query` calls in its own process for its photos)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,39 @@ import ray
 import torch
 
 from mga.artifact import unpack_artifact
+from mga.model import MGAModel
 from pipelines.resources import actor_device
 from pipelines.schemas import IDENTITY_COLUMNS, features_schema, vector_column
+
+
+def model_schema(model: MGAModel, token_dtype: str) -> pa.Schema:
+    """The features table's schema for `model`'s features with tokens in `token_dtype`."""
+    config = model.config
+    return features_schema(config.global_dim, [config.num_tokens * config.token_dim] * len(config.layers), token_dtype)
+
+
+def feature_rows(model: MGAModel, model_id: str, schema: pa.Schema, batch: dict[str, np.ndarray]) -> pa.Table:
+    """Features-table rows (`schema`) of a batch: its identity columns and `pixels` (uint8
+    [B, 3, H, W], preprocessed) through `model`, on the model's device (bf16 on a GPU)."""
+    if len(batch["pixels"]) == 0:  # every image of the batch was rejected
+        return schema.empty_table()
+    device = next(model.parameters()).device
+    pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        embedding = model.embed(pixels)
+    rows = len(pixels)
+    # Identity columns are strings or null; a column that is null in a whole batch (the item of
+    # unlabelled photos) reaches the actor from Ray Data as NaN floats: anything not a string is null.
+    columns: dict[str, Any] = {
+        name: pa.array([value if isinstance(value, str) else None for value in batch[name].tolist()], pa.string()) for name in IDENTITY_COLUMNS
+    }
+    columns["model_id"] = pa.array([model_id] * rows, pa.string())
+    columns["global"] = vector_column(embedding.global_feature.float().cpu().numpy(), schema.field("global").type)
+    for layer, tokens in enumerate(embedding.tokens):
+        name = f"tokens_{layer}"
+        columns[name] = vector_column(tokens.float().cpu().numpy(), schema.field(name).type)
+    columns["embedded_at"] = pa.array([datetime.now(timezone.utc)] * rows, pa.timestamp("us", tz="UTC"))
+    return pa.table(columns, schema=schema)
 
 
 class Embedder:
@@ -20,24 +52,8 @@ class Embedder:
 
     def __init__(self, artifact: list, token_dtype: str, use_gpu: bool = True) -> None:
         model, self.model_id, _ = unpack_artifact(ray.get(artifact[0]))
-        self.device = actor_device(use_gpu)
-        self.model = model.to(self.device).eval()
-        config = model.config
-        self.token_dtype = token_dtype
-        self.schema = features_schema(config.global_dim, [config.num_tokens * config.token_dim] * len(config.layers), token_dtype)
+        self.model = model.to(actor_device(use_gpu)).eval()
+        self.schema = model_schema(model, token_dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if len(batch["pixels"]) == 0:  # every image of the batch was rejected
-            return self.schema.empty_table()
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            embedding = self.model.embed(pixels)
-        rows = len(pixels)
-        columns: dict[str, Any] = {name: pa.array(batch[name].tolist(), pa.string()) for name in IDENTITY_COLUMNS}
-        columns["model_id"] = pa.array([self.model_id] * rows, pa.string())
-        columns["global"] = vector_column(embedding.global_feature.float().cpu().numpy(), self.schema.field("global").type)
-        for layer, tokens in enumerate(embedding.tokens):
-            name = f"tokens_{layer}"
-            columns[name] = vector_column(tokens.float().cpu().numpy(), self.schema.field(name).type)
-        columns["embedded_at"] = pa.array([datetime.now(timezone.utc)] * rows, pa.timestamp("us", tz="UTC"))
-        return pa.table(columns, schema=self.schema)
+        return feature_rows(self.model, self.model_id, self.schema, batch)

@@ -47,7 +47,10 @@ def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> In
     in_store = pc.is_valid(joined.column("__filename"))
     same = pc.equal(joined.column("stored_model_id"), model_id)
     for name in CHANGE_KEY:
-        same = pc.and_kleene(same, pc.equal(joined.column(name), joined.column(f"stored_{name}")))
+        now_value, stored_value = joined.column(name), joined.column(f"stored_{name}")
+        # Null-aware: an unlabelled photo's null item_id is unchanged when it is still null.
+        both_null = pc.and_(pc.is_null(now_value), pc.is_null(stored_value))
+        same = pc.and_kleene(same, pc.or_kleene(pc.equal(now_value, stored_value), both_null))
     same = pc.fill_null(same, False)
     unchanged = pc.and_(pc.and_(in_catalog, in_store), same)
     new = pc.and_(in_catalog, pc.invert(in_store))

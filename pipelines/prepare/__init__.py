@@ -9,7 +9,8 @@ was expected), resolves every listed image and plans shards; Ray tasks then read
 decode every image once, and stream the rows into Parquet shards of at most `--shard-mb`
 (an item larger than that gets a shard of its own). Each task owns a contiguous range
 of items sorted by `item_id`: every item's rows sit together in ONE shard, sorted by
-(item_id, image_id), which is what the training stream's item grouping relies on. The
+(item_id, image_id), which is what the training stream's item grouping relies on (an
+unlabelled query row is a unit of its own, after the items). The
 catalog is committed to its Delta table in one transaction only after every shard is
 written; the rejected rows go to their own Delta table beside it (`<out>_rejects`), which
 the catalog's commit metadata names with its version.
@@ -52,7 +53,10 @@ If an image is named by pairs that disagree (other item, status or side), the fi
 pair wins and the conflict is counted and shown.
 
 Manifest CSV: `path,item_id` required; optional `split` (train|query|gallery|val, or
-`test` to apply the test rule below to that row's item), `domain` (shop|consumer,
+`test` to apply the test rule below to that row's item). `item_id` may be empty on a row
+whose split is `query`: an unlabelled photo to be matched (null item_id; it is embedded
+and searched like any query, and left out of R@K/mAP); every other row needs an item.
+Optional too: `domain` (shop|consumer,
 default shop), `category` (default empty), and `x1,y1,x2,y2` (all four or none; empty
 cells -> no box). Paths are local or `s3://`; a relative path resolves against the root.
 Without a split column, items are split by a seeded hash of the item id: an item is a

@@ -103,7 +103,8 @@ class ShardWriter:
             self.close()
         self.pending.extend(rows)
         self.pending_bytes += size
-        self.shard_items.add(rows[0]["item_id"])
+        if rows[0]["item_id"] is not None:
+            self.shard_items.add(rows[0]["item_id"])
         if self.pending_bytes >= self.row_group:
             self._flush()
 
@@ -147,7 +148,7 @@ def write_task(directory_uri: str, task: int, entries: list[Entry], target_bytes
     written: list[tuple[str, str, str, str, str]] = []  # (item, split, domain, sha256, image_id) of every catalog row
     kept: list[str] = []
     bbox_states: Counter[str] = Counter()
-    for _, group in groupby(entries, key=lambda e: e.item_id):
+    for _, group in groupby(entries, key=lambda e: e.unit):
         rows = []
         for entry in group:
             data, reason = reader.read(entry.source)
@@ -221,13 +222,13 @@ def plan_tasks(entries: list[Entry], target_bytes: int, min_tasks: int) -> list[
     At least ceil(total / target) runs, and `min_tasks` runs when there are that many
     items, so every CPU has work even when the catalog fits in one shard.
     """
-    groups_of: dict[str, set[str]] = {}
+    groups_of: dict[tuple[bool, str], set[str]] = {}
     for entry in entries:
-        groups_of.setdefault(entry.item_id, set()).add(split_group(entry.split))
-    group = {item: next(iter(groups)) if len(groups) == 1 else "mixed" for item, groups in groups_of.items()}
-    entries = sorted(entries, key=lambda e: (group[e.item_id], e.item_id, e.image_id))
+        groups_of.setdefault(entry.unit, set()).add(split_group(entry.split))
+    group = {unit: next(iter(groups)) if len(groups) == 1 else "mixed" for unit, groups in groups_of.items()}
+    entries = sorted(entries, key=lambda e: (group[e.unit], e.unit, e.image_id))
     estimate_sizes(entries)
-    items = [list(rows) for _, rows in groupby(entries, key=lambda e: e.item_id)]
+    items = [list(rows) for _, rows in groupby(entries, key=lambda e: e.unit)]
     sizes = [sum((e.size or 0) + ROW_OVERHEAD_BYTES for e in item) for item in items]
     total = sum(sizes)
     count = max(math.ceil(total / target_bytes), min(len(items), max(1, min_tasks)))
@@ -236,7 +237,7 @@ def plan_tasks(entries: list[Entry], target_bytes: int, min_tasks: int) -> list[
     current: list[Entry] = []
     current_bytes = 0
     for item, size in zip(items, sizes):
-        if current and (current_bytes + size > target_bytes or group[current[0].item_id] != group[item[0].item_id]):
+        if current and (current_bytes + size > target_bytes or group[current[0].unit] != group[item[0].unit]):
             tasks.append(current)
             current, current_bytes = [], 0
         current.extend(item)
@@ -291,7 +292,7 @@ def combine_task(directory_uri: str, number: int, sources: list[str]) -> dict[st
                 group = part.read_row_group(index)
                 writer.write_table(group, row_group_size=group.num_rows)
                 rows += group.num_rows
-                items.update(group.column("item_id").to_pylist())
+                items.update(group.column("item_id").drop_null().to_pylist())
     for source in sources:
         directory.fs.delete_file(source)
     return {"path": target.path, "rows": rows, "items": len(items), "bytes": directory.fs.get_file_info(target.path).size}

@@ -142,7 +142,8 @@ def _merge(writer: TableWriter, stored: pa.Table, written: list[tuple], results:
 def _summary(listing, table, rejects_table, rejects, written, results, files, shard_mb, max_pixels) -> dict[str, Any]:
     items_per_split: dict[str, set[str]] = defaultdict(set)
     for item, split, *_ in written:
-        items_per_split[split].add(item)
+        if item is not None:  # None: an unlabelled query photo
+            items_per_split[split].add(item)
     seen: dict[str, tuple[str, str]] = {}
     copies_within, copies_across, examples = 0, 0, []
     for item, _, _, digest, image_id in written:
@@ -168,7 +169,8 @@ def _summary(listing, table, rejects_table, rejects, written, results, files, sh
         "rows": len(written),
         "rejected": len(rejects),
         "skipped": listing.skipped,
-        "items": len({row[0] for row in written}),
+        "items": len({row[0] for row in written if row[0] is not None}),
+        "unlabelled": sum(row[0] is None for row in written),
         "rows_per_split": _counts((row[1] for row in written), ordered_splits),
         "rows_per_domain": _counts((row[2] for row in written), ("shop", "consumer")),
         "items_per_split": {split: len(items_per_split[split]) for split in _counts((row[1] for row in written), ordered_splits)},
@@ -195,6 +197,8 @@ def _print(listing: Listing, table: Location, body: dict[str, Any], files: list[
         rows["skipped (not input)"] = f"{body['skipped']:,}"
     rows["rows per split"] = _fmt(body["rows_per_split"])
     rows["items per split"] = _fmt(body["items_per_split"]) + f" (items {body['items']:,})"
+    if body["unlabelled"]:
+        rows["unlabelled"] = f"{body['unlabelled']:,} query rows without an item (matched by search, left out of metrics)"
     rows["rows per domain"] = _fmt(body["rows_per_domain"])
     if listing.kind == "inshop":
         full = INSHOP_FULL

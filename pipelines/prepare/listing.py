@@ -18,13 +18,19 @@ LAYOUTS = ("auto", "img", "img_highres")
 class Entry:
     image_id: str
     source: str  # absolute local path or s3:// URI: what is read, and `source_path`
-    item_id: str
+    item_id: str | None  # None: an unlabelled query photo (manifest rows with an empty item_id)
     split: str
     domain: str
     category: str
     bbox: tuple[int, int, int, int] | None = None
     bbox_frame: int | None = None  # boxes annotated in a square frame of this size (In-Shop img/)
     size: int | None = None  # bytes on disk when known (for shard planning)
+
+    @property
+    def unit(self) -> tuple[bool, str]:
+        """What stays together in one shard, and its sort key: the item, or an unlabelled photo
+        on its own (after the items: a run of unlabelled photos is not one huge item)."""
+        return (self.item_id is None, self.image_id if self.item_id is None else self.item_id)
 
 
 @dataclass

@@ -75,17 +75,17 @@ def list_manifest(manifest: str, root: str | None = None, seed: int = 0, test_fr
         item_id = (record.get("item_id") or "").strip()
         if not path:
             raise InputError(f"{location.uri}:{number}: empty path")
-        if not item_id:
-            raise InputError(f"{location.uri}:{number}: empty item_id")
         split = (record.get("split") or "").strip().lower() if has_split else ""
         if has_split and split not in ("train", "query", "gallery", "val", "test"):
             raise InputError(f"{location.uri}:{number}: unknown split {split!r}: expected train, query, gallery, val or test")
+        if not item_id and split != "query":
+            raise InputError(f"{location.uri}:{number}: empty item_id: only split=query rows (unlabelled photos to match) may leave it empty")
         domain = (record.get("domain") or "").strip().lower() if has_domain else "shop"
         if domain not in ("shop", "consumer"):
             raise InputError(f"{location.uri}:{number}: unknown domain {domain!r}: expected shop or consumer")
         box = manifest_box(location.uri, number, record) if boxes_given else None
         entry = collector.add(
-            f"{location.uri}:{number}", path, None, item_id=item_id, split=split or "test", domain=domain,
+            f"{location.uri}:{number}", path, None, item_id=item_id or None, split=split or "test", domain=domain,
             category=(record.get("category") or "").strip(), bbox=box,
         )
         if entry is not None and (not has_split):
@@ -105,14 +105,19 @@ def list_manifest(manifest: str, root: str | None = None, seed: int = 0, test_fr
                 entry.split = "query" if index == 0 else "gallery"
     splits_of: dict[str, set[str]] = defaultdict(set)
     for entry in listing.entries:
+        if entry.item_id is None:
+            continue
         splits_of[entry.item_id].add("train" if entry.split == "train" else "val" if entry.split == "val" else "test")
     mixed = sorted(item for item, splits in splits_of.items() if len(splits) > 1)
     if mixed:
         listing.notes.append(f"{len(mixed)} items have images in more than one of train/val/test, e.g. {', '.join(mixed[:3])}")
     if not has_split:
-        items = {e.item_id for e in listing.entries}
+        items = {e.item_id for e in listing.entries if e.item_id is not None}
         listing.stats["test_items"] = len(by_item)
         listing.notes.append(f"no split column: {len(by_item)} of {len(items)} items are test items (seed {seed}, fraction {test_fraction})")
         if items and not by_item and test_fraction > 0:
             listing.notes.append("no test item was drawn: raise --test-fraction or give a split column")
+    unlabelled = sum(entry.item_id is None for entry in listing.entries)
+    if unlabelled:
+        listing.notes.append(f"{unlabelled} unlabelled query rows (empty item_id): searched like any query, left out of R@K/mAP")
     return listing

@@ -24,8 +24,7 @@ from mga.model import Embedding, MGAModel
 from mga.retrieval import exact_top_k, tie_keys
 from mga.similarity import fuse_similarity, within_image_token_cosine
 from pipelines.model_store import load_model
-from pipelines.schemas import column_matrix
-from pipelines.search.ranking import token_columns
+from pipelines.schemas import column_matrix, token_columns
 from pipelines.storage import resolve
 from pipelines.tables import open_table, read_table
 

@@ -1,17 +1,18 @@
-"""Published tables as Ray datasets, and copy-on-write of their files from Ray tasks."""
+"""The catalog: opening it, the images of a few of its ids, published tables as Ray datasets,
+and copy-on-write of their files from Ray tasks. Ray is imported by the functions that run
+on it: `mga query` and `mga evaluate` read a few images without it."""
 
 from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import ray.data
 
-from pipelines.storage import Location, resolve
+from pipelines.storage import Location, StorageError, resolve
 from pipelines.tables import (
     Snapshot,
     TableWriter,
@@ -20,10 +21,50 @@ from pipelines.tables import (
     read_table,
 )
 
+if TYPE_CHECKING:
+    import ray.data
+
+# What reading an optional catalog may raise: no table, a version or a file vacuumed since, a
+# missing column. Pictures are then drawn without the images.
+TABLE_ERRORS = (StorageError, OSError, pa.ArrowException)
+
 
 def open_catalog(uri: str, version: int | None = None) -> Snapshot:
     """The catalog table's current version (or `version`); refuses a URI that holds no Delta table."""
     return open_table(resolve(uri), version)
+
+
+def features_catalog(features: Snapshot, notes: list[str]) -> Snapshot | None:
+    """The catalog a features table was embedded from, at the version it read; None (and a note) when unavailable."""
+    catalog = features.info.get("catalog")
+    if not catalog:
+        notes.append(f"The metadata of the features table {features.uri} names no catalog: no pictures of its images.")
+        return None
+    try:
+        return open_table(resolve(catalog), features.info.get("catalog_version"))
+    except TABLE_ERRORS as error:
+        notes.append(f"Catalog unavailable ({error}): no pictures of its images.")
+        return None
+
+
+def catalog_images(catalog: Snapshot | None, ids: Iterable[str], notes: list[str]) -> dict[str, bytes]:
+    """The encoded images of `ids` from `catalog`, reading only the files and row groups that
+    may hold them; a note for what is missing (pictures show a placeholder)."""
+    wanted = sorted(set(ids))
+    if catalog is None or not wanted:
+        return {}
+    try:
+        rows = read_table(catalog, ["image_id", "image"], pc.field("image_id").isin(pa.array(wanted)), ("image_id", wanted))
+    except TABLE_ERRORS as error:
+        notes.append(f"Catalog unavailable ({error}): no picture of its images.")
+        return {}
+    images = dict(zip(rows["image_id"].to_pylist(), rows["image"].to_pylist(), strict=True))
+    if len(images) < len(wanted):
+        notes.append(
+            f"{len(wanted) - len(images)} of the {len(wanted)} picture images are not in the catalog "
+            f"{catalog.uri} (version {catalog.version}): shown as grey placeholders."
+        )
+    return images
 
 
 def table_dataset(table: Snapshot, columns: list[str], *where: tuple[str, Iterable[str]]) -> ray.data.Dataset:
@@ -42,6 +83,8 @@ def table_dataset(table: Snapshot, columns: list[str], *where: tuple[str, Iterab
         condition = functools.reduce(operator.and_, [pc.field(name).isin(sorted(set(values))) for name, values in where])
     else:
         pieces, condition = [{"path": path, "row_groups": None} for path in table.paths()], None
+    import ray.data
+
     if not pieces:
         return ray.data.from_arrow(read_table(table, list(columns), None, *where).slice(0, 0))
     return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
@@ -62,6 +105,8 @@ def rewrite_without(writer: TableWriter, stale: dict[str, list[str]], schema: pa
     """Rewrite each stored file of `writer`'s table without its `stale` image ids, one Ray task
     per file, into the writer's run directory; (new files, rows kept, rows dropped). The
     caller commits the new files and removes the old ones in its one commit."""
+    import ray
+
     targets = {path: writer.file(f"rewritten/part-{number:05d}.parquet") for number, path in enumerate(sorted(stale))}
     copy = ray.remote(num_cpus=0.5)(copy_without)
     results = ray.get([copy.remote(writer.location, path, ids, targets[path], schema, **parquet_options) for path, ids in stale.items()])

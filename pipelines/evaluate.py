@@ -10,10 +10,12 @@ search and training validation share. So R@K and mAP are exact over the whole ga
 while the rankings hold only the first `--depth` rows per query; `--depth` here cuts the
 ranking (a positive below it counts as not retrieved). Rows are read through the table,
 whatever files hold them; memory grows with the queries and their positives only.
-The features table (named with its version in the rankings' commit metadata) supplies
-each query's category and the catalog (named likewise by the features) the pictures of a
-few examples, each read at the version the rankings were made from; without them the
-report is written anyway and says what is missing. `--version N` evaluates an older
+Unlabelled queries (photos without an item: null `query_positives`) are ranked but cannot
+be scored: they are left out of every metric and counted (`unlabelled_queries`).
+The queries' features table (named with its version in the rankings' commit metadata)
+supplies each query's category; the catalogs the queries' and the gallery's features came
+from (named likewise) the pictures of a few examples, each read at the version the
+rankings were made from; without them the report is written anyway and says what is missing. `--version N` evaluates an older
 version of the rankings (Delta time travel).
 
 Outputs in `--out`: recall.png, per_category.png, gallery.png, report.md, report.html,
@@ -34,6 +36,7 @@ import pyarrow.compute as pc
 from mga.errors import InputError
 from mga.metrics import DEFAULT_KS, RetrievalMetrics, rank_metrics
 from pipelines import storage
+from pipelines.catalog import TABLE_ERRORS, catalog_images, features_catalog
 from pipelines.command import module_main
 from pipelines.tables import Snapshot, TableNotFound, open_table, read_table
 from pipelines.report import GalleryExample, gallery_picture, write_report
@@ -41,18 +44,18 @@ from pipelines.report import GalleryExample, gallery_picture, write_report
 ORDERINGS = ("global", "reranked")
 GALLERY_TOP = 5  # results per query in the gallery picture
 UNKNOWN_CATEGORY = "(unknown)"
-# What reading the optional features/catalog tables may raise: no table, a version or a
-# file vacuumed since, a missing column. The report is written without them.
-TABLE_ERRORS = (storage.StorageError, OSError, pa.ArrowException)
 
 
-def read_queries(table: Snapshot) -> tuple[np.ndarray, np.ndarray]:
-    """Every ranked query id (sorted) and its |P|, from the rank-1 rows of every rankings file."""
+def read_queries(table: Snapshot) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every ranked labelled query id (sorted) and its |P|, from the rank-1 rows of every
+    rankings file; and how many ranked queries are unlabelled (null |P|: no item to score)."""
     rows = read_table(table, ["query_id", "query_positives"], pc.field("rank") == 1).sort_by("query_id")
     ids = rows.column("query_id").to_numpy(zero_copy_only=False).astype(str)
     if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
         raise InputError(f"{table.uri}: query {ids[1:][ids[1:] == ids[:-1]][0]!r} is ranked more than once")
-    return ids, rows.column("query_positives").to_numpy(zero_copy_only=False).astype(np.int64)
+    labelled = np.asarray(pc.is_valid(rows.column("query_positives")))
+    positives = pc.fill_null(rows.column("query_positives"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return ids[labelled], positives[labelled], int((~labelled).sum())
 
 
 def score_positives(positives: pa.Table, query_ids: np.ndarray, query_positives: np.ndarray, depth: int | None) -> dict[str, np.ndarray]:
@@ -143,18 +146,17 @@ def _per_category(per_query: dict[str, np.ndarray], categories: np.ndarray, ks: 
     return table
 
 
-def _query_categories(
-    features_uri: str | None, features_version: int | None, query_ids: np.ndarray, notes: list[str]
-) -> tuple[np.ndarray | None, Snapshot | None]:
-    """Each query's category from the features table, and the catalog version the features came from."""
+def _query_categories(manifest: dict[str, Any], query_ids: np.ndarray, notes: list[str]) -> tuple[np.ndarray | None, Snapshot | None]:
+    """Each query's category from the queries' features table, and that table's catalog (at
+    the version the features came from), both named by the rankings' metadata."""
+    features_uri = manifest.get("queries_table") or manifest.get("features")  # rankings from before --queries: one table
+    version = manifest.get("queries_version", manifest.get("features_version"))
     if not features_uri:
         notes.append("The rankings' metadata names no features table: no per-category table, no gallery picture.")
         return None, None
     try:
-        features = open_table(storage.resolve(features_uri), features_version)
-        rows = read_table(
-            features, ["image_id", "category", "split"], pc.field("image_id").isin(pa.array(query_ids)), ("split", ["query"]), ("image_id", query_ids.tolist())
-        )
+        features = open_table(storage.resolve(features_uri), version)
+        rows = read_table(features, ["image_id", "category"], pc.field("image_id").isin(pa.array(query_ids)), ("image_id", query_ids.tolist()))
     except TABLE_ERRORS as error:
         notes.append(f"Features table unavailable ({error}): no per-category table, no gallery picture.")
         return None, None
@@ -163,40 +165,26 @@ def _query_categories(
     missing = len(query_ids) - len(category_of)
     if missing:
         notes.append(f"{missing} queries are not in the features table {features_uri}: category {UNKNOWN_CATEGORY}.")
-    not_query = sum(1 for split in rows["split"].to_pylist() if split != "query")
-    if not_query:
-        notes.append(f"{not_query} ranked queries are not split=query rows of the features table.")
-    catalog = features.info.get("catalog")
-    if not catalog:
-        notes.append(f"The metadata of the features table {features_uri} names no catalog: no gallery picture.")
-        return categories, None
-    try:
-        return categories, open_table(storage.resolve(catalog), features.info.get("catalog_version"))
-    except TABLE_ERRORS as error:
-        notes.append(f"Catalog unavailable ({error}): no gallery picture.")
-        return categories, None
+    return categories, features_catalog(features, notes)
 
 
-def _gallery(catalog: Snapshot | None, examples: list[GalleryExample], notes: list[str]) -> bytes | None:
-    """The gallery picture, reading only the files and row groups of the example rows' images from the catalog."""
-    if catalog is None or not examples:
-        return None
-    wanted = sorted(
-        {example.query_id for example in examples} | {g for example in examples for g in example.gallery_ids}
-    )
+def _gallery_catalog(manifest: dict[str, Any], query_catalog: Snapshot | None, notes: list[str]) -> Snapshot | None:
+    """The catalog of the gallery's features table: the queries' own when both came from one table."""
+    if manifest.get("queries_table") in (None, manifest.get("features")):
+        return query_catalog
     try:
-        # Queries and gallery images are never train rows: the split condition skips train files.
-        held_out = ("split", ["val", "query", "gallery"])
-        rows = read_table(catalog, ["image_id", "image"], pc.field("image_id").isin(pa.array(wanted)), held_out, ("image_id", wanted))
+        return features_catalog(open_table(storage.resolve(manifest["features"]), manifest.get("features_version")), notes)
     except TABLE_ERRORS as error:
-        notes.append(f"Catalog unavailable ({error}): no gallery picture.")
+        notes.append(f"Gallery features table unavailable ({error}): no pictures of gallery images.")
         return None
-    images = dict(zip(rows["image_id"].to_pylist(), rows["image"].to_pylist(), strict=True))
-    if len(images) < len(wanted):
-        notes.append(
-            f"{len(wanted) - len(images)} of the {len(wanted)} gallery picture images are not in the catalog "
-            f"{catalog.uri} (version {catalog.version}): shown as grey placeholders."
-        )
+
+
+def _gallery(query_catalog: Snapshot | None, gallery_catalog: Snapshot | None, examples: list[GalleryExample], notes: list[str]) -> bytes | None:
+    """The gallery picture: each example query's image from its catalog, its results' from the gallery's."""
+    if (query_catalog is None and gallery_catalog is None) or not examples:
+        return None
+    images = catalog_images(query_catalog, [example.query_id for example in examples], notes)
+    images.update(catalog_images(gallery_catalog, [g for example in examples for g in example.gallery_ids], notes))
     return gallery_picture(examples, images)
 
 
@@ -223,7 +211,7 @@ def run(
         raise InputError(f"depth must be positive, got {depth}")
     ks = RetrievalMetrics(ks).ks  # validated and sorted before any work starts
 
-    query_ids, query_positives = read_queries(table)
+    query_ids, query_positives, unlabelled = read_queries(table)
     try:
         positives_table = open_table(storage.resolve(manifest["positives"]["table"]), manifest["positives"]["version"])
     except TableNotFound as error:
@@ -232,19 +220,20 @@ def run(
     per_query = score_positives(positives, query_ids, query_positives, depth)
     examples = read_examples(table, per_query, gallery_examples)
     notes: list[str] = []
-    categories, catalog = _query_categories(manifest.get("features"), manifest.get("features_version"), per_query["query_id"], notes)
-    gallery_png = _gallery(catalog, examples, notes)
+    categories, query_catalog = _query_categories(manifest, per_query["query_id"], notes)
+    gallery_png = _gallery(query_catalog, _gallery_catalog(manifest, query_catalog, notes) if examples else None, examples, notes)
 
     overall = _orderings_metrics(per_query, np.ones(len(per_query["query_id"]), dtype=bool), ks)
     if overall["global"]["queries"] == 0:
         notes.append("No query has a gallery image of its item: every metric is 0.")
     if depth is not None and ks[-1] > depth:
         notes.append(f"R@K for K > {depth} (the evaluation depth) can only count matches within the first {depth}.")
-    if manifest.get("queries") is not None and int(manifest["queries"]) != len(query_ids):
-        notes.append(f"The rankings' metadata counts {manifest['queries']} queries; its files hold {len(query_ids)}.")
+    if manifest.get("queries") is not None and int(manifest["queries"]) != len(query_ids) + unlabelled:
+        notes.append(f"The rankings' metadata counts {manifest['queries']} queries; its files hold {len(query_ids) + unlabelled}.")
     metrics: dict[str, Any] = {
         "queries": overall["global"]["queries"],
         "excluded_queries": overall["global"]["excluded_queries"],
+        "unlabelled_queries": unlabelled,
         "depth": "gallery" if depth is None else depth,
         "rankings_depth": manifest.get("depth"),
         "gallery": manifest.get("gallery"),
@@ -276,10 +265,11 @@ def _print_summary(metrics: dict[str, Any], written: list[str], seconds: float) 
     effect = metrics["rerank_effect"]
     lines = [
         f"evaluate: done in {seconds:.1f}s",
-        f"  read      {metrics['rankings']}: {metrics['queries'] + metrics['excluded_queries']} queries, "
+        f"  read      {metrics['rankings']}: {metrics['queries'] + metrics['excluded_queries'] + metrics['unlabelled_queries']} queries, "
         f"{metrics['positives_rows']} positives with full-gallery ranks (model {metrics['model_id']})",
-        f"  evaluated {metrics['queries']} queries over a gallery of {metrics['gallery']} at depth {metrics['depth']}, rerank top {metrics['rerank_top']}",
+        f"  scored    {metrics['queries']} queries over a gallery of {metrics['gallery']} at depth {metrics['depth']}, rerank top {metrics['rerank_top']}",
         f"  excluded  {metrics['excluded_queries']} queries with no gallery image of their item",
+        f"  unlabelled queries: {metrics['unlabelled_queries']} (ranked, no item to score)",
         "  " + "metric".ljust(9) + "".join(name.rjust(8) for name in names),
         "  " + "global".ljust(9) + "".join(f"{metrics['global'][n]:8.4f}" for n in names),
         "  " + "reranked".ljust(9) + "".join(f"{metrics['reranked'][n]:8.4f}" for n in names),

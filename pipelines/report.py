@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,16 +30,19 @@ FRAME = 5  # coloured frame around each thumbnail
 CAPTION = 16  # caption strip under each thumbnail
 GAP = 6
 QUERY_GAP = 24  # extra space between the query and its results
-COLOURS = {"query": (40, 90, 200), "match": (30, 160, 60), "miss": (210, 40, 40)}
+CAPTION_LINE = 14
+COLOURS = {"query": (40, 90, 200), "match": (30, 160, 60), "miss": (210, 40, 40), "result": (150, 150, 150)}
 
 
 @dataclass(frozen=True)
 class GalleryExample:
-    """One query and its top reranked results, with whether each is of the query's item."""
+    """One query and its top reranked results, with whether each is of the query's item
+    (None: unknown, the query is unlabelled) and, optionally, a caption line under each."""
 
     query_id: str
     gallery_ids: tuple[str, ...]
-    is_match: tuple[bool, ...]
+    is_match: tuple[bool | None, ...]
+    captions: tuple[str, ...] = ()
 
 
 @dataclass
@@ -117,9 +121,10 @@ def category_plot(metrics: Mapping[str, Any]) -> bytes:
     return _png(figure)
 
 
-def _thumbnail(data: bytes | None, colour: tuple[int, int, int], caption: str) -> Image.Image:
-    """A framed, captioned tile; an unreadable or missing image becomes a grey placeholder."""
-    tile = Image.new("RGB", (TILE + 2 * FRAME, TILE + 2 * FRAME + CAPTION), "white")
+def _thumbnail(data: bytes | None, colour: tuple[int, int, int], captions: Sequence[str], lines: int = 1) -> Image.Image:
+    """A framed tile with room for `lines` caption lines under it; an unreadable or missing
+    image becomes a grey placeholder."""
+    tile = Image.new("RGB", (TILE + 2 * FRAME, TILE + 2 * FRAME + CAPTION + (lines - 1) * CAPTION_LINE), "white")
     tile.paste(colour, (0, 0, TILE + 2 * FRAME, TILE + 2 * FRAME))
     try:
         picture = ImageOps.pad(Image.open(io.BytesIO(data)).convert("RGB"), (TILE, TILE), color="white")
@@ -127,24 +132,29 @@ def _thumbnail(data: bytes | None, colour: tuple[int, int, int], caption: str) -
         picture = Image.new("RGB", (TILE, TILE), (200, 200, 200))
         ImageDraw.Draw(picture).text((8, TILE // 2 - 6), "no image", fill="black")
     tile.paste(picture, (FRAME, FRAME))
-    ImageDraw.Draw(tile).text((2, TILE + 2 * FRAME + 2), caption[:22], fill="black")
+    for line, caption in enumerate(captions[:lines]):
+        ImageDraw.Draw(tile).text((2, TILE + 2 * FRAME + 2 + line * CAPTION_LINE), caption[:22], fill="black")
     return tile
 
 
 def gallery_picture(examples: Sequence[GalleryExample], images: Mapping[str, bytes]) -> bytes:
     """One PNG, a row per example: the query (blue frame), then its top reranked results
-    framed green (same item) or red (other item)."""
+    framed green (same item), red (other item) or grey (unknown: an unlabelled query), each
+    captioned with its rank and id, and with the example's caption line when it has one."""
     columns = 1 + max(len(example.gallery_ids) for example in examples)
-    tile_w, tile_h = TILE + 2 * FRAME, TILE + 2 * FRAME + CAPTION
+    lines = 2 if any(example.captions for example in examples) else 1
+    tile_w, tile_h = TILE + 2 * FRAME, TILE + 2 * FRAME + CAPTION + (lines - 1) * CAPTION_LINE
     width = columns * (tile_w + GAP) + QUERY_GAP
     canvas = Image.new("RGB", (width, len(examples) * (tile_h + GAP) + GAP), "white")
     for row, example in enumerate(examples):
         y = GAP + row * (tile_h + GAP)
-        canvas.paste(_thumbnail(images.get(example.query_id), COLOURS["query"], example.query_id), (GAP, y))
+        name = posixpath.basename(example.query_id) or example.query_id  # a photo's file name, not its directory
+        canvas.paste(_thumbnail(images.get(example.query_id), COLOURS["query"], [name], lines), (GAP, y))
         for rank, (gallery_id, match) in enumerate(zip(example.gallery_ids, example.is_match, strict=True), start=1):
             x = GAP + QUERY_GAP + rank * (tile_w + GAP)
-            tile = _thumbnail(images.get(gallery_id), COLOURS["match" if match else "miss"], f"{rank}. {gallery_id}")
-            canvas.paste(tile, (x, y))
+            colour = COLOURS["result" if match is None else "match" if match else "miss"]
+            captions = [f"{rank}. {gallery_id}", *example.captions[rank - 1:rank]]
+            canvas.paste(_thumbnail(images.get(gallery_id), colour, captions, lines), (x, y))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
@@ -163,7 +173,7 @@ def sections(metrics: Mapping[str, Any], figures: Mapping[str, bytes]) -> list[S
             f"Evaluation depth {metrics['depth']}; rerank of the top {metrics['rerank_top']} "
             f"(alpha {metrics.get('alpha', 'unknown')}).",
             f"Queries evaluated: {metrics['queries']}; excluded (no gallery image of their item): "
-            f"{metrics['excluded_queries']}.",
+            f"{metrics['excluded_queries']}; unlabelled (no item: ranked, not scored): {metrics.get('unlabelled_queries', 0)}.",
             "R@K: share of queries with a gallery image of their item among the first K. "
             "AP: (1/|P|) x sum of precision@k over the ranks k of matches, |P| = gallery images "
             "of the item; a positive below the depth counts as not retrieved.",

@@ -74,16 +74,23 @@ def features_schema(global_dim: int, token_dims: list[int], token_dtype: str = "
     return pa.schema(fields)
 
 
+def token_columns(info: dict) -> list[str]:
+    """The token column names of a features table, from its metadata (one per layer)."""
+    return [f"tokens_{layer}" for layer in range(len(info["layers"]))]
+
+
 RANKINGS = pa.schema(
     [
         ("query_id", pa.string()),
+        ("query_item_id", pa.string()),  # null: an unlabelled query
         ("rank", pa.int32()),
         ("gallery_id", pa.string()),
+        ("gallery_item_id", pa.string()),
         ("score_global", pa.float32()),
         ("score_token", pa.float32()),
         ("score", pa.float32()),
-        ("is_match", pa.bool_()),
-        # |P|: gallery images of the query's item, so mAP needs nothing but this table.
+        ("is_match", pa.bool_()),  # null for an unlabelled query
+        # |P|: gallery images of the query's item, so mAP needs nothing but this table (null when unlabelled).
         ("query_positives", pa.int32()),
     ]
 )

@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "timm", "faiss", "ray"}
-COMMANDS = ("synth", "prepare", "train", "embed", "search", "evaluate", "vacuum", "demo")
+COMMANDS = ("synth", "prepare", "train", "embed", "search", "query", "evaluate", "vacuum", "demo")
 
 
 def _run(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, set[str], list[str]]:

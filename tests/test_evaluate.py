@@ -31,6 +31,7 @@ DRESSES = "dresses"
 #          global        gB1 gC gZ gB2 = T F F T -> first 1, AP (1 + 2/4)/3   = 1/2
 #          reranked      gC gB1 gZ gB2 = F T F T -> first 2, AP (1/2 + 2/4)/3 = 1/3
 # qc, P=0: excluded.  qd, P=1, its positive is below the depth: first 0, AP 0.
+# qe: unlabelled (no item: null |P| and is_match), ranked but never scored.
 ROWS_FILE_1 = [
     ("qa", 1, "gA1", 0.80, T, 2),
     ("qa", 2, "gX", 0.90, F, 2),
@@ -49,6 +50,8 @@ ROWS_FILE_2 = [
     ("qd", 1, "gY", 0.50, F, 1),
     ("qd", 2, "gX", 0.45, F, 1),
     ("qd", 3, "gZ", 0.30, F, 1),
+    ("qe", 1, "gA1", 0.70, None, None),
+    ("qe", 2, "gX", 0.60, None, None),
 ]  # qd has only 3 rows: a ranking shorter than the depth
 CATEGORIES = {"qa": TOPS, "qb": DRESSES, "qc": TOPS, "qd": TOPS}
 MISSING_IMAGE = "gZ"  # not in the catalog: the gallery shows a placeholder
@@ -72,11 +75,15 @@ EXPECTED = {
 
 def rankings_table(rows: list[tuple]) -> pa.Table:
     columns = list(zip(*rows, strict=True))
+    # Items: a query's is item-<query> (none when unlabelled); a match is of the query's item.
+    query_items = [None if count is None else f"item-{query}" for query, count in zip(columns[0], columns[5])]
     return pa.table(
         {
             "query_id": pa.array(columns[0], pa.string()),
+            "query_item_id": pa.array(query_items, pa.string()),
             "rank": pa.array(columns[1], pa.int32()),
             "gallery_id": pa.array(columns[2], pa.string()),
+            "gallery_item_id": pa.array([item if match else f"item-{g}" for item, match, g in zip(query_items, columns[4], columns[2])], pa.string()),
             "score_global": pa.array(columns[3], pa.float32()),
             # Search leaves score_token null beyond the rerank top (2 here).
             "score_token": pa.array([0.5 if rank <= 2 else None for rank in columns[1]], pa.float32()),
@@ -141,7 +148,7 @@ def build_tables(root, features: bool = True) -> str:
     return publish_table(
         str(root / "rankings"),
         [rankings_table(ROWS_FILE_1), rankings_table(ROWS_FILE_2)],
-        rankings_info(features_uri, queries=4),
+        rankings_info(features_uri, queries=5),
         positives_table(POSITIVE_RANKS),
     )
 
@@ -200,7 +207,7 @@ def test_run_end_to_end(ray_local, tmp_path):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert {"queries", "excluded_queries", "depth", "rerank_top", "global", "reranked"} <= set(on_disk)
-    assert on_disk["queries"] == 3 and on_disk["excluded_queries"] == 1
+    assert on_disk["queries"] == 3 and on_disk["excluded_queries"] == 1 and on_disk["unlabelled_queries"] == 1
     assert on_disk["depth"] == 4 and on_disk["rerank_top"] == 2 and on_disk["model_id"] == "model-test"
     for ordering, expected in EXPECTED.items():
         values = on_disk[ordering]
@@ -219,7 +226,7 @@ def test_run_end_to_end(ray_local, tmp_path):
     assert on_disk["rerank_effect"]["unchanged"] == pytest.approx(1 / 3)  # qd: none either way
     assert on_disk["positives_rows"] == 6 and on_disk["gallery"] == 9
     assert on_disk["rankings"] == rankings and on_disk["rankings_version"] == 0
-    assert any("1 of the 11 gallery picture images are not in the catalog" in note for note in on_disk["notes"])
+    assert any("1 of the 8 picture images are not in the catalog" in note for note in on_disk["notes"])
 
     markdown = (out / "report.md").read_text()
     for number in ("0.3611", "0.3889", "0.3333", "0.6667", "+0.0278"):  # mAPs, R@1, R@10, mAP change
@@ -266,7 +273,7 @@ def test_main_with_smaller_depth_and_no_features(ray_local, tmp_path, capsys):
     assert {path.name for path in out.iterdir()} == {"metrics.json", "report.md", "report.html", "recall.png"}
     assert "Features table unavailable" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
-    assert "4 queries, 6 positives" in printed and "excluded  1 queries" in printed
+    assert "5 queries, 6 positives" in printed and "excluded  1 queries" in printed and "unlabelled queries: 1" in printed
 
     # Without --depth: over the whole gallery, positives below the rankings' depth included.
     whole = evaluate.run(rankings, str(tmp_path / "whole"))

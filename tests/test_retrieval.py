@@ -333,7 +333,9 @@ def _features_table(uri: str, model_id: str, gallery: int, queries: int, seed: i
 @pytest.mark.timeout(600)
 def test_approximate_indexes_report_recall_against_exact(world, tmp_path):
     from mga.retrieval import exact_top_k, tie_keys
+    from pipelines.filters import parse_filter
     from pipelines.search.approximate import approximate_shortlist, build_index
+    from pipelines.search.queries import Gallery, Positives, QueryChunk
 
     gallery, queries, depth = 3000, 200, 50
     features = str(tmp_path / "random")
@@ -344,10 +346,11 @@ def test_approximate_indexes_report_recall_against_exact(world, tmp_path):
     truth_ids = ids[truth.rows.numpy()]
 
     # Each index on its own (no Ray): the share of the exact top-`depth` it returns.
-    chunk = {"global": np.ascontiguousarray(vectors[gallery:]), "positive_query": np.zeros(0, np.int64), "positive_id": pa.array([], pa.string())}
+    query_ids = pa.array([f"query-{i}" for i in range(queries)])
+    chunk = QueryChunk(query_ids, pa.nulls(queries, pa.string()), np.ascontiguousarray(vectors[gallery:]), [], Positives.empty())
     overlap = {}
     for kind in ("hnsw", "ivf", "ivfpq"):
-        shortlisted = approximate_shortlist(*build_index(snapshot, kind), chunk, depth)
+        shortlisted = approximate_shortlist(*build_index(Gallery(snapshot, parse_filter("split = 'gallery'")), kind), chunk, depth)
         found = shortlisted.ids.take(pa.array(shortlisted.top.rows.reshape(-1).numpy())).to_numpy(zero_copy_only=False).reshape(queries, depth)
         overlap[kind] = float(np.mean([len(set(f) & set(t)) / depth for f, t in zip(found, truth_ids)]))
     print(f"\nshortlist on {gallery} random clustered vectors (D=32), {queries} queries: top-{depth} overlap with exact "
@@ -467,3 +470,64 @@ def _files(uri: str, runs: set[str]) -> list[str]:
 
 def _parquet_files(uri: str, runs: set[str]) -> list[str]:
     return [path for path in _files(uri, runs) if path.endswith(".parquet")]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_query_photos_equal_the_batch_search_of_their_uploads(world, tmp_path, capsys):
+    """Customer photos as JPEG files, half of them unlabelled: `mga prepare manifest` -> `mga embed`
+    -> `mga search --queries` ranks them as `mga query` does straight from the files; DuckDB reads
+    the items of each photo's results from the rankings alone."""
+    from pipelines import cli, prepare, query
+
+    catalog = sorted_table(world["catalog"]).filter(pc.field("split") == "query").slice(0, 6)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    lines = ["path,item_id,split"]
+    for number, row in enumerate(catalog.to_pylist()):
+        (photos / f"p{number}.jpg").write_bytes(row["image"])
+        lines.append(f"photos/p{number}.jpg,{row['item_id'] if number < 3 else ''},query")
+    (tmp_path / "uploads.csv").write_text("\n".join(lines) + "\n")
+    uploads = prepare.run("manifest", str(tmp_path / "uploads"), manifest=str(tmp_path / "uploads.csv"))
+    assert uploads["rows"] == 6 and uploads["unlabelled"] == 3
+    embed.run(world["model"], str(tmp_path / "uploads"), str(tmp_path / "uploads-features"), batch_size=4)
+    rankings = str(tmp_path / "rankings")
+    searched = search.run(world["features"], rankings, queries=str(tmp_path / "uploads-features"), gallery_where="split = 'gallery' AND domain = 'shop'")
+    assert searched["queries"] == 6 and searched["unlabelled_queries"] == 3
+
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    answered = query.run([str(photos)], world["features"], top=5)
+    assert [name.rsplit("/", 1)[-1] for name, _ in answered["unreadable"]] == ["broken.jpg"]
+    expected = sorted_table(rankings, ("query_id", "rank")).filter(pc.field("rank") <= 5)
+    got = answered["results"]
+    assert [q.rsplit("/", 1)[-1] for q in got.column("query_id").to_pylist()] == [q.rsplit("/", 1)[-1] for q in expected.column("query_id").to_pylist()]
+    for column in ("rank", "gallery_id", "gallery_item_id"):
+        assert got.column(column).to_pylist() == expected.column(column).to_pylist(), column
+    for column in ("score_global", "score_token", "score"):
+        assert np.allclose(got.column(column).to_numpy(), expected.column(column).to_numpy(), atol=1e-5), column
+    gallery_categories = dict(zip(*(sorted_table(world["features"]).column(name).to_pylist() for name in ("image_id", "category"))))
+    assert got.column("category").to_pylist() == [gallery_categories[g] for g in got.column("gallery_id").to_pylist()]
+
+    # The command as a user runs it (in this process: no exit means exit code 0): a printed table per
+    # photo, the page, one line per unreadable photo.
+    capsys.readouterr()
+    cli.main(["query", str(photos), str(tmp_path / "missing.jpg"), "--features", world["features"], "--top", "3", "--out", str(tmp_path / "page")])
+    done = capsys.readouterr()
+    assert done.err.splitlines() == [
+        f"mga query: cannot read {tmp_path / 'missing.jpg'}: no such file or directory",
+        f"mga query: cannot read {photos / 'broken.jpg'}: not an image (unrecognised format)",
+    ]
+    first = got.filter(pc.field("query_id") == str(photos / "p0.jpg")).to_pylist()[0]
+    assert f"photo 1/6: {photos / 'p0.jpg'}" in done.out and f"{first['gallery_id']}  {first['gallery_item_id']}" in done.out
+    assert (tmp_path / "page" / "query.png").read_bytes().startswith(b"\x89PNG")
+    page = (tmp_path / "page" / "query.html").read_text()
+    assert page.count("<table>") == 6 and first["gallery_id"] in page and "data:image/png;base64," in page
+
+    # "The 5 catalog items for each photo": one query on the rankings, no join.
+    top_items = _sql(
+        f"SELECT query_id, list(gallery_item_id ORDER BY rank) FROM {_scan(rankings)} WHERE rank <= 5 GROUP BY query_id ORDER BY query_id"
+    ).fetchall()
+    assert [items for _, items in top_items] == [
+        expected.filter(pc.field("query_id") == query_id).column("gallery_item_id").to_pylist() for query_id, _ in top_items
+    ]
+    assert _sql(f"SELECT count(DISTINCT query_id) FROM {_scan(rankings)} WHERE query_item_id IS NULL AND is_match IS NULL AND query_positives IS NULL").fetchone()[0] == 3

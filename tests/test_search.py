@@ -9,6 +9,7 @@ the positives table must equal R@K/mAP computed from the full queries x gallery 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -16,9 +17,10 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
+from mga.errors import InputError
 from mga.metrics import RetrievalMetrics
 from mga.retrieval import pair_scores, tie_keys
-from pipelines import evaluate, search
+from pipelines import cli, evaluate, search
 from pipelines.model_store import load_model
 from pipelines.schemas import POSITIVES, RANKINGS, features_schema
 from pipelines.storage import resolve, write_parquet
@@ -28,6 +30,7 @@ from tests.tiny import write_random_model
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 GALLERY, QUERIES, DEPTH, RERANK = 600, 24, 20, 6
+CATEGORIES = ("dress", "skirt", "coat")  # one per data file: a filter on category skips files
 
 
 def write_features(uri: str, model_id: str, seed: int = 0) -> pa.Table:
@@ -47,7 +50,7 @@ def write_features(uri: str, model_id: str, seed: int = 0) -> pa.Table:
         "item_id": [f"item-{i:05d}" for i in np.concatenate([items, query_items])],
         "split": ["gallery"] * GALLERY + ["query"] * QUERIES,
         "domain": ["shop"] * count,
-        "category": ["c"] * count,
+        "category": ["dress"] * count,
         "sha256": ["0" * 64] * count,
         "model_id": [model_id] * count,
         "global": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 32),
@@ -57,13 +60,14 @@ def write_features(uri: str, model_id: str, seed: int = 0) -> pa.Table:
     }
     table = pa.table(columns, schema=features_schema(32, [64, 64]))
     shuffled = table.take(pa.array(rng.permutation(count)))  # a query's positives spread over files
+    shuffled = shuffled.set_column(shuffled.schema.get_field_index("category"), "category", pa.array(np.array(CATEGORIES).repeat(250)[:count]))
     with TableWriter(resolve(uri)) as writer:
         for part, start in enumerate(range(0, count, 250)):
             write_parquet(writer.file(f"part-{part}.parquet"), shuffled.slice(start, 250))
         written = writer.commit(table.schema, {"table": "features", "model_id": model_id, "model": uri + "-model", "global_dim": 32,
                                                "num_tokens": 4, "token_dim": 16, "layers": [3, 4], "token_dtype": "float32"})
     assert written.files.num_rows == 3 and written.rows == count
-    return table
+    return shuffled
 
 
 def rows(uri: str) -> pa.Table:
@@ -174,3 +178,70 @@ def test_a_query_split_across_files_and_any_blocking_give_the_same_answer(search
     assert open_table(split).files.num_rows == 2
     assert one["global"] == two["global"] and one["reranked"] == two["reranked"]
     assert json.loads(resolve(str(tmp_path / "two")).join("metrics.json").read_bytes())["queries"] == QUERIES - 1
+
+
+def test_unlabelled_queries_from_another_table_against_a_filtered_gallery(searched, tmp_path):
+    """A retailer's uploads: a queries table of its own (same model), a third of it unlabelled,
+    against the gallery rows of two categories; every result as brute force finds it, the
+    unlabelled queries ranked but never scored."""
+    root = searched["root"]
+    features = rows(str(root / "features"))
+    queries = features.filter(pc.field("split") == "query").sort_by("image_id")
+    unlabelled = set(queries.column("image_id").to_pylist()[::3])
+    items = [None if image in unlabelled else item for image, item in zip(queries.column("image_id").to_pylist(), queries.column("item_id").to_pylist())]
+    queries = queries.set_column(queries.schema.get_field_index("item_id"), "item_id", pa.array(items, pa.string()))
+    info = open_table(resolve(str(root / "features"))).info
+    uploads = resolve(str(tmp_path / "uploads"))
+    with TableWriter(uploads) as writer:
+        write_parquet(writer.file("part-0.parquet"), queries)
+        writer.commit(queries.schema, info)
+
+    where = "category IN ('dress', 'skirt') AND split = 'gallery'"
+    result = search.run(str(root / "features"), str(tmp_path / "rankings"), depth=DEPTH, rerank_top=RERANK, block_rows=100, query_chunk=10,
+                        queries=uploads.uri, gallery_where=where)
+    gallery = features.filter((pc.field("split") == "gallery") & pc.field("category").isin(["dress", "skirt"]))
+    truth = brute_force(pa.concat_tables([gallery, queries]), searched["model"])
+    assert result["gallery"] == gallery.num_rows < GALLERY and result["queries"] == QUERIES and result["unlabelled_queries"] == len(unlabelled) == 8
+    assert (result["queries_table"], result["queries_where"], result["gallery_where"]) == (uploads.uri, "split = 'query'", where)
+
+    ranked = rows(str(tmp_path / "rankings")).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    assert np.array_equal(np.array(ranked.column("gallery_id").to_pylist()).reshape(QUERIES, DEPTH), truth["ranked_ids"][:, :DEPTH])
+    item_of = dict(zip(features.column("image_id").to_pylist(), features.column("item_id").to_pylist()))
+    assert ranked.column("gallery_item_id").to_pylist() == [item_of[g] for g in ranked.column("gallery_id").to_pylist()]
+    is_unlabelled = np.array([query in unlabelled for query in ranked.column("query_id").to_pylist()])
+    for column in ("query_item_id", "is_match", "query_positives"):
+        assert np.array_equal(np.asarray(ranked.column(column).is_null()), is_unlabelled), column
+    matches = truth["matches"]["reranked"][:, :DEPTH].reshape(-1)
+    assert np.array_equal(np.array(ranked.column("is_match").to_pylist(), dtype=object)[~is_unlabelled], matches[~is_unlabelled])
+    assert not set(positives_of(str(tmp_path / "rankings")).column("query_id").to_pylist()) & unlabelled
+
+    # Metrics over the labelled queries only, the unlabelled counted.
+    metrics = evaluate.run(str(tmp_path / "rankings"), str(tmp_path / "report"), gallery_examples=2)
+    labelled = np.array([query not in unlabelled for query in truth["query_ids"]])
+    assert metrics["unlabelled_queries"] == 8 and metrics["queries"] + metrics["excluded_queries"] == QUERIES - 8
+    for ordering in ("global", "reranked"):
+        full = truth["matches"][ordering][labelled]
+        reference = RetrievalMetrics()
+        reference.update(full, full.sum(1))
+        assert metrics[ordering] == pytest.approx({k: v for k, v in reference.result().items() if k.startswith("R@") or k == "mAP"}), ordering
+
+
+def test_wrong_queries_and_filters_are_refused_before_any_work(searched, tmp_path, capsys):
+    root = searched["root"]
+    queries = rows(str(root / "features")).filter(pc.field("split") == "query")
+    other = resolve(str(tmp_path / "other-model"))
+    with TableWriter(other) as writer:
+        write_parquet(writer.file("part-0.parquet"), queries)
+        writer.commit(queries.schema, {**open_table(resolve(str(root / "features"))).info, "model_id": "0123456789abcdef"})
+    out = str(tmp_path / "rankings")
+    with pytest.raises(InputError, match="embedded with model_id 0123456789abcdef, the gallery .* with .*: embed both with one model"):
+        search.run(str(root / "features"), out, queries=other.uri)
+    with pytest.raises(InputError, match="no row matches --queries-where \"split = 'query' AND domain = 'consumer'\""):
+        search.run(str(root / "features"), out, queries_where="split = 'query' AND domain = 'consumer'")
+    # As the command line tells them: one line, exit code 2, nothing written.
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["search", "--features", str(root / "features"), "--out", out, "--gallery-where", "colour = 'red'"])
+    assert exit.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        "mga: error: --gallery-where \"colour = 'red'\": unknown column 'colour': a filter takes image_id, item_id, split, domain, category, sha256"
+    ]
+    assert not os.path.exists(out)

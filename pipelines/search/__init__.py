@@ -1,31 +1,39 @@
 """`mga search`: exact shortlist on global features, ATA rerank of the head, bounded rankings.
 
-For every query (`split=query` rows of the features table) against the gallery
-(`split=gallery` rows), the ranking is mga.retrieval's: global order, the first
+The gallery is the rows of the features table `--features` that pass `--gallery-where`
+(default `split = 'gallery'`); the queries are the rows of `--queries` (default the same
+table) that pass `--queries-where` (default `split = 'query'`): a retailer's uploads, embedded
+into a table of their own with the same model, are matched against the catalog's. Filters
+are SQL on the identity columns (pipelines.filters), pushed into every read. A query
+without an item (an unlabelled photo) is ranked like any other; it has no positives and a
+null `is_match`. For every query the ranking is mga.retrieval's: global order, the first
 `--rerank-top` reranked by the fused score S, the rest below in global order. The job writes
 
-- the **rankings** table: the first `--depth` (default 100) results per query;
+- the **rankings** table: the first `--depth` (default 100) results per query, with both
+  ids and both items, so "the catalog items for each photo" needs no join;
 - the **positives** table beside it (`<out>_positives`, named with its version in the
-  rankings' commit metadata): for every
-  gallery image of the query's item, its full-gallery `rank_global` and `rank_reranked`,
-  so R@K and mAP over the whole gallery need no queries x gallery rows (mga.metrics).
+  rankings' commit metadata): for every gallery image of a labelled query's item, its
+  full-gallery `rank_global` and `rank_reranked`, so R@K and mAP over the whole gallery
+  need no queries x gallery rows (mga.metrics).
 
-The gallery is never held: queries are handled in chunks of `--query-chunk`, and for each
-chunk the gallery's row groups are read twice by the job's scan actors, started once for
-the whole search (pipelines.search.gallery_scan explains the choice). Per-node memory grows
-with the queries and the depth, not with the gallery. Shortlisting is torch matmul + top-k
-on each actor's device, so a GPU has no cap on the depth. `--index ivf|hnsw|ivfpq`
-shortlists with a faiss index instead (pipelines.search.approximate), and records its
-recall@100 against the exact scan.
+Nothing is held whole: the queries are read from their table a chunk (`--query-chunk`) at a
+time, with the chunk's positives (pipelines.search.queries); for each chunk the gallery's row
+groups are read twice by the job's scan actors, started once for the whole search
+(pipelines.search.gallery_scan explains the choice). Driver memory grows with the chunk and
+the depth, not with the queries or the gallery. Shortlisting is torch matmul + top-k on each
+actor's device, so a GPU has no cap on the depth. `--index ivf|hnsw|ivfpq` shortlists with a
+faiss index instead (pipelines.search.approximate), and records its recall@100 against the
+exact scan.
 
 The positives and then the rankings are each one Delta commit (pipelines.tables), the
-rankings' naming the positives' version: a search that fails or is killed leaves the
-previous rankings as readers saw them; re-running it gives the same rows, however
-many actors ran and however the gallery was split into blocks.
+rankings' naming the positives' version and the gallery and queries tables with their
+versions and filters: a search that fails or is killed leaves the previous rankings as
+readers saw them; re-running it gives the same rows, however many actors ran, however the
+queries were chunked and the gallery split into blocks.
 
-The job is this module, light to import; a query chunk's side on the driver (its positives,
-the two scans, its ranked rows) is `ranking`, the scans' actors `gallery_scan`, the faiss
-shortlist `approximate`.
+The job is this module, light to import; where queries and gallery come from is `queries`,
+one chunk's search and its ranked rows `ranking` (which `mga query` shares), the scans'
+actors `gallery_scan`, the faiss shortlist `approximate`.
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ from pipelines.storage import resolve, write_parquet
 from pipelines.tables import TableWriter, companion, open_table
 
 DEFAULT_DEPTH = 100
+# The default selections (pipelines.search.queries): kept here so that `--help` stays light.
+DEFAULT_GALLERY_WHERE = "split = 'gallery'"
+DEFAULT_QUERIES_WHERE = "split = 'query'"
 INDEX_KINDS = ("exact", "ivf", "hnsw", "ivfpq")  # all but exact are faiss indexes (search.approximate)
 RECALL_QUERIES = 1000  # queries the approximate shortlist's recall is measured on
 
@@ -66,15 +77,19 @@ def run(
     use_gpu: str = "auto",
     gpus_per_actor: float = 1.0,
     cpus_per_actor: float = 2.0,
+    queries: str | None = None,
+    gallery_where: str = DEFAULT_GALLERY_WHERE,
+    queries_where: str = DEFAULT_QUERIES_WHERE,
 ) -> dict[str, Any]:
     # Here, not at the top: `mga search --help` and a usage error must not wait for torch and Ray.
     import ray
-    import torch
 
     from pipelines.model_store import load_artifact, read_artifact_files
     from pipelines.runtime import init_ray
-    from pipelines.search.approximate import approximate_shortlist, build_index, shortlist_recall
-    from pipelines.search.ranking import chunk_arrays, find_positives, gallery_pieces, rank_chunk, read_queries, scanner_pool, shortlist_scan, token_scan
+    from pipelines.search.approximate import build_index, shortlist_recall
+    from pipelines.search.gallery_scan import ScannerPool
+    from pipelines.search.queries import selections
+    from pipelines.search.ranking import ChunkSearch
 
     for name, value in (("--depth", depth), ("--query-chunk", query_chunk), ("--block-rows", block_rows), ("--workers", workers or 1), ("--rerank-batch", rerank_batch or 1)):
         _check_positive(name, value)
@@ -84,60 +99,55 @@ def run(
         raise InputError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
     actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
-    features_table = open_table(resolve(features))
-    info = features_table.info
-    if info.get("table") != "features":
-        raise InputError(f"{features_table.uri} (version {features_table.version}) was not written by `mga embed`: its commits carry no features metadata")
+    gallery_table = open_table(resolve(features))
+    queries_table = open_table(resolve(queries)) if queries else gallery_table
+    gallery, source = selections(gallery_table, queries_table, gallery_where, queries_where)
+    info = gallery_table.info
     model_uri = model or info["model"]
     files = read_artifact_files(model_uri)
     _, model_id, model_config = load_artifact(files, resolve(model_uri).uri)
     if model_id != info["model_id"]:
-        raise InputError(f"{features_table.uri} was embedded with model_id {info['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
+        raise InputError(f"{gallery_table.uri} was embedded with model_id {info['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
     alpha = float(model_config["model"]["alpha"])
-    queries = read_queries(features_table)
-    positives = find_positives(features_table, queries)
 
     init_ray()
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
     workers = workers or default_actors(gpus, gpus_up)
-    pieces = execute(lambda: gallery_pieces(features_table), features_table.uri, out)
-    pool = scanner_pool(features_table, files, workers, gpus, cpus_per_actor)
+    pool = ScannerPool(workers, {"num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor)}, gallery_table.location, files, gallery.where.expression, gpus > 0)
     # Pairs per ATA call: an H100 saturates at about 4096 (bench/retrieval_device.py); a CPU at ~128.
     rerank_batch = rerank_batch or (4096 if gpus else 128)
-    approximate = build_index(features_table, index) if index != "exact" else None
+    table = resolve(out)
+    reading = gallery_table.uri if queries_table is gallery_table else f"{gallery_table.uri} and {queries_table.uri}"
+    approximate = execute(lambda: build_index(gallery, index), reading, table.uri) if index != "exact" else None
+    search = ChunkSearch(gallery, pool, depth, rerank_top, alpha, block_rows, rerank_batch, approximate)
     recall = None
     if approximate is not None:  # against the exact scan, on the first queries
-        sample = chunk_arrays(queries, positives, 0, min(RECALL_QUERIES, queries.num_rows), info)
-        exact = execute(lambda: shortlist_scan(features_table, pieces, sample, 100, block_rows, pool), features_table.uri, out)
-        recall = shortlist_recall(approximate_shortlist(*approximate, sample, 100), exact)
-    table = resolve(out)
-    totals = {"rows": 0, "positives": 0, "head": 0}
+        sample = next(source.chunks(RECALL_QUERIES, gallery))
+        recall = execute(lambda: shortlist_recall(search.shortlist(sample, None, 100), search.shortlist(sample, None, 100, exact=True)), reading, table.uri)
+    totals = {"queries": 0, "unlabelled": 0, "rows": 0, "positives": 0, "head": 0, "depth": 0, "gallery": 0}
     with TableWriter(table) as writer, TableWriter(companion(table, "positives")) as positives_writer:
-        for part, start in enumerate(range(0, queries.num_rows, query_chunk)):
-            chunk = chunk_arrays(queries, positives, start, min(start + query_chunk, queries.num_rows), info)
-            shortlisted = (
-                execute(lambda: shortlist_scan(features_table, pieces, chunk, depth, block_rows, pool), features_table.uri, table.uri)
-                if approximate is None else approximate_shortlist(*approximate, chunk, depth)
-            )
-            head = min(rerank_top, shortlisted.top.rows.shape[1]) if alpha < 1.0 else 0
-            token_scores = (
-                execute(lambda: token_scan(features_table, chunk, shortlisted, head, rerank_batch, pool), features_table.uri, table.uri)
-                if head else torch.zeros(len(chunk["global"]), 0)
-            )
-            rankings, positive_rows = rank_chunk(chunk, shortlisted, token_scores, alpha)
-            write_parquet(writer.file(f"rankings-{part:05d}.parquet"), rankings)
-            write_parquet(positives_writer.file(f"positives-{part:05d}.parquet"), positive_rows)
-            totals = {"rows": totals["rows"] + rankings.num_rows, "positives": totals["positives"] + positive_rows.num_rows, "head": max(head, totals["head"])}
-        # Every chunk scans the same gallery: its size and the depth are the last chunk's.
-        totals.update(gallery=shortlisted.gallery_rows, depth=shortlisted.top.rows.shape[1])
+        chunks = source.chunks(query_chunk, gallery)
+        for part, chunk in enumerate(chunks):
+            ranked = execute(lambda: search(chunk), reading, table.uri)
+            write_parquet(writer.file(f"rankings-{part:05d}.parquet"), ranked.rankings)
+            write_parquet(positives_writer.file(f"positives-{part:05d}.parquet"), ranked.positives)
+            for name, value in (("queries", len(chunk)), ("unlabelled", chunk.unlabelled), ("rows", ranked.rankings.num_rows), ("positives", ranked.positives.num_rows)):
+                totals[name] += value
+            # Every chunk scans the same gallery: its size and the depth are any chunk's.
+            totals.update(head=max(totals["head"], ranked.head), depth=ranked.depth, gallery=ranked.gallery_rows)
+            del chunk, ranked  # the next chunk is read while only the rows written are kept
         positives_table = positives_writer.commit(POSITIVES, {"table": "positives", "of": table.uri, "rows": totals["positives"]})
         result = writer.commit(
             RANKINGS,
             {
                 "table": "rankings",
-                "features": features_table.uri,
-                "features_version": features_table.version,
+                "features": gallery_table.uri,
+                "features_version": gallery_table.version,
+                "gallery_where": gallery.where.text,
+                "queries_table": queries_table.uri,
+                "queries_version": queries_table.version,
+                "queries_where": source.where.text,
                 "catalog": info.get("catalog"),
                 "model_id": model_id,
                 "alpha": alpha,
@@ -145,7 +155,8 @@ def run(
                 "rerank_top": totals["head"],
                 "index": index,
                 "shortlist_recall_at_100": recall,
-                "queries": queries.num_rows,
+                "queries": totals["queries"],
+                "unlabelled_queries": totals["unlabelled"],
                 "gallery": totals["gallery"],
                 "rows": totals["rows"],
                 "positives_rows": totals["positives"],
@@ -155,7 +166,9 @@ def run(
     print_summary(
         "mga search",
         {
-            "read": f"{features_table.uri} version {features_table.version} ({queries.num_rows} queries, {totals['gallery']} gallery images, model_id {model_id})",
+            "gallery": f"{gallery_table.uri} version {gallery_table.version} where {gallery.where.text} ({totals['gallery']} images, model_id {model_id})",
+            "queries": f"{queries_table.uri} version {queries_table.version} where {source.where.text} "
+                       f"({totals['queries']} queries, {totals['unlabelled']} of them unlabelled)",
             "shortlist": (f"exact (blocked matmul + top-k, {block_rows} gallery rows a block)" if recall is None
                           else f"faiss {index}, recall@100 vs exact {recall:.3f}") + f", depth {totals['depth']}",
             "rerank": f"top {totals['head']} per query by ATA (alpha {alpha}, {rerank_batch} pairs a call)",
@@ -169,7 +182,10 @@ def run(
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--features", required=True, help="features table URI written by `mga embed`")
+    parser.add_argument("--features", required=True, help="features table URI written by `mga embed`: the gallery (and, without --queries, the queries)")
+    parser.add_argument("--queries", default=None, help="features table URI of the queries, embedded with the same model (default: --features)")
+    parser.add_argument("--gallery-where", default=DEFAULT_GALLERY_WHERE, help="SQL filter on the identity columns choosing the gallery rows (default: %(default)s)")
+    parser.add_argument("--queries-where", default=DEFAULT_QUERIES_WHERE, help="SQL filter on the identity columns choosing the query rows (default: %(default)s; TRUE: every row)")
     parser.add_argument("--out", required=True, help="rankings table URI to publish")
     parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="ranked gallery images written per query (metrics still cover the whole gallery)")
     parser.add_argument("--rerank-top", type=int, default=50, help="candidates per query reranked by ATA")
@@ -186,6 +202,7 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
     return run(
         args.features, args.out, args.depth, args.rerank_top, args.index, args.workers, args.query_chunk, args.block_rows, args.rerank_batch, args.model,
         use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+        queries=args.queries, gallery_where=args.gallery_where, queries_where=args.queries_where,
     )
 
 

@@ -22,27 +22,16 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import torch
 
-from mga.errors import InputError
 from mga.retrieval import TopK, order_by_score, tie_keys
+from pipelines.schemas import column_matrix
 from pipelines.search import INDEX_KINDS
 from pipelines.search.gallery_scan import Shortlisted
-from pipelines.schemas import column_matrix
-from pipelines.tables import Snapshot
+from pipelines.search.queries import Gallery, QueryChunk
 
 APPROXIMATE = tuple(kind for kind in INDEX_KINDS if kind != "exact")
 TRAIN_ROWS = 100_000  # gallery vectors an IVF quantizer is trained on
-
-
-def _gallery_dataset(features: Snapshot) -> pads.Dataset:
-    return pads.dataset(features.paths(("split", ["gallery"])), filesystem=features.location.fs, format="parquet")
-
-
-def _gallery_batches(features: Snapshot):
-    dataset = _gallery_dataset(features)
-    return dataset.to_batches(columns=["image_id", "item_id", "global"], filter=pc.field("split") == "gallery")
 
 
 def new_index(kind: str, dim: int, size: int):
@@ -66,15 +55,14 @@ def new_index(kind: str, dim: int, size: int):
     return index
 
 
-def build_index(features: Snapshot, kind: str):
+def build_index(gallery: Gallery, kind: str):
     """(faiss index, gallery ids, gallery items), built from a stream of the gallery's rows."""
     if kind not in APPROXIMATE:
         raise ValueError(f"--index must be exact or one of {APPROXIMATE}, got {kind!r}")
-    size = _gallery_dataset(features).count_rows(filter=pc.field("split") == "gallery")
-    if size == 0:
-        raise InputError(f"{features.uri}: no rows with split=gallery to search")
+    dataset = gallery.dataset()
+    size = dataset.count_rows(filter=gallery.where.expression)
     index, ids, items, pending = None, [], [], []
-    for batch in _gallery_batches(features):
+    for batch in dataset.to_batches(columns=["image_id", "item_id", "global"], filter=gallery.where.expression):
         if batch.num_rows == 0:
             continue
         ids.append(batch.column("image_id"))
@@ -93,11 +81,11 @@ def build_index(features: Snapshot, kind: str):
     return index, pa.concat_arrays(ids), pa.concat_arrays(items)
 
 
-def approximate_shortlist(index, ids: pa.Array, items: pa.Array, chunk: dict, depth: int) -> Shortlisted:
+def approximate_shortlist(index, ids: pa.Array, items: pa.Array, chunk: QueryChunk, depth: int) -> Shortlisted:
     """The chunk's shortlist from the index, in global order (score, then tie key), and the
     positives' places in it (0 where the index did not return them)."""
     depth = min(depth, index.ntotal)
-    scores, found = index.search(chunk["global"], depth)
+    scores, found = index.search(chunk.global_features, depth)
     found_rows = np.where(found >= 0, found, 0)
     keys = tie_keys(ids.take(pa.array(found_rows.reshape(-1))).to_numpy(zero_copy_only=False)).reshape(found.shape)
     scores = np.where(found >= 0, scores, np.finfo(np.float32).min).astype(np.float32)  # a short list: padding last
@@ -109,7 +97,7 @@ def approximate_shortlist(index, ids: pa.Array, items: pa.Array, chunk: dict, de
     # Where each positive sits in its query's list: join on (query, gallery id).
     count = top.rows.shape[0]
     listed = pa.table({"query": np.repeat(np.arange(count), depth), "gallery_id": listed_ids, "place": np.tile(np.arange(1, depth + 1), count)})
-    positives = pa.table({"query": chunk["positive_query"], "gallery_id": chunk["positive_id"], "order": np.arange(len(chunk["positive_query"]))})
+    positives = pa.table({"query": chunk.positives.query, "gallery_id": chunk.positives.gallery_id, "order": np.arange(len(chunk.positives.query))})
     placed = positives.join(listed, ["query", "gallery_id"], join_type="left outer").sort_by("order")
     rank_global = pc.fill_null(placed.column("place"), 0).to_numpy().astype(np.int64)
     return Shortlisted(top, listed_ids, items.take(flat), index.ntotal, rank_global)

@@ -5,7 +5,7 @@ for each chunk the gallery is read twice, a Parquet row group ("piece") at a tim
 job's `GalleryScanner` actors (`ScannerPool` hands each free actor the next piece):
 
 1. **Shortlist scan** (`GalleryScanner.shortlist`): the piece's `image_id, item_id, global`
-   rows, in blocks of `block_rows`, against the chunk's query features and its positives
+   rows that pass the gallery's filter, in blocks of `block_rows`, against the chunk's query features and its positives
    (O(queries)). For each block the actor returns the block's exact top-`depth` per query
    and, per positive, how many of the block's rows come before it in the global order
    (mga.retrieval). The driver folds the blocks in as they arrive (`ShortlistMerge`):
@@ -28,12 +28,15 @@ each actor importing torch and the model again (seconds each, on every node, eve
 The job's actors live for the whole search: the model loads once per actor, at its first
 token scan, and the chunk's arrays travel by reference with each call, cached by the actor
 (a restarted actor, `max_restarts=-1`, fetches them again and Ray retries the call).
+`LocalScanner` runs the same scanner in the calling process, one piece after another, for
+`mga query`: a few photos need no Ray cluster.
 bench/search_scale.py measures the scan: at 1M gallery images the peak memory of the whole
 process tree is within the goal of 1.2x the 250k run's.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -44,13 +47,12 @@ import pyarrow.dataset as pads
 import ray
 import torch
 
+from mga.errors import InputError
 from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, merge_top_k, tie_keys
 from pipelines.resources import actor_device
 from pipelines.schemas import column_matrix
+from pipelines.search.queries import Piece
 from pipelines.storage import Location
-
-# A piece of the gallery: one row group of one data file of the features table.
-Piece = tuple[str, int]
 
 # Queries scored against a block at once: bounds the [queries, block rows] score matrix.
 QUERY_TILE = 1024
@@ -61,21 +63,33 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(array)).to(device)
 
 
-class GalleryScanner:
-    """Actor: reads gallery pieces and scores them against the current query chunk, for the whole job."""
+@dataclass(frozen=True)
+class Shared:
+    """A value every call of a scan needs (the model, a chunk's arrays): a reference into
+    Ray's object store, fetched once per actor, or the value itself in the calling process."""
 
-    def __init__(self, location: Location, artifact: list, use_gpu: bool) -> None:
-        self.location, self.artifact = location, artifact
-        self.device = actor_device(use_gpu)
-        self.model: torch.nn.Module | None = None
+    key: str
+    value: Any
+
+    def get(self) -> Any:
+        return ray.get(self.value) if isinstance(self.value, ray.ObjectRef) else self.value
+
+
+class GalleryScanner:
+    """Reads gallery pieces and scores them against the current query chunk, for the whole job:
+    a Ray actor (ScannerPool), or an object in the calling process given its model (LocalScanner)."""
+
+    def __init__(self, location: Location, artifact: Shared, gallery_filter: pc.Expression, use_gpu: bool, model: torch.nn.Module | None = None) -> None:
+        self.location, self.artifact, self.gallery_filter = location, artifact, gallery_filter
+        self.device = actor_device(use_gpu) if model is None else next(model.parameters()).device
+        self.model = model
         self.cached: dict[str, tuple[str, Any]] = {}
 
-    def _cached(self, name: str, reference: list, build: Any) -> Any:
-        """`build(value)` of the object `reference[0]` points to, kept until another object comes under `name`."""
-        key = reference[0].hex()
-        if self.cached.get(name, ("",))[0] != key:
+    def _cached(self, name: str, shared: Shared, build: Any) -> Any:
+        """`build(value)` of the `shared` value, kept until another comes under `name`."""
+        if self.cached.get(name, ("",))[0] != shared.key:
             self.cached.pop(name, None)  # free the previous chunk's arrays first
-            self.cached[name] = (key, build(ray.get(reference[0])))
+            self.cached[name] = (shared.key, build(shared.get()))
         return self.cached[name][1]
 
     def _fragment(self, piece: Piece) -> pads.ParquetFileFragment:
@@ -87,10 +101,10 @@ class GalleryScanner:
         arrays["tokens"] = [_tensor(layer, self.device) for layer in chunk["tokens"]]
         return arrays
 
-    def shortlist(self, piece: Piece, chunk: list, depth: int, block_rows: int) -> list[dict[str, Any]]:
+    def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int) -> list[dict[str, Any]]:
         """The piece's gallery rows in blocks of `block_rows`: each block's top-`depth` per query and the positives' counts."""
         queries = self._cached("chunk", chunk, self._queries)
-        rows = self._fragment(piece).to_table(columns=["image_id", "item_id", "global"], filter=pc.field("split") == "gallery")
+        rows = self._fragment(piece).to_table(columns=["image_id", "item_id", "global"], filter=self.gallery_filter)
         return [self._shortlist_block(rows.slice(start, block_rows), queries, depth) for start in range(0, max(rows.num_rows, 1), block_rows)]
 
     def _shortlist_block(self, block: pa.Table, queries: dict[str, Any], depth: int) -> dict[str, Any]:
@@ -125,14 +139,14 @@ class GalleryScanner:
             "items": block.column("item_id").combine_chunks().take(take),
         }
 
-    def score_tokens(self, piece: Piece, chunk: list, pairs: list, token_names: list[str], rerank_batch: int) -> dict[str, np.ndarray]:
+    def score_tokens(self, piece: Piece, chunk: Shared, pairs: Shared, token_names: list[str], rerank_batch: int) -> dict[str, np.ndarray]:
         """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA."""
         if self.model is None:
             # Here, not at __init__: the model (timm, torchvision) costs an actor ~3 s to
             # import, and a search that reranks nothing never needs it.
             from mga.artifact import unpack_artifact
 
-            model, _, _ = unpack_artifact(ray.get(self.artifact[0]))
+            model, _, _ = unpack_artifact(self.artifact.get())
             self.model = model.to(self.device).eval()
         queries = self._cached("chunk", chunk, self._queries)
         pair_ids, pair_query, pair_head = self._cached("pairs", pairs, _sorted_pairs)
@@ -181,13 +195,20 @@ class ScannerPool:
     it can: the others go on without it. A dead actor is restarted by Ray and its call retried.
     """
 
-    def __init__(self, size: int, options: dict[str, Any], location: Location, artifact: list, use_gpu: bool) -> None:
+    def __init__(self, size: int, options: dict[str, Any], location: Location, artifact: dict[str, bytes], gallery_filter: pc.Expression, use_gpu: bool) -> None:
         actor = ray.remote(GalleryScanner).options(max_restarts=-1, max_task_retries=-1, **options)
+        shared_artifact = self.share(artifact)
         self.starting = {}
         for _ in range(size):
-            handle = actor.remote(location, artifact, use_gpu)
+            handle = actor.remote(location, shared_artifact, gallery_filter, use_gpu)
             self.starting[handle.__ray_ready__.remote()] = handle
         self.free: list[Any] = []
+
+    @staticmethod
+    def share(value: Any) -> Shared:
+        """`value` in the object store, put once for every call that passes it."""
+        reference = ray.put(value)
+        return Shared(reference.hex(), reference)
 
     def map(self, method: str, pieces: Iterable[Piece], *args: Any) -> Iterator[Any]:
         """`method(piece, *args)` on the actors for every piece; the results in the order they finish."""
@@ -204,6 +225,22 @@ class ScannerPool:
                 continue
             self.free.append(running.pop(done))
             yield ray.get(done)
+
+
+class LocalScanner:
+    """One GalleryScanner in the calling process (no Ray): the pool of `mga query`."""
+
+    def __init__(self, location: Location, model: torch.nn.Module, gallery_filter: pc.Expression) -> None:
+        self.scanner = GalleryScanner(location, Shared("model", None), gallery_filter, False, model=model)
+
+    @staticmethod
+    def share(value: Any) -> Shared:
+        return Shared(uuid.uuid4().hex, value)
+
+    def map(self, method: str, pieces: Iterable[Piece], *args: Any) -> Iterator[Any]:
+        """`method(piece, *args)` for every piece, one after another."""
+        for piece in pieces:
+            yield getattr(self.scanner, method)(piece, *args)
 
 
 @dataclass
@@ -249,8 +286,8 @@ class ShortlistMerge:
         merged.rows = torch.arange(len(self.ids)).reshape(merged.rows.shape)
         self.shortlist = merged
 
-    def result(self) -> Shortlisted:
+    def result(self, gallery_uri: str) -> Shortlisted:
         if self.shortlist is None:
-            raise ValueError("no rows with split=gallery to search")
+            raise InputError(f"{gallery_uri}: no gallery rows to search")
         return Shortlisted(self.shortlist, self.ids, self.items, self.gallery_rows, self.counts + 1)
 

@@ -1,0 +1,202 @@
+"""Where a search's queries and gallery come from: the rows of features tables that pass a filter.
+
+- `Gallery`: the rows of a features table that pass `--gallery-where` (default
+  `split = 'gallery'`): the (file, row group) pieces the scans read, and the positives of a
+  chunk's labelled queries.
+- `QuerySource`: the rows of a features table (`--queries`, default the gallery's own) that
+  pass `--queries-where` (default `split = 'query'`), streamed a chunk at a time in the
+  table's file order: the driver holds one chunk (its global features, tokens and
+  positives), never the queries as a whole, so its memory does not grow with them.
+- `QueryChunk`: one chunk as the scans need it, built from feature rows; `mga query` builds
+  one from the photos it has just embedded.
+
+A query is labelled when its `item_id` is set: its positives are the gallery rows of its item,
+found per chunk by a filtered read (file and row-group statistics on `item_id`, so the
+gallery's other rows are not read). An unlabelled query (null `item_id`, a photo nobody has
+matched yet) is ranked like any other and has no positives.
+
+Filters (pipelines.filters) are pushed into every read: files and row groups whose statistics
+exclude them are not read, and rows are filtered as they are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import torch
+
+from mga.errors import InputError
+from mga.retrieval import pair_scores, tie_keys
+from pipelines.filters import RowFilter, parse_filter
+from pipelines.schemas import column_matrix, token_columns
+from pipelines.storage import StorageError, credentials_hint
+from pipelines.tables import Snapshot, read_table
+
+# A piece of a table: one row group of one data file.
+Piece = tuple[str, int]
+
+
+def features_table(snapshot: Snapshot) -> Snapshot:
+    """`snapshot`, refused in one line unless `mga embed` wrote it."""
+    if snapshot.info.get("table") != "features":
+        raise InputError(f"{snapshot.uri} (version {snapshot.version}) was not written by `mga embed`: its commits carry no features metadata")
+    return snapshot
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows of one version of a features table that pass a filter."""
+
+    table: Snapshot
+    where: RowFilter
+
+    def pieces(self, *more: tuple[str, list[str]]) -> list[Piece]:
+        """The row groups that may hold selected rows (and rows with `column in values` for each of
+        `more`), by the files' and row groups' statistics."""
+        return [(path, group) for path, groups in self._pieces(*more) for group in groups]
+
+    def _pieces(self, *more: tuple[str, list[str]]) -> list[tuple[str, list[int]]]:
+        try:
+            return self.table.pieces(*self.where.pruning, *more)
+        except OSError as error:  # a footer that cannot be read: an S3 outage, a vacuumed file
+            raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
+
+    def dataset(self) -> pads.Dataset:
+        """The files and row groups that may hold selected rows, as one dataset (filter it with `where.expression`)."""
+        parquet = pads.ParquetFileFormat()
+        fs = self.table.location.fs
+        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=groups) for path, groups in self._pieces()]
+        schema = pq.read_schema(self.table.files.column("path")[0].as_py(), filesystem=fs)
+        return pads.FileSystemDataset(fragments, schema, parquet, fs)
+
+    def require_rows(self, option: str) -> None:
+        """Refuse, in one line naming `option` and the filter, a selection that holds no row."""
+        try:
+            found = self.table.files.num_rows and self.dataset().head(1, columns=["image_id"], filter=self.where.expression).num_rows
+        except OSError as error:
+            raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
+        if not found:
+            raise InputError(f"{self.table.uri} (version {self.table.version}): no row matches {option} {self.where.text!r}")
+
+
+@dataclass
+class Positives:
+    """Every (query, gallery image of its item) pair of a chunk, sorted by query then gallery id:
+    the query's row in the chunk, the pair's exact S_global (eq. 3), the image's tie key and id."""
+
+    query: np.ndarray
+    score: np.ndarray
+    key: np.ndarray
+    gallery_id: pa.Array
+
+    @classmethod
+    def empty(cls) -> "Positives":
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64), pa.array([], pa.string()))
+
+
+class Gallery(Selection):
+    """The gallery: the rows of a features table that pass `--gallery-where`."""
+
+    def positives(self, items: pa.Array, query_global: np.ndarray) -> Positives:
+        """For queries of `items` (null: unlabelled) with global features `query_global`, every
+        selected gallery row of their item. Reads only the files and row groups that may hold them."""
+        labelled = pc.unique(items.drop_null())
+        if len(labelled) == 0:
+            return Positives.empty()
+        rows = read_table(
+            self.table, ["image_id", "item_id", "global"], self.where.expression & pc.field("item_id").isin(labelled),
+            *self.where.pruning, ("item_id", labelled.to_pylist()),
+        )
+        left = pa.table({"query": pa.array(np.arange(len(items))), "item_id": items})
+        right = pa.table({"row": pa.array(np.arange(rows.num_rows)), "item_id": rows.column("item_id"), "gallery_id": rows.column("image_id")})
+        pairs = left.join(right, "item_id", join_type="inner").sort_by([("query", "ascending"), ("gallery_id", "ascending")])
+        query, row = (pairs.column(name).to_numpy().astype(np.int64) for name in ("query", "row"))  # copies torch may index with
+        gallery_global = torch.from_numpy(column_matrix(rows, "global"))
+        ids = pairs.column("gallery_id").combine_chunks()
+        return Positives(
+            query, pair_scores(torch.from_numpy(query_global)[query], gallery_global[row]).numpy(),
+            tie_keys(ids.to_numpy(zero_copy_only=False)), ids,
+        )
+
+
+@dataclass
+class QueryChunk:
+    """Queries as the scans need them: ids, items (null where unlabelled), global features
+    [Q, D], tokens [Q, M, d] per layer (float32) and their positives in the gallery."""
+
+    ids: pa.Array
+    items: pa.Array
+    global_features: np.ndarray
+    tokens: list[np.ndarray]
+    positives: Positives
+
+    @classmethod
+    def from_rows(cls, rows: pa.Table, info: dict[str, Any], gallery: Gallery) -> "QueryChunk":
+        """A chunk from features-table rows (`image_id`, `item_id`, `global`, `tokens_*`), with
+        token shapes from the table's metadata `info` and positives from `gallery`."""
+        shape = (info["num_tokens"], info["token_dim"])
+        items = rows.column("item_id").combine_chunks()
+        global_features = np.ascontiguousarray(column_matrix(rows, "global"))
+        tokens = [np.ascontiguousarray(column_matrix(rows, name, shape)) for name in token_columns(info)]
+        return cls(rows.column("image_id").combine_chunks(), items, global_features, tokens, gallery.positives(items, global_features))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def unlabelled(self) -> int:
+        return self.items.null_count
+
+    def scan_arrays(self) -> dict[str, Any]:
+        """What the scan actors read (GalleryScanner): numbers only, shared once per chunk."""
+        return {
+            "global": self.global_features, "tokens": self.tokens,
+            "positive_query": self.positives.query, "positive_score": self.positives.score, "positive_key": self.positives.key,
+        }
+
+
+class QuerySource(Selection):
+    """The queries: the rows of a features table that pass `--queries-where`, a chunk at a time."""
+
+    def chunks(self, size: int, gallery: Gallery) -> Iterator[QueryChunk]:
+        """The selected rows in chunks of `size` (the last may be smaller), in the table's file
+        order, each with its positives in `gallery`. One chunk is held at a time, plus the
+        row group being read."""
+        columns = ["image_id", "item_id", "global", *token_columns(self.table.info)]
+        scanner = self.dataset().scanner(columns=columns, filter=self.where.expression, batch_readahead=1, fragment_readahead=1)
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        try:
+            for batch in scanner.to_batches():
+                pending.append(batch)
+                held += batch.num_rows
+                while held >= size:
+                    rows = pa.Table.from_batches(pending)
+                    yield QueryChunk.from_rows(rows.slice(0, size), self.table.info, gallery)
+                    rest = rows.slice(size)
+                    pending, held = rest.to_batches(), rest.num_rows
+            if held:
+                yield QueryChunk.from_rows(pa.Table.from_batches(pending), self.table.info, gallery)
+        except OSError as error:
+            raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
+
+
+def selections(gallery_table: Snapshot, queries_table: Snapshot, gallery_where: str, queries_where: str) -> tuple[Gallery, QuerySource]:
+    """The gallery and the queries of a search, checked before any work starts: both tables are
+    features tables of one model, each filter parses and selects at least one row."""
+    gallery = Gallery(features_table(gallery_table), parse_filter(gallery_where, "--gallery-where"))
+    queries = QuerySource(features_table(queries_table), parse_filter(queries_where, "--queries-where"))
+    if queries_table.info.get("model_id") != gallery_table.info.get("model_id"):
+        raise InputError(
+            f"the queries {queries_table.uri} were embedded with model_id {queries_table.info.get('model_id')}, the gallery "
+            f"{gallery_table.uri} with {gallery_table.info.get('model_id')}: embed both with one model"
+        )
+    gallery.require_rows("--gallery-where")
+    queries.require_rows("--queries-where")
+    return gallery, queries

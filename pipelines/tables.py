@@ -160,6 +160,11 @@ class Snapshot:
         statistics (`row_groups`); a file with no such row group is left out."""
         return [(path, groups) for path in self.paths(*where) if (groups := row_groups(self.location, path, where))]
 
+    def runs(self, *where: tuple[str, Iterable[str]], max_rows: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(path, row groups) pieces of at most `max_rows` rows (`row_group_runs`) that may hold
+        rows with `column in values` for every condition, by file and row-group statistics."""
+        return [(path, run) for path in self.paths(*where) for run in row_group_runs(self.location, path, where, max_rows)]
+
     def only(self, paths: Iterable[str]) -> "Snapshot":
         """This version restricted to the data files `paths` (a reader that knows where its rows are)."""
         keep = pc.is_in(self.files.column("path"), value_set=pa.array(sorted(set(paths)), pa.string()))
@@ -216,14 +221,33 @@ def table_exists(location: Location) -> bool:
 
 def row_groups(location: Location, path: str, where: Iterable[tuple[str, Iterable[str]]]) -> list[int]:
     """The row groups of one Parquet file whose min/max statistics may hold every `column in values`."""
-    metadata = pq.read_metadata(path, filesystem=location.fs)
+    return [group for group, _ in _kept_row_groups(pq.read_metadata(path, filesystem=location.fs), where)]
+
+
+def row_group_runs(location: Location, path: str, where: Iterable[tuple[str, Iterable[str]]], max_rows: int) -> list[tuple[int, ...]]:
+    """`row_groups` of one file, in order, in runs of at most `max_rows` rows (a larger group is
+    a run of its own): what one reader call takes, whatever the writer's row group size
+    (`mga embed` writes a group per batch of 64 rows)."""
+    runs: list[list[int]] = []
+    rows = 0
+    for group, count in _kept_row_groups(pq.read_metadata(path, filesystem=location.fs), where):
+        if not runs or rows + count > max_rows:
+            runs.append([])
+            rows = 0
+        runs[-1].append(group)
+        rows += count
+    return [tuple(run) for run in runs]
+
+
+def _kept_row_groups(metadata: pq.FileMetaData, where: Iterable[tuple[str, Iterable[str]]]) -> list[tuple[int, int]]:
+    """(row group, rows) of the groups whose statistics may hold every `column in values`."""
     names = metadata.schema.to_arrow_schema().names
     conditions = [(names.index(column), sorted(set(values))) for column, values in where if column in names]
     kept = []
     for group in range(metadata.num_row_groups):
         chunks = metadata.row_group(group)
         if all(_may_hold(wanted, *_bounds(chunks.column(index).statistics)) for index, wanted in conditions):
-            kept.append(group)
+            kept.append((group, chunks.num_rows))
     return kept
 
 

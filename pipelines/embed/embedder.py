@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
 from mga.artifact import unpack_artifact
@@ -51,6 +50,8 @@ class Embedder:
     """Actor: the model, loaded once from the artifact bytes in the object store."""
 
     def __init__(self, artifact: list, token_dtype: str, use_gpu: bool = True) -> None:
+        import ray  # here: `mga query` builds feature rows without Ray
+
         model, self.model_id, _ = unpack_artifact(ray.get(artifact[0]))
         self.model = model.to(actor_device(use_gpu)).eval()
         self.schema = model_schema(model, token_dtype)

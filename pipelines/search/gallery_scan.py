@@ -30,6 +30,7 @@ token scan, and the chunk's arrays travel by reference with each call, cached by
 (a restarted actor, `max_restarts=-1`, fetches them again and Ray retries the call).
 `LocalScanner` runs the same scanner in the calling process, one piece after another, for
 `mga query`: a few photos need no Ray cluster.
+Ray is imported where the pool uses it: `mga query` runs without it.
 bench/search_scale.py measures the scan: at 1M gallery images the peak memory of the whole
 process tree is within the goal of 1.2x the 250k run's.
 """
@@ -44,7 +45,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import ray
 import torch
 
 from mga.errors import InputError
@@ -70,9 +70,14 @@ class Shared:
 
     key: str
     value: Any
+    in_object_store: bool = False
 
     def get(self) -> Any:
-        return ray.get(self.value) if isinstance(self.value, ray.ObjectRef) else self.value
+        if not self.in_object_store:
+            return self.value
+        import ray
+
+        return ray.get(self.value)
 
 
 class GalleryScanner:
@@ -93,8 +98,8 @@ class GalleryScanner:
         return self.cached[name][1]
 
     def _fragment(self, piece: Piece) -> pads.ParquetFileFragment:
-        path, group = piece
-        return pads.ParquetFileFormat().make_fragment(path, filesystem=self.location.fs, row_groups=[group])
+        path, groups = piece
+        return pads.ParquetFileFormat().make_fragment(path, filesystem=self.location.fs, row_groups=list(groups))
 
     def _queries(self, chunk: dict[str, Any]) -> dict[str, Any]:
         arrays = {name: _tensor(chunk[name], self.device) for name in ("global", "positive_query", "positive_score", "positive_key")}
@@ -104,7 +109,13 @@ class GalleryScanner:
     def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int) -> list[dict[str, Any]]:
         """The piece's gallery rows in blocks of `block_rows`: each block's top-`depth` per query and the positives' counts."""
         queries = self._cached("chunk", chunk, self._queries)
-        rows = self._fragment(piece).to_table(columns=["image_id", "item_id", "global"], filter=self.gallery_filter)
+        fragment = self._fragment(piece)
+        # The filter as a mask read on its own columns: filtering while reading copies every
+        # selected global feature, which doubled the read when (as usual) every row is selected.
+        keep = pc.fill_null(fragment.to_table(columns={"keep": self.gallery_filter}).column("keep"), False)
+        rows = fragment.to_table(columns=["image_id", "item_id", "global"])
+        if not pc.all(keep).as_py():
+            rows = rows.filter(keep)
         return [self._shortlist_block(rows.slice(start, block_rows), queries, depth) for start in range(0, max(rows.num_rows, 1), block_rows)]
 
     def _shortlist_block(self, block: pa.Table, queries: dict[str, Any], depth: int) -> dict[str, Any]:
@@ -157,7 +168,13 @@ class GalleryScanner:
         wanted = last > first
         if not wanted.any():
             return {"query": np.zeros(0, np.int32), "head": np.zeros(0, np.int32), "score_token": np.zeros(0, np.float32)}
-        block = fragment.to_table(columns=token_names).filter(pa.array(wanted))
+        # Tokens only of the row groups that hold a candidate (a piece spans several).
+        sizes = [group.num_rows for group in fragment.row_groups]
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        holding = [index for index in range(len(sizes)) if wanted[bounds[index]:bounds[index + 1]].any()]
+        rows_read = np.concatenate([np.arange(bounds[index], bounds[index + 1]) for index in holding])
+        subset = fragment.subset(row_group_ids=[fragment.row_groups[index].id for index in holding])
+        block = subset.to_table(columns=token_names).filter(pa.array(wanted[rows_read]))
         first, per_row = first[wanted], (last - first)[wanted]
         block_row = np.repeat(np.arange(len(per_row)), per_row)
         pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
@@ -196,6 +213,8 @@ class ScannerPool:
     """
 
     def __init__(self, size: int, options: dict[str, Any], location: Location, artifact: dict[str, bytes], gallery_filter: pc.Expression, use_gpu: bool) -> None:
+        import ray
+
         actor = ray.remote(GalleryScanner).options(max_restarts=-1, max_task_retries=-1, **options)
         shared_artifact = self.share(artifact)
         self.starting = {}
@@ -207,11 +226,15 @@ class ScannerPool:
     @staticmethod
     def share(value: Any) -> Shared:
         """`value` in the object store, put once for every call that passes it."""
+        import ray
+
         reference = ray.put(value)
-        return Shared(reference.hex(), reference)
+        return Shared(reference.hex(), reference, in_object_store=True)
 
     def map(self, method: str, pieces: Iterable[Piece], *args: Any) -> Iterator[Any]:
         """`method(piece, *args)` on the actors for every piece; the results in the order they finish."""
+        import ray
+
         queue = list(pieces)[::-1]
         running: dict[Any, Any] = {}
         while queue or running:

@@ -38,8 +38,9 @@ from pipelines.schemas import column_matrix, token_columns
 from pipelines.storage import StorageError, credentials_hint
 from pipelines.tables import Snapshot, read_table
 
-# A piece of a table: one row group of one data file.
-Piece = tuple[str, int]
+# A piece of a table: consecutive row groups of one data file, read by one scanner call.
+Piece = tuple[str, tuple[int, ...]]
+PIECE_ROWS = 65536  # rows a piece holds at most (unless one row group is larger): 128 MB of D=512 features
 
 
 def features_table(snapshot: Snapshot) -> Snapshot:
@@ -58,12 +59,9 @@ class Selection:
 
     def pieces(self, *more: tuple[str, list[str]]) -> list[Piece]:
         """The row groups that may hold selected rows (and rows with `column in values` for each of
-        `more`), by the files' and row groups' statistics."""
-        return [(path, group) for path, groups in self._pieces(*more) for group in groups]
-
-    def _pieces(self, *more: tuple[str, list[str]]) -> list[tuple[str, list[int]]]:
+        `more`), by the files' and row groups' statistics, in pieces of about PIECE_ROWS rows."""
         try:
-            return self.table.pieces(*self.where.pruning, *more)
+            return self.table.runs(*self.where.pruning, *more, max_rows=PIECE_ROWS)
         except OSError as error:  # a footer that cannot be read: an S3 outage, a vacuumed file
             raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
 
@@ -71,7 +69,7 @@ class Selection:
         """The files and row groups that may hold selected rows, as one dataset (filter it with `where.expression`)."""
         parquet = pads.ParquetFileFormat()
         fs = self.table.location.fs
-        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=groups) for path, groups in self._pieces()]
+        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=list(groups)) for path, groups in self.pieces()]
         schema = pq.read_schema(self.table.files.column("path")[0].as_py(), filesystem=fs)
         return pads.FileSystemDataset(fragments, schema, parquet, fs)
 

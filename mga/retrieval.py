@@ -162,6 +162,15 @@ def exact_top_k(
     return shortlist
 
 
+def count_above(values: torch.Tensor, thresholds: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
+    """Per row of `values` [R, G], how many exceed (or with `inclusive` reach) `thresholds` [R, 1];
+    [R] int64. On a CPU numpy counts (7x torch's sum of a boolean matrix there), on a GPU torch."""
+    if values.device.type == "cpu":
+        array, bound = values.numpy(), thresholds.numpy()
+        return torch.from_numpy(np.count_nonzero(array >= bound if inclusive else array > bound, axis=1).astype(np.int64))
+    return (values >= thresholds if inclusive else values > thresholds).sum(1)
+
+
 def count_ranked_above(
     scores: torch.Tensor,
     query_global: torch.Tensor,
@@ -184,10 +193,17 @@ def count_ranked_above(
         part = slice(start, start + COUNT_CHUNK)
         query, score, key = positive_query[part], positive_score[part, None], positive_key[part, None]
         fast = scores[query]
-        counts[part] = (fast > score + tolerance).sum(1)
-        near = ((fast - score).abs() <= tolerance) & (block_keys[None, :] != key)  # never the positive itself
+        above = count_above(fast, score + tolerance)
+        counts[part] = above
+        # Rows within the tolerance of a positive's score (the positive itself among them when it
+        # is in this block) are decided exactly; most positives have none in a given block.
+        unsure = (count_above(fast, score - tolerance, inclusive=True) > above).nonzero(as_tuple=True)[0]
+        if not len(unsure):
+            continue
+        near = ((fast[unsure] - score[unsure]).abs() <= tolerance) & (block_keys[None, :] != key[unsure])  # never the positive itself
         pair, row = near.nonzero(as_tuple=True)
         if len(pair):
+            pair = unsure[pair]
             exact = pair_scores(query_global[query[pair]], block_global[row])
             before = (exact > score[pair, 0]) | ((exact == score[pair, 0]) & (block_keys[row] < key[pair, 0]))
             counts[part].index_add_(0, pair, before.long())  # a slice is a view: adds in place

@@ -25,27 +25,32 @@ import hashlib
 import posixpath
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from mga.errors import InputError
-from mga.transforms import DEFAULT_MAX_PIXELS
+from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 from pipelines.command import module_main
 from pipelines.console import print_summary
 from pipelines.search import DEFAULT_GALLERY_WHERE, INDEX_KINDS
-from pipelines.storage import StorageError, resolve
+from pipelines.storage import Location, StorageError, resolve
+
+if TYPE_CHECKING:
+    from pipelines.tables import Snapshot
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EMBED_BATCH = 32
 
 
 def list_photos(photos: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """The image files named by `photos` (a directory or prefix: its images, sorted), and
-    (photo, reason) for each name that holds none."""
-    listed, unreadable = [], []
+    """The image files named by `photos` (a directory or prefix: its images, sorted; each file
+    once), and (photo, reason) for each name that holds none."""
+    listed: list[str] = []
+    unreadable: list[tuple[str, str]] = []
     for photo in photos:
         try:
             location = resolve(photo)
@@ -65,23 +70,25 @@ def list_photos(photos: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
                 unreadable.append((photo, "no such file or directory"))
         except (StorageError, OSError) as error:
             unreadable.append((photo, str(error)))
-    return listed, unreadable
+    return list(dict.fromkeys(listed)), unreadable
 
 
 def read_photos(uris: list[str], image_size: int, max_pixels: int) -> tuple[dict[str, Any], dict[str, bytes], list[tuple[str, str]]]:
     """The photos decoded as `mga embed` decodes (no box): a batch of identity columns and
     `pixels`, their encoded bytes, and (photo, reason) for each one that cannot be read."""
-    import numpy as np
-
-    from mga.transforms import ImageDecodeError, preprocess
-
-    kept, pixels, encoded, unreadable = [], [], {}, []
+    kept: list[str] = []
+    pixels: list[np.ndarray] = []
+    encoded: dict[str, bytes] = {}
+    unreadable: list[tuple[str, str]] = []
     for uri in uris:
         try:
             data = resolve(uri).read_bytes()
             pixels.append(preprocess(data, None, image_size, None, max_pixels))
         except (StorageError, ImageDecodeError) as error:
-            unreadable.append((uri, str(error)))
+            unreadable.append((uri, str(error).removeprefix(f"cannot read {uri}: ")))  # the line names the photo once
+            continue
+        except Exception as error:  # noqa: BLE001 - as embed: one odd file is reported, the others answered
+            unreadable.append((uri, f"cannot decode: unexpected {type(error).__name__}: {error}"))
             continue
         kept.append(uri)
         encoded[uri] = data
@@ -195,7 +202,7 @@ def _print_results(results: pa.Table, photos: list[str]) -> None:
             print("  " + "  ".join(text.rjust(width) if index in (0, 4, 5, 6) else text.ljust(width) for index, (text, width) in enumerate(zip(cell, widths))))
 
 
-def _write_page(target, results: pa.Table, encoded: dict[str, bytes], table) -> list[str]:
+def _write_page(target: Location, results: pa.Table, encoded: dict[str, bytes], table: Snapshot) -> list[str]:
     """`query.png` (each photo, then its results with their scores) and `query.html` in `target`."""
     from pipelines.catalog import catalog_images, features_catalog
     from pipelines.report import GalleryExample, Section, gallery_picture, render_html

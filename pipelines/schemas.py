@@ -51,14 +51,15 @@ def vector_column(values: np.ndarray, data_type: pa.DataType) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32).reshape(-1), pa.float32()), flat.shape[1])
 
 
-def column_matrix(table: pa.Table, name: str, rows_shape: tuple[int, ...] = ()) -> np.ndarray:
-    """A vector column (float list, or binary halves) as a writable float32 array [rows, *rows_shape or width]."""
+def column_matrix(table: pa.Table, name: str, rows_shape: tuple[int, ...] = (), stored: bool = False) -> np.ndarray:
+    """A vector column (float list, or binary halves) as a writable array [rows, *rows_shape or
+    width]: float32, or with `stored` in the precision the table keeps (float16 for halves)."""
     column = table.column(name).combine_chunks()
     rows = len(column)
     if pa.types.is_binary(column.type):
         _, offsets, data = column.buffers()
         bounds = np.frombuffer(offsets, np.int32, rows + 1, column.offset * 4)
-        flat = np.frombuffer(data, "<f2", (bounds[-1] - bounds[0]) // 2, bounds[0]).astype(np.float32)
+        flat = np.frombuffer(data, "<f2", (bounds[-1] - bounds[0]) // 2, bounds[0]).astype(np.float16 if stored else np.float32)
     else:
         flat = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)  # writable: torch owns what it wraps
     return flat.reshape(rows, *(rows_shape or (-1,)))

@@ -347,7 +347,7 @@ def test_approximate_indexes_report_recall_against_exact(world, tmp_path):
 
     # Each index on its own (no Ray): the share of the exact top-`depth` it returns.
     query_ids = pa.array([f"query-{i}" for i in range(queries)])
-    chunk = QueryChunk(query_ids, pa.nulls(queries, pa.string()), np.ascontiguousarray(vectors[gallery:]), [], Positives.empty())
+    chunk = QueryChunk(query_ids, pa.nulls(queries, pa.string()), np.ascontiguousarray(vectors[gallery:]), pa.table({}), (4, 16), Positives.empty())
     overlap = {}
     for kind in ("hnsw", "ivf", "ivfpq"):
         shortlisted = approximate_shortlist(*build_index(Gallery(snapshot, parse_filter("split = 'gallery'")), kind), chunk, depth)
@@ -473,8 +473,9 @@ def _parquet_files(uri: str, runs: set[str]) -> list[str]:
 
 
 @pytest.mark.ray
+@pytest.mark.s3
 @pytest.mark.timeout(600)
-def test_query_photos_equal_the_batch_search_of_their_uploads(world, tmp_path, capsys):
+def test_query_photos_equal_the_batch_search_of_their_uploads(world, tmp_path, capsys, s3_env):
     """Customer photos as JPEG files, half of them unlabelled: `mga prepare manifest` -> `mga embed`
     -> `mga search --queries` ranks them as `mga query` does straight from the files; DuckDB reads
     the items of each photo's results from the rankings alone."""
@@ -507,6 +508,16 @@ def test_query_photos_equal_the_batch_search_of_their_uploads(world, tmp_path, c
         assert np.allclose(got.column(column).to_numpy(), expected.column(column).to_numpy(), atol=1e-5), column
     gallery_categories = dict(zip(*(sorted_table(world["features"]).column(name).to_pylist() for name in ("image_id", "category"))))
     assert got.column("category").to_pylist() == [gallery_categories[g] for g in got.column("gallery_id").to_pylist()]
+    # Photos in a bucket, shortlisted by a faiss index over the gallery's 36 images (HNSW returns them exactly).
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1")
+    for number in (0, 3):
+        client.put_object(Bucket=s3_env["bucket"], Key=f"uploads/p{number}.jpg", Body=(photos / f"p{number}.jpg").read_bytes())
+    in_bucket = query.run([f"s3://{s3_env['bucket']}/uploads"], world["features"], top=5, index="hnsw")["results"]
+    assert in_bucket.column("query_id").to_pylist() == [f"s3://{s3_env['bucket']}/uploads/p{n}.jpg" for n in (0, 3) for _ in range(5)]
+    mine = got.filter(pc.is_in(got.column("query_id"), pa.array([str(photos / "p0.jpg"), str(photos / "p3.jpg")])))
+    assert in_bucket.column("gallery_id").to_pylist() == mine.column("gallery_id").to_pylist()
 
     # The command as a user runs it (in this process: no exit means exit code 0): a printed table per
     # photo, the page, one line per unreadable photo.

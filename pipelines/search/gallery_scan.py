@@ -103,7 +103,7 @@ class GalleryScanner:
 
     def _queries(self, chunk: dict[str, Any]) -> dict[str, Any]:
         arrays = {name: _tensor(chunk[name], self.device) for name in ("global", "positive_query", "positive_score", "positive_key")}
-        arrays["tokens"] = [_tensor(layer, self.device) for layer in chunk["tokens"]]
+        arrays["tokens"] = [_tensor(layer, self.device).float() for layer in chunk["tokens"]]  # shared as stored (float16 or float32)
         return arrays
 
     def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int) -> list[dict[str, Any]]:

@@ -36,11 +36,12 @@ from mga.retrieval import pair_scores, tie_keys
 from pipelines.filters import RowFilter, parse_filter
 from pipelines.schemas import column_matrix, token_columns
 from pipelines.storage import StorageError, credentials_hint
-from pipelines.tables import Snapshot, read_table
+from pipelines.tables import Snapshot
 
 # A piece of a table: consecutive row groups of one data file, read by one scanner call.
 Piece = tuple[str, tuple[int, ...]]
 PIECE_ROWS = 65536  # rows a piece holds at most (unless one row group is larger): 128 MB of D=512 features
+PAIR_BATCH = 8192  # (query, positive) pairs scored in float64 at a time: bounds the driver's memory
 
 
 def features_table(snapshot: Snapshot) -> Snapshot:
@@ -65,11 +66,12 @@ class Selection:
         except OSError as error:  # a footer that cannot be read: an S3 outage, a vacuumed file
             raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
 
-    def dataset(self) -> pads.Dataset:
-        """The files and row groups that may hold selected rows, as one dataset (filter it with `where.expression`)."""
+    def dataset(self, *more: tuple[str, list[str]]) -> pads.Dataset:
+        """The files and row groups that may hold selected rows (and `more`, as `pieces`), as one
+        dataset (filter it with `where.expression`)."""
         parquet = pads.ParquetFileFormat()
         fs = self.table.location.fs
-        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=list(groups)) for path, groups in self.pieces()]
+        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=list(groups)) for path, groups in self.pieces(*more)]
         schema = pq.read_schema(self.table.files.column("path")[0].as_py(), filesystem=fs)
         return pads.FileSystemDataset(fragments, schema, parquet, fs)
 
@@ -103,46 +105,55 @@ class Gallery(Selection):
 
     def positives(self, items: pa.Array, query_global: np.ndarray) -> Positives:
         """For queries of `items` (null: unlabelled) with global features `query_global`, every
-        selected gallery row of their item. Reads only the files and row groups that may hold them."""
+        selected gallery row of their item. Reads only the files and row groups that may hold
+        them, a batch at a time (only the matching rows are kept)."""
         labelled = pc.unique(items.drop_null())
         if len(labelled) == 0:
             return Positives.empty()
-        rows = read_table(
-            self.table, ["image_id", "item_id", "global"], self.where.expression & pc.field("item_id").isin(labelled),
-            *self.where.pruning, ("item_id", labelled.to_pylist()),
-        )
+        columns = ["image_id", "item_id", "global"]
+        dataset = self.dataset(("item_id", labelled.to_pylist()))
+        try:
+            batches = dataset.to_batches(columns=columns, filter=self.where.expression & pc.field("item_id").isin(labelled), batch_readahead=1, fragment_readahead=1)
+            rows = pa.Table.from_batches(list(batches), pa.schema([dataset.schema.field(name) for name in columns]))
+        except OSError as error:
+            raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
         left = pa.table({"query": pa.array(np.arange(len(items))), "item_id": items})
         right = pa.table({"row": pa.array(np.arange(rows.num_rows)), "item_id": rows.column("item_id"), "gallery_id": rows.column("image_id")})
         pairs = left.join(right, "item_id", join_type="inner").sort_by([("query", "ascending"), ("gallery_id", "ascending")])
         query, row = (pairs.column(name).to_numpy().astype(np.int64) for name in ("query", "row"))  # copies torch may index with
-        gallery_global = torch.from_numpy(column_matrix(rows, "global"))
+        query_tensor, gallery_global = torch.from_numpy(query_global), torch.from_numpy(column_matrix(rows, "global"))
+        # Exact scores in float64, a bounded number of pairs at a time.
+        score = np.concatenate([
+            pair_scores(query_tensor[query[start:start + PAIR_BATCH]], gallery_global[row[start:start + PAIR_BATCH]]).numpy()
+            for start in range(0, len(query), PAIR_BATCH)
+        ] or [np.zeros(0, np.float32)])
         ids = pairs.column("gallery_id").combine_chunks()
-        return Positives(
-            query, pair_scores(torch.from_numpy(query_global)[query], gallery_global[row]).numpy(),
-            tie_keys(ids.to_numpy(zero_copy_only=False)), ids,
-        )
+        return Positives(query, score, tie_keys(ids.to_numpy(zero_copy_only=False)), ids)
 
 
 @dataclass
 class QueryChunk:
     """Queries as the scans need them: ids, items (null where unlabelled), global features
-    [Q, D], tokens [Q, M, d] per layer (float32) and their positives in the gallery."""
+    [Q, D] (float32), the token columns as the table stores them (`token_rows`; the scanners
+    get them as [Q, M, d] arrays in that precision, float16 or float32, and compute in
+    float32) and their positives in the gallery."""
 
     ids: pa.Array
     items: pa.Array
     global_features: np.ndarray
-    tokens: list[np.ndarray]
+    token_rows: pa.Table
+    token_shape: tuple[int, int]
     positives: Positives
 
     @classmethod
     def from_rows(cls, rows: pa.Table, info: dict[str, Any], gallery: Gallery) -> "QueryChunk":
         """A chunk from features-table rows (`image_id`, `item_id`, `global`, `tokens_*`), with
         token shapes from the table's metadata `info` and positives from `gallery`."""
-        shape = (info["num_tokens"], info["token_dim"])
         items = rows.column("item_id").combine_chunks()
         global_features = np.ascontiguousarray(column_matrix(rows, "global"))
-        tokens = [np.ascontiguousarray(column_matrix(rows, name, shape)) for name in token_columns(info)]
-        return cls(rows.column("image_id").combine_chunks(), items, global_features, tokens, gallery.positives(items, global_features))
+        tokens = rows.select(token_columns(info)).combine_chunks()
+        return cls(rows.column("image_id").combine_chunks(), items, global_features, tokens, (info["num_tokens"], info["token_dim"]),
+                   gallery.positives(items, global_features))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -152,9 +163,10 @@ class QueryChunk:
         return self.items.null_count
 
     def scan_arrays(self) -> dict[str, Any]:
-        """What the scan actors read (GalleryScanner): numbers only, shared once per chunk."""
+        """What the scanners read (GalleryScanner): numbers only, shared once per chunk."""
         return {
-            "global": self.global_features, "tokens": self.tokens,
+            "global": self.global_features,
+            "tokens": [column_matrix(self.token_rows, name, self.token_shape, stored=True) for name in self.token_rows.column_names],
             "positive_query": self.positives.query, "positive_score": self.positives.score, "positive_key": self.positives.key,
         }
 

@@ -146,6 +146,25 @@ def merge_top_k(first: TopK, second: TopK, k: int) -> TopK:
     return joined.take(order_by_score(joined.scores, joined.keys)[:, :k])
 
 
+def merge_known_top_k(known: TopK, boundary_score: torch.Tensor, boundary_key: torch.Tensor, added: TopK, k: int) -> TopK:
+    """The exact top of a gallery that gained rows, from what was known of its top before.
+
+    `known` [Q, n] holds, per query, every row of the old gallery at or before a boundary in
+    the global order (`boundary_score`, `boundary_key` [Q]: its exact S_global and tie key;
+    -inf for a query that knew the whole gallery), minus the rows since removed (scored -inf:
+    padding). `added` [Q, m] is the exact top of the rows added since. Every row neither known
+    nor added ranks after the boundary, so the rows at or before it are exactly the known ones
+    and the added ones at or before it: their merge, cut to `k`, is exact (the top-k of a union
+    is the top-k of the union of top-ks). Added rows after the boundary are left out, since
+    where they fall among the unknown rows is not known. Entries scored -inf are padding: the
+    exact part of a query's list is its finite entries.
+    """
+    before = (added.scores > boundary_score[:, None]) | ((added.scores == boundary_score[:, None]) & (added.keys <= boundary_key[:, None]))
+    padding = torch.iinfo(torch.int64).max
+    kept = TopK(torch.where(before, added.scores, float("-inf")), torch.where(before, added.keys, padding), added.rows)
+    return merge_top_k(known, kept, k)
+
+
 def exact_top_k(
     query_global: torch.Tensor, gallery_global: torch.Tensor, gallery_keys: torch.Tensor, k: int, gallery_block: int = 65536
 ) -> TopK:

@@ -104,5 +104,19 @@ POSITIVES = pa.schema(
         ("gallery_id", pa.string()),
         ("rank_global", pa.int64()),
         ("rank_reranked", pa.int64()),
+        ("score_global", pa.float32()),  # exact S_global: `mga search --incremental` moves the ranks by it
+    ]
+)
+
+# Beside the rankings too: each query's shortlist in global order, deeper than the rankings (a
+# reserve for rows the gallery loses), with S_token where it was computed: what
+# `mga search --incremental` updates exactly instead of searching the query again.
+SHORTLISTS = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("gallery_id", pa.string()),
+        ("gallery_item_id", pa.string()),
+        ("score_global", pa.float32()),
+        ("score_token", pa.float32()),  # null where not computed
     ]
 )

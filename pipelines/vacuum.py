@@ -5,7 +5,10 @@
 Every version younger than `--retain-hours` stays readable (Delta time travel, and readers
 still on it), the current one always; files that no such version reads are deleted, and so
 are files no version ever listed (a killed job's run directory) once older than the horizon.
-A table's companions (`<uri>_rejects`, `<uri>_positives`) are vacuumed with it.
+A table's companions (`<uri>_rejects`, `<uri>_positives`, `<uri>_shortlists`) are vacuumed
+with it. `mga search --incremental` compares the features table's current version with the
+one its rankings were made from: vacuum features tables with a horizon longer than the time
+between searches, or the next one is a full search (it says so).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pipelines.storage import resolve
 from pipelines.tables import companion, open_table, table_exists, vacuum
 
 DEFAULT_RETAIN_HOURS = 168.0  # Delta's own default horizon: a week of time travel
-COMPANIONS = ("rejects", "positives")
+COMPANIONS = ("rejects", "positives", "shortlists")
 
 
 def run(tables: list[str], retain_hours: float = DEFAULT_RETAIN_HOURS) -> dict[str, Any]:

@@ -96,7 +96,9 @@ def rankings_table(rows: list[tuple]) -> pa.Table:
 
 
 def positives_table(rows: list[tuple]) -> pa.Table:
+    """(query_id, gallery_id, rank_global, rank_reranked) rows; evaluate reads no score_global."""
     columns = list(zip(*rows, strict=True))
+    columns.append([0.0] * len(rows))
     return pa.table(dict(zip(POSITIVES.names, columns)), schema=POSITIVES)
 
 

@@ -15,6 +15,10 @@ null `is_match`. For every query the ranking is mga.retrieval's: global order, t
   rankings' commit metadata): for every gallery image of a labelled query's item, its
   full-gallery `rank_global` and `rank_reranked`, so R@K and mAP over the whole gallery
   need no queries x gallery rows (mga.metrics).
+- the **shortlists** table (`<out>_shortlists`): each query's exact list in global order,
+  deeper than the rankings, with S_token where computed: what `--incremental` updates
+  (pipelines.search.incremental: the rankings brought to the tables' current versions with
+  the rows a full search would write, reading only what changed).
 
 Nothing is held whole: the queries are read from their table a chunk (`--query-chunk`) at a
 time, with the chunk's positives (pipelines.search.queries); for each chunk the gallery's row
@@ -25,20 +29,22 @@ actor's device, so a GPU has no cap on the depth. `--index ivf|hnsw|ivfpq` short
 faiss index instead (pipelines.search.approximate), and records its recall@100 against the
 exact scan.
 
-The positives and then the rankings are each one Delta commit (pipelines.tables), the
-rankings' naming the positives' version and the gallery and queries tables with their
+The positives, the shortlists and then the rankings are each one Delta commit (pipelines.tables), the
+rankings' naming the others' versions and the gallery and queries tables with their
 versions and filters: a search that fails or is killed leaves the previous rankings as
 readers saw them; re-running it gives the same rows, however many actors ran, however the
 queries were chunked and the gallery split into blocks.
 
 The job is this module, light to import; where queries and gallery come from is `queries`,
 one chunk's search and its ranked rows `ranking` (which `mga query` shares), the scans'
-actors `gallery_scan`, the faiss shortlist `approximate`.
+actors `gallery_scan`, the faiss shortlist `approximate`, the update `incremental` and what
+changed in a table `changes`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from typing import Any
 
@@ -46,7 +52,7 @@ from mga.errors import InputError
 from pipelines.command import module_main
 from pipelines.console import print_summary
 from pipelines.resources import actor_cpus, actor_gpus, add_gpu_arguments, default_actors, execute
-from pipelines.schemas import POSITIVES, RANKINGS
+from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS
 from pipelines.storage import resolve, write_parquet
 from pipelines.tables import TableWriter, companion, open_table
 
@@ -80,14 +86,17 @@ def run(
     queries: str | None = None,
     gallery_where: str = DEFAULT_GALLERY_WHERE,
     queries_where: str = DEFAULT_QUERIES_WHERE,
+    incremental: bool = False,
 ) -> dict[str, Any]:
     # Here, not at the top: `mga search --help` and a usage error must not wait for torch and Ray.
+    import pyarrow.compute as pc
     import ray
 
     from pipelines.model_store import load_artifact, read_artifact_files
     from pipelines.runtime import init_ray
     from pipelines.search.approximate import build_index, shortlist_recall
     from pipelines.search.gallery_scan import ScannerPool
+    from pipelines.search.incremental import IncrementalSearch, reserve, token_reserve
     from pipelines.search.queries import selections
     from pipelines.search.ranking import ChunkSearch
 
@@ -97,6 +106,8 @@ def run(
         raise InputError(f"--rerank-top must be non-negative, got {rerank_top}")
     if index not in INDEX_KINDS:
         raise InputError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
+    if incremental and index != "exact":
+        raise InputError(f"--incremental updates an exact search: --index {index} is approximate")
     actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
     gallery_table = open_table(resolve(features))
@@ -110,6 +121,21 @@ def run(
         raise InputError(f"{gallery_table.uri} was embedded with model_id {info['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
     alpha = float(model_config["model"]["alpha"])
 
+    settings = {
+        "features": gallery_table.uri, "gallery_where": gallery.where.text, "queries_table": queries_table.uri, "queries_where": source.where.text,
+        "model_id": model_id, "alpha": alpha, "depth": depth, "rerank_top": rerank_top, "index": index,
+    }
+    table = resolve(out)
+    update, why_full = _incremental_plan(table, settings, gallery, source) if incremental else (None, None)
+    if update is not None and not update[1]:
+        previous = update[0]
+        print_summary("mga search --incremental", {
+            "nothing to do": f"no row of the gallery ({gallery_table.uri} version {gallery_table.version}) or the queries "
+                             f"({queries_table.uri} version {queries_table.version}) changed since {table.uri} version {previous.rankings.version}: nothing committed",
+            "wall time": f"{time.time() - started:.1f} s",
+        })
+        return {**previous.info, "version": previous.rankings.version, "committed": False}
+
     init_ray()
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
@@ -117,27 +143,48 @@ def run(
     pool = ScannerPool(workers, {"num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor)}, gallery_table.location, files, gallery.where.expression, gpus > 0)
     # Pairs per ATA call: an H100 saturates at about 4096 (bench/retrieval_device.py); a CPU at ~128.
     rerank_batch = rerank_batch or (4096 if gpus else 128)
-    table = resolve(out)
     reading = gallery_table.uri if queries_table is gallery_table else f"{gallery_table.uri} and {queries_table.uri}"
     approximate = execute(lambda: build_index(gallery, index), reading, table.uri) if index != "exact" else None
-    search = ChunkSearch(gallery, pool, depth, rerank_top, alpha, block_rows, rerank_batch, approximate)
+    # An exact search keeps deeper shortlists, for the next incremental run (search.incremental).
+    reserves = (0, 0) if approximate is not None else (reserve(depth), token_reserve(rerank_top))
+    search = ChunkSearch(gallery, pool, depth, rerank_top, alpha, block_rows, rerank_batch, approximate, *reserves)
     recall = None
     if approximate is not None:  # against the exact scan, on the first queries
         sample = next(source.chunks(RECALL_QUERIES, gallery))
         recall = execute(lambda: shortlist_recall(search.shortlist(sample, None, 100), search.shortlist(sample, None, 100, exact=True)), reading, table.uri)
-    totals = {"queries": 0, "unlabelled": 0, "rows": 0, "positives": 0, "head": 0, "depth": 0, "gallery": 0}
-    with TableWriter(table) as writer, TableWriter(companion(table, "positives")) as positives_writer:
-        chunks = source.chunks(query_chunk, gallery)
-        for part, chunk in enumerate(chunks):
-            ranked = execute(lambda: search(chunk), reading, table.uri)
+    if update is not None:
+        steps = IncrementalSearch(*update, search, source, query_chunk)
+        chunks = iter(steps)
+    else:
+        chunks = ((chunk, search(chunk)) for chunk in source.chunks(query_chunk, gallery))
+    totals = {"queries": 0, "unlabelled": 0, "rows": 0, "positives": 0, "shortlists": 0, "head": 0, "depth": 0, "gallery": 0}
+    with TableWriter(table) as writer, TableWriter(companion(table, "positives")) as positives_writer, \
+            TableWriter(companion(table, "shortlists")) as shortlists_writer:
+        for part in itertools.count():
+            step = execute(lambda: next(chunks, None), reading, table.uri)
+            if step is None:
+                break
+            ranked = step[1]
             write_parquet(writer.file(f"rankings-{part:05d}.parquet"), ranked.rankings)
             write_parquet(positives_writer.file(f"positives-{part:05d}.parquet"), ranked.positives)
-            for name, value in (("queries", len(chunk)), ("unlabelled", chunk.unlabelled), ("rows", ranked.rankings.num_rows), ("positives", ranked.positives.num_rows)):
+            write_parquet(shortlists_writer.file(f"shortlists-{part:05d}.parquet"), ranked.shortlists)
+            firsts = ranked.rankings.filter(pc.field("rank") == 1)
+            for name, value in (("queries", firsts.num_rows), ("unlabelled", firsts.column("query_positives").null_count), ("rows", ranked.rankings.num_rows),
+                                ("positives", ranked.positives.num_rows), ("shortlists", ranked.shortlists.num_rows)):
                 totals[name] += value
             # Every chunk scans the same gallery: its size and the depth are any chunk's.
             totals.update(head=max(totals["head"], ranked.head), depth=ranked.depth, gallery=ranked.gallery_rows)
-            del chunk, ranked  # the next chunk is read while only the rows written are kept
+            del step, ranked  # the next chunk is read while only the rows written are kept
         positives_table = positives_writer.commit(POSITIVES, {"table": "positives", "of": table.uri, "rows": totals["positives"]})
+        shortlists_table = shortlists_writer.commit(SHORTLISTS, {"table": "shortlists", "of": table.uri, "rows": totals["shortlists"]})
+        incremental_info = None
+        if update is not None:
+            previous, changes = update
+            incremental_info = {
+                "from_version": previous.rankings.version,
+                "gallery_removed": changes.gallery.removed.num_rows, "gallery_added": changes.gallery.added.num_rows,
+                "queries_removed": changes.queries.removed.num_rows, "queries_added": changes.queries.added.num_rows, **steps.counts,
+            }
         result = writer.commit(
             RANKINGS,
             {
@@ -161,24 +208,52 @@ def run(
                 "rows": totals["rows"],
                 "positives_rows": totals["positives"],
                 "positives": {"table": positives_table.uri, "version": positives_table.version},
+                "shortlists": {"table": shortlists_table.uri, "version": shortlists_table.version},
+                "search": settings,
+                "incremental": incremental_info,
             },
         )
+    lines = {
+        "gallery": f"{gallery_table.uri} version {gallery_table.version} where {gallery.where.text} ({totals['gallery']} images, model_id {model_id})",
+        "queries": f"{queries_table.uri} version {queries_table.version} where {source.where.text} "
+                   f"({totals['queries']} queries, {totals['unlabelled']} of them unlabelled)",
+    }
+    if incremental_info is not None:
+        lines["incremental"] = (
+            f"from {table.uri} version {incremental_info['from_version']}: gallery -{incremental_info['gallery_removed']} +{incremental_info['gallery_added']} rows, "
+            f"queries -{incremental_info['queries_removed']} +{incremental_info['queries_added']}; {incremental_info['updated']} queries updated, "
+            f"{incremental_info['searched in full']} searched in full ({incremental_info['no longer complete']} of them because their shortlist no longer reached the depth)"
+        )
+    elif why_full is not None:
+        lines["incremental"] = f"a full search: {why_full}"
     print_summary(
-        "mga search",
+        "mga search" + (" --incremental" if incremental else ""),
         {
-            "gallery": f"{gallery_table.uri} version {gallery_table.version} where {gallery.where.text} ({totals['gallery']} images, model_id {model_id})",
-            "queries": f"{queries_table.uri} version {queries_table.version} where {source.where.text} "
-                       f"({totals['queries']} queries, {totals['unlabelled']} of them unlabelled)",
+            **lines,
             "shortlist": (f"exact (blocked matmul + top-k, {block_rows} gallery rows a block)" if recall is None
                           else f"faiss {index}, recall@100 vs exact {recall:.3f}") + f", depth {totals['depth']}",
             "rerank": f"top {totals['head']} per query by ATA (alpha {alpha}, {rerank_batch} pairs a call)",
             "wrote": f"{table.uri} (version {result.version}, {totals['rows']} rankings rows); positives with full-gallery ranks: "
-                     f"{positives_table.uri} (version {positives_table.version}, {totals['positives']} rows)",
+                     f"{positives_table.uri} (version {positives_table.version}, {totals['positives']} rows); shortlists: "
+                     f"{shortlists_table.uri} (version {shortlists_table.version}, {totals['shortlists']} rows)",
             "workers": f"{workers} x " + (f"{gpus:g} GPU" if gpus else f"{cpus_per_actor:g} CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",
             "wall time": f"{time.time() - started:.1f} s",
         },
     )
-    return {**result.info, "version": result.version}
+    return {**result.info, "version": result.version, "committed": True}
+
+
+def _incremental_plan(table: Any, settings: dict[str, Any], gallery: Any, source: Any) -> tuple[tuple[Any, Any] | None, str | None]:
+    """(previous search, its changes) to update, or (None, why a full search is run instead)."""
+    from pipelines.search.incremental import find_changes, previous_search
+
+    previous = previous_search(table, settings)
+    if isinstance(previous, str):
+        return None, previous
+    changes = find_changes(previous, gallery, source)
+    if isinstance(changes, str):
+        return None, changes
+    return (previous, changes), None
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +270,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-rows", type=int, default=32768, help="gallery rows scored per shortlist block")
     parser.add_argument("--rerank-batch", type=int, default=None, help="query-candidate pairs per ATA call (default: 4096 on GPU, 128 on CPU)")
     parser.add_argument("--model", default=None, help="model artifact (default: the one the features were embedded with)")
+    parser.add_argument("--incremental", action="store_true", help="update the rankings at --out to the tables' current versions (exact; a full search when they cannot be updated)")
     add_gpu_arguments(parser, "search")
 
 
@@ -202,7 +278,7 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
     return run(
         args.features, args.out, args.depth, args.rerank_top, args.index, args.workers, args.query_chunk, args.block_rows, args.rerank_batch, args.model,
         use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-        queries=args.queries, gallery_where=args.gallery_where, queries_where=args.queries_where,
+        queries=args.queries, gallery_where=args.gallery_where, queries_where=args.queries_where, incremental=args.incremental,
     )
 
 

@@ -106,13 +106,15 @@ class GalleryScanner:
         arrays["tokens"] = [_tensor(layer, self.device).float() for layer in chunk["tokens"]]  # shared as stored (float16 or float32)
         return arrays
 
-    def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int) -> list[dict[str, Any]]:
-        """The piece's gallery rows in blocks of `block_rows`: each block's top-`depth` per query and the positives' counts."""
+    def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int, row_filter: pc.Expression | None = None) -> list[dict[str, Any]]:
+        """The piece's gallery rows (those passing `row_filter`, default the gallery's filter) in
+        blocks of `block_rows`: each block's top-`depth` per query and the positives' counts."""
         queries = self._cached("chunk", chunk, self._queries)
         fragment = self._fragment(piece)
         # The filter as a mask read on its own columns: filtering while reading copies every
         # selected global feature, which doubled the read when (as usual) every row is selected.
-        keep = pc.fill_null(fragment.to_table(columns={"keep": self.gallery_filter}).column("keep"), False)
+        row_filter = self.gallery_filter if row_filter is None else row_filter
+        keep = pc.fill_null(fragment.to_table(columns={"keep": row_filter}).column("keep"), False)
         rows = fragment.to_table(columns=["image_id", "item_id", "global"])
         if not pc.all(keep).as_py():
             rows = rows.filter(keep)
@@ -151,7 +153,8 @@ class GalleryScanner:
         }
 
     def score_tokens(self, piece: Piece, chunk: Shared, pairs: Shared, token_names: list[str], rerank_batch: int) -> dict[str, np.ndarray]:
-        """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA."""
+        """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA:
+        {"pair": the pairs' positions in `pairs`, "score_token"}."""
         if self.model is None:
             # Here, not at __init__: the model (timm, torchvision) costs an actor ~3 s to
             # import, and a search that reranks nothing never needs it.
@@ -160,14 +163,14 @@ class GalleryScanner:
             model, _, _ = unpack_artifact(self.artifact.get())
             self.model = model.to(self.device).eval()
         queries = self._cached("chunk", chunk, self._queries)
-        pair_ids, pair_query, pair_head = self._cached("pairs", pairs, _sorted_pairs)
+        pair_ids, pair_query, pair_index = self._cached("pairs", pairs, _sorted_pairs)
         fragment = self._fragment(piece)
         block_ids = fragment.to_table(columns=["image_id"]).column("image_id").to_numpy(zero_copy_only=False).astype(str)
         first = np.searchsorted(pair_ids, block_ids, "left")
         last = np.searchsorted(pair_ids, block_ids, "right")
         wanted = last > first
         if not wanted.any():
-            return {"query": np.zeros(0, np.int32), "head": np.zeros(0, np.int32), "score_token": np.zeros(0, np.float32)}
+            return {"pair": np.zeros(0, np.int64), "score_token": np.zeros(0, np.float32)}
         # Tokens only of the row groups that hold a candidate (a piece spans several).
         sizes = [group.num_rows for group in fragment.row_groups]
         bounds = np.concatenate([[0], np.cumsum(sizes)])
@@ -195,14 +198,14 @@ class GalleryScanner:
                 )
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
-        return {"query": pair_query[pair].astype(np.int32), "head": pair_head[pair].astype(np.int32), "score_token": scores}
+        return {"pair": pair_index[pair], "score_token": scores}
 
 
 def _sorted_pairs(pairs: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A chunk's (query, head) pairs sorted by candidate id: (ids, query, head)."""
+    """(query, candidate) pairs sorted by candidate id: (ids, query rows, positions in `pairs`)."""
     ids = pairs.column("gallery_id").to_numpy(zero_copy_only=False).astype(str)
     order = np.argsort(ids, kind="stable")
-    return ids[order], pairs.column("query").to_numpy()[order], pairs.column("head").to_numpy()[order]
+    return ids[order], pairs.column("query").to_numpy()[order], order.astype(np.int64)
 
 
 class ScannerPool:
@@ -309,8 +312,12 @@ class ShortlistMerge:
         merged.rows = torch.arange(len(self.ids)).reshape(merged.rows.shape)
         self.shortlist = merged
 
-    def result(self, gallery_uri: str) -> Shortlisted:
+    def result(self, gallery_uri: str, allow_empty: bool = False) -> Shortlisted:
+        """The merged shortlist; with `allow_empty`, no rows give empty lists (else an error)."""
         if self.shortlist is None:
-            raise InputError(f"{gallery_uri}: no gallery rows to search")
+            if not allow_empty:
+                raise InputError(f"{gallery_uri}: no gallery rows to search")
+            empty = torch.zeros(self.num_queries, 0)
+            self.shortlist = TopK(empty, empty.long(), empty.long())
         return Shortlisted(self.shortlist, self.ids, self.items, self.gallery_rows, self.counts + 1)
 

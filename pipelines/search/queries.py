@@ -75,6 +75,16 @@ class Selection:
         schema = pq.read_schema(self.table.files.column("path")[0].as_py(), filesystem=fs)
         return pads.FileSystemDataset(fragments, schema, parquet, fs)
 
+    def restricted(self, ids: pa.Array, table: Snapshot | None = None) -> "Selection":
+        """The selected rows whose `image_id` is in `ids` (of `table`: this version or another
+        of the same table, e.g. restricted to some of its files), as a selection of this kind."""
+        where = RowFilter(
+            f"({self.where.text}) AND image_id IN <{len(ids)} ids>",
+            self.where.expression & pc.field("image_id").isin(ids),
+            (*self.where.pruning, ("image_id", tuple(ids.to_pylist()))),
+        )
+        return type(self)(table or self.table, where)
+
     def require_rows(self, option: str) -> None:
         """Refuse, in one line naming `option` and the filter, a selection that holds no row."""
         try:
@@ -117,6 +127,8 @@ class Gallery(Selection):
             rows = pa.Table.from_batches(list(batches), pa.schema([dataset.schema.field(name) for name in columns]))
         except OSError as error:
             raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
+        if not rows.num_rows:  # items with no image in the gallery
+            return Positives.empty()
         left = pa.table({"query": pa.array(np.arange(len(items))), "item_id": items})
         right = pa.table({"row": pa.array(np.arange(rows.num_rows)), "item_id": rows.column("item_id"), "gallery_id": rows.column("image_id")})
         pairs = left.join(right, "item_id", join_type="inner").sort_by([("query", "ascending"), ("gallery_id", "ascending")])
@@ -146,14 +158,14 @@ class QueryChunk:
     positives: Positives
 
     @classmethod
-    def from_rows(cls, rows: pa.Table, info: dict[str, Any], gallery: Gallery) -> "QueryChunk":
+    def from_rows(cls, rows: pa.Table, info: dict[str, Any], gallery: Gallery | None) -> "QueryChunk":
         """A chunk from features-table rows (`image_id`, `item_id`, `global`, `tokens_*`), with
-        token shapes from the table's metadata `info` and positives from `gallery`."""
+        token shapes from the table's metadata `info` and positives from `gallery` (none without)."""
         items = rows.column("item_id").combine_chunks()
         global_features = np.ascontiguousarray(column_matrix(rows, "global"))
         tokens = rows.select(token_columns(info)).combine_chunks()
-        return cls(rows.column("image_id").combine_chunks(), items, global_features, tokens, (info["num_tokens"], info["token_dim"]),
-                   gallery.positives(items, global_features))
+        positives = gallery.positives(items, global_features) if gallery is not None else Positives.empty()
+        return cls(rows.column("image_id").combine_chunks(), items, global_features, tokens, (info["num_tokens"], info["token_dim"]), positives)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -174,10 +186,10 @@ class QueryChunk:
 class QuerySource(Selection):
     """The queries: the rows of a features table that pass `--queries-where`, a chunk at a time."""
 
-    def chunks(self, size: int, gallery: Gallery) -> Iterator[QueryChunk]:
+    def chunks(self, size: int, gallery: Gallery | None) -> Iterator[QueryChunk]:
         """The selected rows in chunks of `size` (the last may be smaller), in the table's file
-        order, each with its positives in `gallery`. One chunk is held at a time, plus the
-        row group being read."""
+        order, each with its positives in `gallery` (none without). One chunk is held at a
+        time, plus the row group being read."""
         columns = ["image_id", "item_id", "global", *token_columns(self.table.info)]
         scanner = self.dataset().scanner(columns=columns, filter=self.where.expression, batch_readahead=1, fragment_readahead=1)
         pending: list[pa.RecordBatch] = []

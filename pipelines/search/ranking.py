@@ -13,18 +13,20 @@ import pyarrow.compute as pc
 import torch
 
 from mga.retrieval import rerank, reranked_ranks
-from pipelines.schemas import POSITIVES, RANKINGS, token_columns
+from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS, token_columns
 from pipelines.search.gallery_scan import LocalScanner, ScannerPool, Shared, ShortlistMerge, Shortlisted
-from pipelines.search.queries import Gallery, QueryChunk
+from pipelines.search.queries import Gallery, QueryChunk, Selection
 
 
 @dataclass
 class RankedChunk:
-    """A searched chunk: its rankings rows (RANKINGS), positives rows (POSITIVES), the depth
-    ranked, the reranked depth and the gallery's size."""
+    """A searched chunk: its rankings rows (RANKINGS), positives rows (POSITIVES), shortlists
+    rows (SHORTLISTS: the global-order list kept for `--incremental`), the depth ranked, the
+    reranked depth and the gallery's size."""
 
     rankings: pa.Table
     positives: pa.Table
+    shortlists: pa.Table
     depth: int
     head: int
     gallery_rows: int
@@ -34,7 +36,9 @@ class RankedChunk:
 class ChunkSearch:
     """How every query chunk of a search is searched: against `gallery`, on `pool`'s scanners,
     the exact top-`depth` (or `index`'s approximate one: (faiss index, ids, items)), the first
-    `rerank_top` reranked by S with `alpha`, `rerank_batch` pairs an ATA call."""
+    `rerank_top` reranked by S with `alpha`, `rerank_batch` pairs an ATA call. The shortlist
+    goes `reserve` rows deeper than the rankings, and S_token is computed `token_reserve` rows
+    below the head: what an incremental search draws on when the gallery loses rows."""
 
     gallery: Gallery
     pool: ScannerPool | LocalScanner
@@ -44,58 +48,64 @@ class ChunkSearch:
     block_rows: int
     rerank_batch: int
     index: tuple[Any, pa.Array, pa.Array] | None = None
+    reserve: int = 0
+    token_reserve: int = 0
 
     def __call__(self, chunk: QueryChunk) -> RankedChunk:
         shared = self.pool.share(chunk.scan_arrays())  # once for both scans
-        shortlisted = self.shortlist(chunk, shared, self.depth)
-        depth = shortlisted.top.rows.shape[1]
-        head = min(self.rerank_top, depth) if self.alpha < 1.0 else 0
-        token_scores = self.token_scan(shared, len(chunk), shortlisted, head) if head else torch.zeros(len(chunk), 0)
-        return RankedChunk(*rank_chunk(chunk, shortlisted, token_scores, self.alpha), depth, head, shortlisted.gallery_rows)
+        shortlisted = self.shortlist(chunk, shared, self.depth + self.reserve)
+        width = shortlisted.top.rows.shape[1]
+        head = min(self.rerank_top, width) if self.alpha < 1.0 else 0
+        scored = min(head + self.token_reserve, width) if head else 0
+        query_rows = np.repeat(np.arange(len(chunk)), scored)
+        candidates = shortlisted.ids.take(pa.array(shortlisted.top.rows[:, :scored].reshape(-1).numpy()))
+        token_scores = torch.from_numpy(self.score_pairs(shared, query_rows, candidates).reshape(len(chunk), scored))
+        rankings, positives, shortlists = rank_chunk(chunk, shortlisted, token_scores, head, self.alpha, min(self.depth, width))
+        return RankedChunk(rankings, positives, shortlists, min(self.depth, width), head, shortlisted.gallery_rows)
 
-    def shortlist(self, chunk: QueryChunk, shared: Shared | None, depth: int, exact: bool = False) -> Shortlisted:
-        """Pass 1: the chunk's top-`depth` in global order and each positive's full-gallery global rank."""
+    def shortlist(self, chunk: QueryChunk, shared: Shared | None, depth: int, exact: bool = False, within: Selection | None = None) -> Shortlisted:
+        """Pass 1: the chunk's top-`depth` in global order and each positive's global rank over
+        the gallery (or over the rows of `within`, another selection of the same table's files)."""
         if self.index is not None and not exact:
             from pipelines.search.approximate import approximate_shortlist
 
             return approximate_shortlist(*self.index, chunk, depth)
         shared = shared or self.pool.share(chunk.scan_arrays())
+        rows = within or self.gallery
         merge = ShortlistMerge(len(chunk), depth, len(chunk.positives.query))
-        for blocks in self.pool.map("shortlist", self.gallery.pieces(), shared, depth, self.block_rows):
+        for blocks in self.pool.map("shortlist", rows.pieces(), shared, depth, self.block_rows, None if within is None else within.where.expression):
             for block in blocks:
                 merge.add(block)
-        return merge.result(self.gallery.table.uri)
+        return merge.result(rows.table.uri, allow_empty=within is not None)
 
-    def token_scan(self, shared: Shared, count: int, shortlisted: Shortlisted, head: int) -> torch.Tensor:
-        """Pass 2: S_token of each query with the first `head` rows of its shortlist, [Q, head]."""
-        scores = torch.full((count, head), float("nan"))
-        rows = shortlisted.top.rows[:, :head].reshape(-1).numpy()
-        pairs = pa.table(
-            {
-                "gallery_id": shortlisted.ids.take(pa.array(rows)),
-                "query": pa.array(np.repeat(np.arange(count), head), pa.int32()),
-                "head": pa.array(np.tile(np.arange(head), count), pa.int32()),
-            }
-        )
-        pieces = self.gallery.pieces(("image_id", pc.unique(pairs.column("gallery_id")).to_pylist()))
+    def score_pairs(self, shared: Shared, query_rows: np.ndarray, gallery_ids: pa.Array) -> np.ndarray:
+        """Pass 2: S_token of each (chunk row `query_rows[i]`, gallery image `gallery_ids[i]`) pair,
+        read from the gallery pieces that hold the images ([P] float32)."""
+        scores = np.full(len(query_rows), np.nan, np.float32)
+        if not len(query_rows):
+            return scores
+        pairs = pa.table({"gallery_id": gallery_ids, "query": pa.array(query_rows, pa.int32())})
+        pieces = self.gallery.pieces(("image_id", pc.unique(gallery_ids).to_pylist()))
         names = token_columns(self.gallery.table.info)
         for scored in self.pool.map("score_tokens", pieces, shared, self.pool.share(pairs), names, self.rerank_batch):
-            query, position = (torch.from_numpy(scored[name].astype(np.int64)) for name in ("query", "head"))
-            scores[query, position] = torch.from_numpy(scored["score_token"].copy())  # a copy: object store arrays are read-only
-        missing = int(torch.isnan(scores).sum())
+            scores[scored["pair"]] = scored["score_token"]
+        missing = int(np.isnan(scores).sum())
         if missing:
             raise RuntimeError(f"search: {missing} shortlisted pairs got no token score (gallery rows vanished from {self.gallery.table.uri}?)")
         return scores
 
 
-def rank_chunk(chunk: QueryChunk, shortlisted: Shortlisted, token_scores: torch.Tensor, alpha: float) -> tuple[pa.Table, pa.Table]:
-    """Rerank the chunk's shortlists (mga.retrieval) into its rankings and positives rows.
+def rank_chunk(chunk: QueryChunk, shortlisted: Shortlisted, token_scores: torch.Tensor, head: int, alpha: float, depth: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Rerank the chunk's shortlists (mga.retrieval) into its rankings (the first `depth`),
+    positives and shortlists rows.
 
-    An unlabelled query (null item) has null `is_match` and `query_positives`; a labelled
-    one's `is_match` says whether the result is of its item."""
-    ranking = rerank(shortlisted.top, token_scores, alpha)
-    count, depth = ranking.rows.shape
-    rows = pa.array(ranking.rows.reshape(-1).numpy())
+    `token_scores` [Q, N >= head] holds S_token of each query's first N shortlisted rows; the
+    first `head` are reranked. An unlabelled query (null item) has null `is_match` and
+    `query_positives`; a labelled one's `is_match` says whether the result is of its item.
+    Shortlist entries scored -inf are padding (a list shorter than the others) and not written."""
+    ranking = rerank(shortlisted.top, token_scores[:, :head], alpha)
+    count = len(chunk)
+    rows = pa.array(ranking.rows[:, :depth].reshape(-1).numpy())
     query_rows = pa.array(np.repeat(np.arange(count), depth))
     positive_query = chunk.positives.query
     rank_global = torch.from_numpy(shortlisted.rank_global)
@@ -110,9 +120,9 @@ def rank_chunk(chunk: QueryChunk, shortlisted: Shortlisted, token_scores: torch.
             "rank": pa.array(np.tile(np.arange(1, depth + 1), count), pa.int32()),
             "gallery_id": shortlisted.ids.take(rows),
             "gallery_item_id": gallery_items,
-            "score_global": pa.array(ranking.score_global.reshape(-1).numpy(), pa.float32()),
-            "score_token": pa.array(ranking.score_token.reshape(-1).numpy(), pa.float32(), from_pandas=True),  # NaN -> null
-            "score": pa.array(ranking.score.reshape(-1).numpy(), pa.float32()),
+            "score_global": pa.array(ranking.score_global[:, :depth].reshape(-1).numpy(), pa.float32()),
+            "score_token": pa.array(ranking.score_token[:, :depth].reshape(-1).numpy(), pa.float32(), from_pandas=True),  # NaN -> null
+            "score": pa.array(ranking.score[:, :depth].reshape(-1).numpy(), pa.float32()),
             "is_match": pc.if_else(labelled, pc.fill_null(pc.equal(gallery_items, query_items), False), pa.scalar(None, pa.bool_())),
             "query_positives": pa.array(
                 np.repeat(np.bincount(positive_query, minlength=count), depth), pa.int32(), mask=np.repeat(unlabelled_queries, depth)
@@ -127,7 +137,29 @@ def rank_chunk(chunk: QueryChunk, shortlisted: Shortlisted, token_scores: torch.
             # 0 = below an approximate shortlist: not retrieved (null).
             "rank_global": pa.array(rank_global.numpy(), pa.int64(), mask=rank_global.numpy() == 0),
             "rank_reranked": pa.array(rank_reranked.numpy(), pa.int64(), mask=rank_reranked.numpy() == 0),
+            "score_global": pa.array(chunk.positives.score, pa.float32()),
         },
         schema=POSITIVES,
     )
-    return rankings, positives
+    return rankings, positives, shortlist_rows(chunk.ids, shortlisted, token_scores)
+
+
+def shortlist_rows(query_ids: pa.Array, shortlisted: Shortlisted, token_scores: torch.Tensor) -> pa.Table:
+    """The shortlists rows (SHORTLISTS) of queries `query_ids`: every entry of each global-order
+    list that is not padding, with S_token where `token_scores` [Q, N] has it (its first N)."""
+    top = shortlisted.top
+    count, width = top.scores.shape
+    score_token = torch.full((count, width), float("nan"))
+    score_token[:, :token_scores.shape[1]] = token_scores
+    kept = torch.isfinite(top.scores).reshape(-1).numpy()
+    rows = pa.array(top.rows.reshape(-1).numpy()[kept])
+    return pa.table(
+        {
+            "query_id": query_ids.take(pa.array(np.repeat(np.arange(count), width)[kept])),
+            "gallery_id": shortlisted.ids.take(rows),
+            "gallery_item_id": shortlisted.items.take(rows),
+            "score_global": pa.array(top.scores.reshape(-1).numpy()[kept], pa.float32()),
+            "score_token": pa.array(score_token.reshape(-1).numpy()[kept], pa.float32(), from_pandas=True),
+        },
+        schema=SHORTLISTS,
+    )

@@ -222,7 +222,8 @@ def run(
         lines["incremental"] = (
             f"from {table.uri} version {incremental_info['from_version']}: gallery -{incremental_info['gallery_removed']} +{incremental_info['gallery_added']} rows, "
             f"queries -{incremental_info['queries_removed']} +{incremental_info['queries_added']}; {incremental_info['updated']} queries updated, "
-            f"{incremental_info['searched in full']} searched in full ({incremental_info['no longer complete']} of them because their shortlist no longer reached the depth)"
+            f"{incremental_info['searched in full']} searched in full (of them {incremental_info['no longer complete']} whose shortlist no longer reached the depth, "
+            f"{incremental_info['new positive below the list']} with a new image of their item below it); {incremental_info['token scores computed']} S_token computed for rows new to a head"
         )
     elif why_full is not None:
         lines["incremental"] = f"a full search: {why_full}"

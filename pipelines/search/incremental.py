@@ -131,7 +131,12 @@ def find_changes(previous: Previous, gallery: Gallery, queries: QuerySource) -> 
         queries_changes = row_changes(queries.table.location, info["queries_version"], queries.table, queries.where)
     except VersionGone as error:
         return str(error)
-    return Changes(gallery_changes, queries_changes, int(info["gallery"]))
+    changes = Changes(gallery_changes, queries_changes, int(info["gallery"]))
+    # A re-embedding of most of the gallery (a full `mga embed`) changes every row: scanning
+    # it as "added" rows would cost a full search and more.
+    if gallery_changes.added.num_rows > changes.old_gallery_rows // 2:
+        return f"{gallery_changes.added.num_rows} of the gallery's rows are new or changed since version {info['features_version']}"
+    return changes
 
 
 class IncrementalSearch:
@@ -146,7 +151,7 @@ class IncrementalSearch:
         self.removed_ids = changes.gallery.removed.column("image_id").combine_chunks()
         self.gone_queries = changes.queries.removed.column("image_id").combine_chunks()
         self.researched: list[pa.Array] = []  # standing queries whose lists no longer reach the depth
-        self.counts = {"updated": 0, "searched in full": 0, "no longer complete": 0, "token scores computed": 0}
+        self.counts = {"updated": 0, "searched in full": 0, "no longer complete": 0, "new positive below the list": 0, "token scores computed": 0}
 
     def __iter__(self) -> Iterator[tuple[QueryChunk, RankedChunk]]:
         for state, positives in self._stored_chunks():
@@ -158,7 +163,6 @@ class IncrementalSearch:
             state, positives = (table.filter(pc.is_in(table.column("query_id"), value_set=ids)) for table in (state, positives))
             ranked, incomplete = self._update(chunk, state, positives)
             self.counts["updated"] += len(chunk) - len(incomplete)
-            self.counts["no longer complete"] += len(incomplete)
             if len(incomplete):
                 self.researched.append(incomplete)
             yield chunk, ranked
@@ -194,7 +198,7 @@ class IncrementalSearch:
         """A standing chunk updated from its stored shortlists and positives; and the ids of its
         queries whose lists no longer reach the depth (left out of the rows, searched in full)."""
         search, count = self.search, len(chunk)
-        known, boundary, state = _known_lists(chunk, state, self.previous_gallery_rows, self.removed_ids)
+        known, boundary, state = _known_lists(chunk, state, self.changes.old_gallery_rows, self.removed_ids)
         state_ids, state_items = (state.column(name).combine_chunks() for name in ("gallery_id", "gallery_item_id"))
         positives, old_rank = _standing_positives(chunk, stored, self.removed_ids)
         chunk.positives = positives
@@ -211,6 +215,8 @@ class IncrementalSearch:
         complete = (valid >= depth).numpy()
         rank_global = old_rank - removed_before + (added.rank_global - 1)
         positives, rank_global, beyond = _with_new_positives(chunk, positives, rank_global, merged, ids, items, self.changes.gallery.added)
+        self.counts["no longer complete"] += int((~complete).sum())
+        self.counts["new positive below the list"] += int((beyond & complete).sum())
         complete &= ~beyond
         incomplete = chunk.ids.filter(pa.array(~complete))
         if not complete.any():
@@ -221,10 +227,6 @@ class IncrementalSearch:
         rankings, positive_rows, shortlist_rows = rank_chunk(chunk, shortlisted, token_scores, head, search.alpha, depth)
         keep = [table.filter(pc.invert(pc.is_in(table.column("query_id"), value_set=incomplete))) for table in (rankings, positive_rows, shortlist_rows)]
         return RankedChunk(*keep, depth, head, self.changes.gallery_rows), incomplete
-
-    @property
-    def previous_gallery_rows(self) -> int:
-        return self.changes.old_gallery_rows
 
     def _token_scores(self, chunk: QueryChunk, shared: Any, merged: TopK, ids: pa.Array, state: pa.Table, offset: int,
                       complete: np.ndarray) -> tuple[torch.Tensor, int]:

@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -35,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bench.common import machine, tree_pss, write_random_artifact
+from bench import search_scale
+from bench.common import machine, write_random_artifact
 from bench.search_scale import PAPER, unit_rows, write_features
 from pipelines.schemas import vector_column
 from pipelines.storage import resolve, write_parquet
@@ -66,27 +66,10 @@ def cached(directory: str) -> int:
 
 
 def measure(command: list[str], gallery: str) -> dict[str, float]:
-    """Run `command`: wall time, peak tree PSS, and the bytes of `gallery`'s files it read."""
+    """bench.search_scale's figures of `command`, and the bytes of `gallery`'s files it read."""
     evict(gallery)
     assert cached(gallery) == 0, "the page cache kept gallery pages"
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks = {"pss": 0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peaks["pss"] = max(peaks["pss"], tree_pss(process.pid))
-            time.sleep(0.2)
-
-    started = time.time()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output, errors = process.communicate()
-    stop.set()
-    sampler.join()
-    if process.returncode:
-        raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}: {errors[-2000:]}")
-    return {"wall": time.time() - started, "read": cached(gallery), "summary": output[-3000:], **peaks}
+    return {**search_scale.measure(command), "read": cached(gallery)}
 
 
 def churn(uri: str, drop: np.ndarray, rows: pa.Table) -> None:

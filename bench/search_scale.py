@@ -97,9 +97,10 @@ def in_use() -> int:
 
 
 def measure(command: list[str]) -> dict[str, float]:
-    """Run `command`; its wall time, peak tree PSS, the driver's own peak RSS and the peak rise of MemTotal - MemAvailable."""
+    """Run `command`; its wall time, peak tree PSS, the driver's own peak RSS, the peak rise of
+    MemTotal - MemAvailable, and the end of what it printed (`summary`)."""
     baseline = in_use()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks = {"pss": 0, "driver": 0, "in_use": 0}
     stop = threading.Event()
 
@@ -117,12 +118,12 @@ def measure(command: list[str]) -> dict[str, float]:
     started = time.time()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, errors = process.communicate()
+    output, errors = process.communicate()
     stop.set()
     sampler.join()
     if process.returncode:
         raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}: {errors[-2000:]}")
-    return {"wall": time.time() - started, **peaks}
+    return {"wall": time.time() - started, **peaks, "summary": output[-3000:]}
 
 
 def _row(label: str, job: str, figures: dict[str, float]) -> str:

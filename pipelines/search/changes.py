@@ -45,10 +45,6 @@ class RowChanges:
     def __bool__(self) -> bool:
         return bool(self.removed.num_rows or self.added.num_rows)
 
-    def bytes_read(self) -> int:
-        """The Parquet bytes of the files compared (an upper bound of what was read)."""
-        return self.old.bytes(self.old.files.column("path").to_pylist()) + self.new.bytes(self.new.files.column("path").to_pylist())
-
 
 def _identity(snapshot: Snapshot, where: RowFilter) -> tuple[pa.Table, pa.Array]:
     """The selected rows' `image_id, item_id` and one key string per row over KEY_COLUMNS."""

@@ -2,8 +2,8 @@
 and queries tables, with the rows a full search from scratch would write.
 
 Every search keeps, beside the rankings, each query's **shortlist**: its list in global order
-`RESERVE` rows deeper than the rankings, with S_token `TOKEN_RESERVE` rows below the reranked
-head (`<out>_shortlists`), and each positive's exact S_global (in `<out>_positives`). From the
+`reserve(depth)` rows deeper than the rankings, with S_token `token_reserve(rerank_top)` rows
+below the reranked head (`<out>_shortlists`), and each positive's exact S_global (in `<out>_positives`). From the
 Delta log and the rows' identity (search.changes) an incremental run knows which gallery rows
 were removed (deleted, changed, filtered out) and added, and which queries; then:
 
@@ -313,11 +313,12 @@ def _with_new_positives(chunk: QueryChunk, positives: Positives, rank_global: np
     beyond = np.zeros(count, bool)
     missing = wanted.join(listed, ["query", "gallery_id"], join_type="left anti").column("query").to_numpy()
     beyond[missing] = True
+    found_ids = found.column("gallery_id").combine_chunks()
     query = np.concatenate([positives.query, found.column("query").to_numpy().astype(np.int64)])
-    gallery_id = pa.concat_arrays([positives.gallery_id, found.column("gallery_id").combine_chunks()])
+    gallery_id = pa.concat_arrays([positives.gallery_id, found_ids])
     score = np.concatenate([positives.score, found.column("score").to_numpy().astype(np.float32)])
+    keys = np.concatenate([positives.key, tie_keys(found_ids.to_numpy(zero_copy_only=False))])  # the stored positives' keys are known
     ranks = np.concatenate([rank_global, found.column("rank").to_numpy().astype(np.int64)])
     order = np.lexsort((gallery_id.to_numpy(zero_copy_only=False), query))
-    gallery_id = gallery_id.take(pa.array(order))
-    merged_positives = Positives(query[order], score[order], tie_keys(gallery_id.to_numpy(zero_copy_only=False)), gallery_id)
+    merged_positives = Positives(query[order], score[order], keys[order], gallery_id.take(pa.array(order)))
     return merged_positives, ranks[order], beyond

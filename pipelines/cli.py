@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipelines.command import CommandParser, add_s3_flags, apply_s3_flags, run_command, summary
 
-COMMANDS = ("synth", "prepare", "train", "embed", "search", "query", "evaluate", "vacuum", "demo")
+COMMANDS = ("synth", "prepare", "train", "embed", "search", "query", "evaluate", "nightly", "vacuum", "demo")
 
 
 def _docstring(module: str) -> str | None:

@@ -18,14 +18,18 @@ from (named likewise) the pictures of a few examples, each read at the version t
 rankings were made from; without them the report is written anyway and says what is missing. `--version N` evaluates an older
 version of the rankings (Delta time travel).
 
-Outputs in `--out`: recall.png, per_category.png, gallery.png, report.md, report.html,
-and metrics.json last, so a reader never finds a report without its metrics.
+Outputs in `--out`: recall.png, per_category.png, gallery.png, history.png, report.md,
+report.html, and metrics.json last, so a reader never finds a report without its metrics.
+Then the evaluation is appended to the metrics history (pipelines.history; `--history URI`,
+default `<rankings>_history`), whose earlier evaluations of the same rankings the report
+plots beside this one: a drop after a new model or a broken feed shows at a glance.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from datetime import datetime, timezone
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +42,8 @@ from mga.metrics import DEFAULT_KS, RetrievalMetrics, rank_metrics
 from pipelines import storage
 from pipelines.catalog import TABLE_ERRORS, catalog_images, features_catalog
 from pipelines.command import module_main
-from pipelines.tables import Snapshot, TableNotFound, open_table, read_table
+from pipelines.history import append_history, history_row, read_history
+from pipelines.tables import Snapshot, TableNotFound, companion, open_table, read_table
 from pipelines.report import GalleryExample, gallery_picture, write_report
 
 ORDERINGS = ("global", "reranked")
@@ -195,8 +200,11 @@ def run(
     ks: Sequence[int] = DEFAULT_KS,
     gallery_examples: int = 8,
     version: int | None = None,
+    history: str | None = "",
 ) -> dict[str, Any]:
-    """Evaluate the rankings table at `rankings` (its current version, or `version`), write the report into `out`.
+    """Evaluate the rankings table at `rankings` (its current version, or `version`), write the
+    report into `out`, append the metrics to the history table `history` ("": the rankings'
+    companion `<rankings>_history`; None: no history).
 
     Returns the metrics.json content: `queries` (evaluated, |P| > 0), `excluded_queries`,
     `depth`, `rerank_top`, `global` and `reranked` ({"R@K": ..., "mAP": ...} as fractions),
@@ -210,6 +218,7 @@ def run(
     if depth is not None and depth < 1:
         raise InputError(f"depth must be positive, got {depth}")
     ks = RetrievalMetrics(ks).ks  # validated and sorted before any work starts
+    history_table = None if history is None else storage.resolve(history) if history else companion(table.location, "history")
 
     query_ids, query_positives, unlabelled = read_queries(table)
     try:
@@ -246,16 +255,25 @@ def run(
         "alpha": manifest.get("alpha"),
         "rankings": table.uri,
         "rankings_version": table.version,
+        "features": manifest.get("features"),
+        "features_version": manifest.get("features_version"),
+        "queries_table": manifest.get("queries_table") or manifest.get("features"),
+        "queries_version": manifest.get("queries_version", manifest.get("features_version")),
+        "history": None if history_table is None else history_table.uri,
         "rankings_rows": manifest.get("rows"),
         "positives_rows": positives.num_rows,
         "notes": notes,
-        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),  # orders the history's evaluations
     }
 
+    row = history_row(metrics)
+    past = None if history_table is None else pa.concat_tables([read_history(history_table, table.uri, depth), row])
     target = storage.resolve(out)
-    written = write_report(target, metrics, gallery_png)
+    written = write_report(target, metrics, gallery_png, past)
     storage.write_json(target.join("metrics.json"), metrics)
     written.append(target.join("metrics.json").uri)
+    if history_table is not None:
+        written.append(f"{history_table.uri} (version {append_history(history_table, row)})")
     _print_summary(metrics, written, time.time() - started)
     return metrics
 
@@ -294,10 +312,13 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--gallery-examples", type=int, default=8, help="queries shown in the gallery picture")
     parser.add_argument("--version", type=int, default=None, help="evaluate this version of the rankings table (default: the current one)")
+    history = parser.add_mutually_exclusive_group()
+    history.add_argument("--history", default="", help="metrics history table URI the evaluation is appended to (default: <rankings>_history)")
+    history.add_argument("--no-history", dest="history", action="store_const", const=None, help="append to no history (and plot none)")
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:
-    return run(args.rankings, args.out, depth=args.depth, ks=args.ks, gallery_examples=args.gallery_examples, version=args.version)
+    return run(args.rankings, args.out, depth=args.depth, ks=args.ks, gallery_examples=args.gallery_examples, version=args.version, history=args.history)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

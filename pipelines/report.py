@@ -1,7 +1,8 @@
 """The evaluation report: `report.md` and a self-contained `report.html` beside `metrics.json`.
 
 Both documents render the same sections (R@K/mAP global-only vs reranked, the effect of
-the rerank, per-category R@1, a gallery of retrievals, counts and notes), so they can
+the rerank, per-category R@1, a gallery of retrievals, R@1 and mAP of every evaluation of
+the same rankings over time, counts and notes), so they can
 never disagree. Figures are PNGs drawn with matplotlib's Agg renderer (no display, no
 pyplot global state) and PIL; the Markdown links them as files written next to it, the
 HTML embeds them as base64 data URIs so it can be mailed or archived as one file.
@@ -13,11 +14,14 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageOps
 
 from pipelines import storage
@@ -31,6 +35,7 @@ CAPTION = 16  # caption strip under each thumbnail
 GAP = 6
 QUERY_GAP = 24  # extra space between the query and its results
 CAPTION_LINE = 14
+HISTORY_ROWS = 10  # latest evaluations listed in the report's history table
 COLOURS = {"query": (40, 90, 200), "match": (30, 160, 60), "miss": (210, 40, 40), "result": (150, 150, 150)}
 
 
@@ -121,6 +126,39 @@ def category_plot(metrics: Mapping[str, Any]) -> bytes:
     return _png(figure)
 
 
+def _history_values(history: pa.Table, ordering: str, metric: str) -> list[float]:
+    """One metric of one ordering per history row (NaN where that evaluation lacks it)."""
+    values = pc.map_lookup(history.column(ordering), pa.scalar(metric), "first").to_pylist()
+    return [math.nan if value is None else value for value in values]
+
+
+def history_plot(history: pa.Table, metrics: Mapping[str, Any]) -> bytes:
+    """R@(smallest K) and mAP of every evaluation in the history (pipelines.history), over time,
+    global-only vs reranked; each point labelled with its rankings version."""
+    from matplotlib.figure import Figure
+
+    first = f"R@{recall_ks(metrics)[0]}"
+    times = history.column("evaluated_at").to_pylist()
+    versions = history.column("rankings_version").to_pylist()
+    figure = Figure(figsize=(9, 3.6))
+    for axes, metric in zip(figure.subplots(1, 2), (first, "mAP")):
+        for ordering, style in (("global", "o--"), ("reranked", "s-")):
+            values = _history_values(history, ordering, metric)
+            axes.plot(times, values, style, label=ordering)
+            if ordering == "reranked":
+                for when, value, version in zip(times, values, versions):
+                    axes.annotate(f"v{version}", (when, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        # Zoomed to the values, so a drop of a few points shows; never beyond [0, 1].
+        shown = [v for o in ("global", "reranked") for v in _history_values(history, o, metric) if not math.isnan(v)] or [0.0, 1.0]
+        axes.set_ylim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.05) + 0.02)
+        axes.set_ylabel(metric)
+        axes.grid(alpha=0.3)
+        axes.legend(loc="best")
+        axes.set_title(f"{metric} over time")
+        axes.tick_params(axis="x", labelrotation=30)
+    return _png(figure)
+
+
 def _thumbnail(data: bytes | None, colour: tuple[int, int, int], captions: Sequence[str], lines: int = 1) -> Image.Image:
     """A framed tile with room for `lines` caption lines under it; an unreadable or missing
     image becomes a grey placeholder."""
@@ -160,8 +198,9 @@ def gallery_picture(examples: Sequence[GalleryExample], images: Mapping[str, byt
     return buffer.getvalue()
 
 
-def sections(metrics: Mapping[str, Any], figures: Mapping[str, bytes]) -> list[Section]:
-    """The report's content, independent of the output format."""
+def sections(metrics: Mapping[str, Any], figures: Mapping[str, bytes], history: pa.Table | None = None) -> list[Section]:
+    """The report's content, independent of the output format; `history`: the metrics history's
+    evaluations of these rankings (pipelines.history), this one included."""
     names = metric_names(metrics)
     summary = Section(
         "Summary",
@@ -236,9 +275,36 @@ def sections(metrics: Mapping[str, Any], figures: Mapping[str, bytes]) -> list[S
                 caption="query and top reranked results",
             )
         )
+    if history is not None and history.num_rows:
+        result.append(_history_section(history, metrics))
     if metrics.get("notes"):
         result.append(Section("Notes", items=list(metrics["notes"])))
     return result
+
+
+def _history_section(history: pa.Table, metrics: Mapping[str, Any]) -> Section:
+    """The evaluations of this rankings table so far (this one last): the plot and the latest rows."""
+    first = f"R@{recall_ks(metrics)[0]}"
+    shown = history.slice(max(0, history.num_rows - HISTORY_ROWS))
+    columns = {name: shown.column(name).to_pylist() for name in ("evaluated_at", "rankings_version", "features_version", "model_id")}
+    values = {(o, m): _history_values(shown, o, m) for o in ("global", "reranked") for m in (first, "mAP")}
+    return Section(
+        "History",
+        paragraphs=[
+            f"{history.num_rows} evaluations of {metrics.get('rankings')} at depth {metrics['depth']} in the metrics history "
+            f"{metrics.get('history')}; the latest {shown.num_rows}:"
+        ],
+        header=["evaluated", "rankings version", "features version", "model", f"global {first}", f"reranked {first}", "global mAP", "reranked mAP"],
+        rows=[
+            [
+                columns["evaluated_at"][i].strftime("%Y-%m-%d %H:%M"), str(columns["rankings_version"][i]), str(columns["features_version"][i]),
+                str(columns["model_id"][i]), *(fraction(values[key][i]) for key in (("global", first), ("reranked", first), ("global", "mAP"), ("reranked", "mAP"))),
+            ]
+            for i in range(shown.num_rows)
+        ],
+        figure="history.png",
+        caption=f"{first} and mAP of every evaluation of these rankings, by time (labels: rankings version)",
+    )
 
 
 def render_markdown(title: str, content: Sequence[Section]) -> str:
@@ -290,19 +356,22 @@ def render_html(title: str, content: Sequence[Section], figures: Mapping[str, by
     )
 
 
-def write_report(out: storage.Location, metrics: Mapping[str, Any], gallery_png: bytes | None) -> list[str]:
+def write_report(out: storage.Location, metrics: Mapping[str, Any], gallery_png: bytes | None, history: pa.Table | None = None) -> list[str]:
     """Write the figures, `report.md` and `report.html` into `out`; returns the URIs written.
 
     `metrics` is the evaluate job's metrics.json content; the caller writes that file
-    itself, after this, so a reader never finds a report without its metrics.
+    itself, after this, so a reader never finds a report without its metrics. `history`: the
+    metrics history's evaluations of the same rankings, this one included (plotted).
     """
     figures = {"recall.png": recall_plot(metrics)}
     if metrics["per_category"]:
         figures["per_category.png"] = category_plot(metrics)
     if gallery_png is not None:
         figures["gallery.png"] = gallery_png
+    if history is not None and history.num_rows:
+        figures["history.png"] = history_plot(history, metrics)
     title = f"Retrieval evaluation: {metrics.get('model_id') or 'unknown model'}"
-    content = sections(metrics, figures)
+    content = sections(metrics, figures, history)
     documents = {
         "report.md": render_markdown(title, content).encode(),
         "report.html": render_html(title, content, figures).encode(),

@@ -32,8 +32,9 @@ LAUNCHER = CLUSTER / "launcher" / "aws-gpu.yaml"
 RAY_JOB = ROOT / "ray_job.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 OPERATOR_VALUES = KUBERAY / "kuberay-operator-values.yaml"
+NIGHTLY_CONFIG = KUBERAY / "nightly.yaml"  # the chain's config, read from S3 by the scheduled jobs
 
-PIPELINE_MODULES = {"synth", "prepare", "train", "embed", "search", "evaluate", "demo"}
+PIPELINE_MODULES = {"synth", "prepare", "train", "embed", "search", "evaluate", "nightly", "demo"}
 CONFIG_NAMES = {"tiny", "inshop", "consumer2shop"}
 # The flags of each pipeline (DESIGN.md's command table) that the docs may use.
 PIPELINE_FLAGS = {
@@ -43,6 +44,7 @@ PIPELINE_FLAGS = {
     "embed": {"--model", "--catalog", "--out", "--incremental"},
     "search": {"--features", "--out"},
     "evaluate": {"--rankings", "--out"},
+    "nightly": set(),
     "demo": {"--workdir"},
 }
 EXPECTED_API = {
@@ -87,10 +89,10 @@ def _docs(path: Path) -> list[Any]:
 
 
 def _manifests() -> list[tuple[Path, dict[str, Any]]]:
-    """Every Kubernetes object under cluster/kuberay/ (Helm values excluded)."""
+    """Every Kubernetes object under cluster/kuberay/ (Helm values and the nightly config excluded)."""
     found = []
     for path in sorted(KUBERAY.glob("*.yaml")):
-        if path == OPERATOR_VALUES:
+        if path in (OPERATOR_VALUES, NIGHTLY_CONFIG):
             continue
         found.extend((path, doc) for doc in _docs(path))
     return found
@@ -390,17 +392,17 @@ def _assert_cron(schedule: str) -> None:
     assert len(fields) == 5 and all(re.fullmatch(r"[\d*/,\-]+", f) for f in fields), f"bad cron schedule {schedule!r}"
 
 
-def test_raycronjob_reembeds_incrementally_and_states_its_requirements():
+def test_raycronjob_runs_the_nightly_chain_and_states_its_requirements():
     jobs = _by_kind("RayCronJob")
     assert jobs
     for path, doc in jobs:
         _assert_cron(doc["spec"]["schedule"])
         template = doc["spec"]["jobTemplate"]
         _check_rayjob_spec(f"{path.name}:{doc['metadata']['name']}", template)
-        assert "python -m pipelines.embed" in template["entrypoint"] and "--incremental" in template["entrypoint"]
+        assert re.fullmatch(r"python -m pipelines\.nightly s3://\S+\.yaml", template["entrypoint"]), template["entrypoint"]
         text = path.read_text()
         assert "KubeRay >= 1.6.0" in text and "feature gate" in text and "RayCronJob" in text
-        assert "cronjob-embed.yaml" in text, "the RayCronJob must point to the plain CronJob alternative"
+        assert "cronjob-nightly.yaml" in text, "the RayCronJob must point to the plain CronJob alternative"
 
 
 def test_operator_values_enable_the_raycronjob_feature_gate():
@@ -408,7 +410,16 @@ def test_operator_values_enable_the_raycronjob_feature_gate():
     assert gates.get("RayCronJob") is True
 
 
-def test_plain_cronjob_submits_an_incremental_embed_to_the_long_lived_cluster():
+def test_the_example_nightly_config_plans_every_step():
+    from pipelines.nightly import load_nightly_config, plan_steps
+
+    steps = plan_steps(load_nightly_config(str(NIGHTLY_CONFIG)))
+    assert [step.name for step in steps] == ["prepare", "embed", "search", "evaluate"]
+    assert all(step.args.incremental for step in steps[:3])
+    assert "aws s3 cp cluster/kuberay/nightly.yaml" in NIGHTLY_CONFIG.read_text()
+
+
+def test_plain_cronjob_submits_the_nightly_chain_to_the_long_lived_cluster():
     jobs = _by_kind("CronJob")
     assert jobs
     cluster_names = {doc["metadata"]["name"] for _, doc in _by_kind("RayCluster")}
@@ -420,7 +431,7 @@ def test_plain_cronjob_submits_an_incremental_embed_to_the_long_lived_cluster():
         assert pod["restartPolicy"] == "Never"
         container = pod["containers"][0]
         command = " ".join(container.get("command", []) + container.get("args", []))
-        for needle in ("ray job submit", "--address", "--runtime-env ray_job.yaml", "python -m pipelines.embed", "--incremental"):
+        for needle in ("ray job submit", "--address", "--runtime-env ray_job.yaml", 'python -m pipelines.nightly "$MGA_NIGHTLY"'):
             assert needle in command, f"{path.name}: command lacks {needle!r}"
         env = {var["name"]: var.get("value", "") for var in container.get("env", [])}
         address = env.get("RAY_ADDRESS", "")

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from pipelines import evaluate, report, storage
+from pipelines.history import read_history
 from pipelines.schemas import POSITIVES, RANKINGS
 from pipelines.tables import TableWriter, companion, open_table
 
@@ -243,7 +244,15 @@ def test_run_end_to_end(ray_local, tmp_path):
     assert "tops &amp; tees &lt;x&gt;" in page and TOPS not in page
     assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # nothing external
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(embedded) == 3
+    assert len(embedded) == 4 and base64.b64decode(embedded[3]) == (out / "history.png").read_bytes()
+    # The evaluation is the first row of the metrics history beside the rankings.
+    history = read_history(companion(storage.resolve(rankings), "history"), storage.resolve(rankings).uri, 4)
+    assert history.num_rows == 1 and history.column("rankings_version").to_pylist() == [0] and history.column("depth").to_pylist() == [4]
+    assert dict(history.column("reranked")[0].as_py()) == on_disk["reranked"] and dict(history.column("global")[0].as_py()) == on_disk["global"]
+    categories = dict(history.column("per_category")[0].as_py())
+    assert dict(categories[TOPS])["reranked_R@1"] == 0.5 and dict(categories[TOPS])["queries"] == 2
+    assert (history.column("queries")[0].as_py(), history.column("unlabelled_queries")[0].as_py(), history.column("model_id")[0].as_py()) == (3, 1, "model-test")
+    assert "1 evaluations of" in markdown
     gallery = base64.b64decode(embedded[2])
     assert gallery == (out / "gallery.png").read_bytes()
     # Rows qa, qb, qd. qa's reranked top: gA1 (match), gX; qb's: gC, gB1 (match).
@@ -272,7 +281,7 @@ def test_main_with_smaller_depth_and_no_features(ray_local, tmp_path, capsys):
     assert metrics["reranked"]["mAP"] == pytest.approx((1 / 2 + (1 / 2) / 3 + 0) / 3)
     assert metrics["per_category"] == {}
     assert any("Features table unavailable" in note for note in metrics["notes"])
-    assert {path.name for path in out.iterdir()} == {"metrics.json", "report.md", "report.html", "recall.png"}
+    assert {path.name for path in out.iterdir()} == {"metrics.json", "report.md", "report.html", "recall.png", "history.png"}
     assert "Features table unavailable" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
     assert "5 queries, 6 positives" in printed and "excluded  1 queries" in printed and "unlabelled queries: 1" in printed
@@ -294,6 +303,11 @@ def test_main_with_smaller_depth_and_no_features(ray_local, tmp_path, capsys):
     old = json.loads((tmp_path / "old" / "metrics.json").read_text())
     assert old["rankings_version"] == first.version and old["global"] == whole["global"] and old["reranked"] == whole["reranked"]
     assert old["queries"] == 3 and old["excluded_queries"] == 1 and old["positives_rows"] == 6
+    # Every evaluation is in the history, each depth apart: the report plots those of its own depth.
+    history = companion(storage.resolve(rankings), "history")
+    assert read_history(history, storage.resolve(rankings).uri, 2).column("rankings_version").to_pylist() == [first.version]
+    assert read_history(history, storage.resolve(rankings).uri, None).column("rankings_version").to_pylist() == [first.version, first.version + 1, first.version]
+    assert "3 evaluations of" in (tmp_path / "old" / "report.md").read_text()
     with pytest.raises(SystemExit):  # the command line turns it into one line on stderr
         evaluate.main(["--rankings", rankings, "--out", str(out), "--depth", "0"])
     assert "mga: error: depth must be positive, got 0" in capsys.readouterr().err
@@ -307,13 +321,17 @@ def test_run_writes_the_report_to_s3(ray_local, tmp_path, s3_env):
 
     rankings = build_tables(tmp_path)
     prefix = f"s3://{s3_env['bucket']}/reports/run-1"
-    metrics = evaluate.run(rankings, prefix)
+    history = f"s3://{s3_env['bucket']}/metrics_history"
+    metrics = evaluate.run(rankings, prefix, history=history)
     assert metrics["depth"] == "gallery"
+    assert evaluate.run(rankings, f"s3://{s3_env['bucket']}/reports/run-2", history=history, gallery_examples=0)["global"] == metrics["global"]
+    rows = read_history(storage.resolve(history), storage.resolve(rankings).uri, None)
+    assert rows.num_rows == 2 and dict(rows.column("global")[1].as_py()) == metrics["global"]
 
     client = boto3.client("s3", endpoint_url=s3_env["endpoint"], region_name="us-east-1")
     listed = client.list_objects_v2(Bucket=s3_env["bucket"], Prefix="reports/run-1/")
     # pyarrow's create_dir leaves a "reports/run-1/" marker object: skip it.
     names = {item["Key"].rsplit("/", 1)[-1] for item in listed["Contents"]} - {""}
-    assert names == {"metrics.json", "report.md", "report.html", "recall.png", "per_category.png", "gallery.png"}
+    assert names == {"metrics.json", "report.md", "report.html", "recall.png", "per_category.png", "gallery.png", "history.png"}
     body = client.get_object(Bucket=s3_env["bucket"], Key="reports/run-1/metrics.json")["Body"].read()
     assert json.loads(body)["reranked"]["mAP"] == pytest.approx(metrics["reranked"]["mAP"])

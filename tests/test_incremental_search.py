@@ -189,14 +189,14 @@ def test_a_killed_run_leaves_the_rankings_and_a_racing_commit_wins(chain, ray_lo
     """Killed mid-run: the rankings stay at their version, a re-run completes them; racing
     another commit to the same rankings: the later commit fails in one line, nothing of it is seen."""
     root = chain["root"]
-    # A table of one query a chunk: an update of many chunks, slow enough to be caught mid-run.
-    settings = {**chain["settings"], "query_chunk": 1}
     rankings = str(root / "slow")
-    search.run(str(root / "features"), rankings, **settings)
+    search.run(str(root / "features"), rankings, **chain["settings"])
     gallery = gallery_rows(chain)
     change(str(root / "features"), gallery.slice(10, 5).column("image_id").to_pylist(), moved(gallery.slice(20, 5), chain["rng"], prefix="late"))
     before = open_table(resolve(rankings))
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=REPO)
+    # One query a chunk: an update of many chunks, slow enough to be caught mid-run (the chunk
+    # size is no setting of the search: the update of a search chunked otherwise).
     command = [sys.executable, "-m", "pipelines.search", "--features", str(root / "features"), "--out", rankings, "--incremental",
                "--depth", str(DEPTH), "--rerank-top", str(RERANK), "--block-rows", "128", "--query-chunk", "1", "--cpus-per-actor", "0.5"]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
@@ -215,6 +215,6 @@ def test_a_killed_run_leaves_the_rankings_and_a_racing_commit_wins(chain, ray_lo
     assert "another job committed version" in stderr.strip().splitlines()[-1]
     assert open_table(resolve(rankings)).version == before.version + 1
     # The re-run completes the update: the same as a full search.
-    search.run(str(root / "features"), rankings, incremental=True, **settings)
-    search.run(str(root / "features"), str(root / "full-slow"), **settings)
+    search.run(str(root / "features"), rankings, incremental=True, **chain["settings"])
+    search.run(str(root / "features"), str(root / "full-slow"), **chain["settings"])
     assert_same_search(rankings, str(root / "full-slow"))

@@ -515,7 +515,7 @@ def test_a_training_job_submitted_with_the_ray_job_submit_cli(ray_head, catalog,
     runtime_env.pop("pip")
     (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
     output, runs = tmp_path / "model", tmp_path / "runs"
-    overrides = [word for item in TINY + ["optim.epochs=2", "scaling.num_workers=1", "run.name=job"] for word in ("--set", item)]
+    overrides = [word for item in TINY + ["optim.epochs=1", "scaling.num_workers=1", "run.name=job"] for word in ("--set", item)]
     submitted = subprocess.run(
         ["ray", "job", "submit", "--address", address, "--runtime-env", str(tmp_path / "runtime_env.yaml"), "--",
          "python", "-m", "pipelines.train", "--config", "pipelines/configs/tiny.yaml", *overrides,
@@ -526,10 +526,10 @@ def test_a_training_job_submitted_with_the_ray_job_submit_cli(ray_head, catalog,
     assert submitted.returncode == 0 and "succeeded" in logs, logs[-5000:]
     assert "== mga train ==" in logs
     # The console: each epoch's line once, and none of Ray Train's report dumps.
-    assert [logs.count(f"[train] epoch {epoch}/2 ") for epoch in (1, 2)] == [1, 1], logs[-5000:]
+    assert logs.count("[train] epoch 1/1 ") == 1, logs[-5000:]
     assert "TrainingReport(" not in logs and "Reporting training result" not in logs, logs[-5000:]
     model, model_id, saved = load_model(str(output))
-    assert saved["train"]["epochs"] == 2 and model_id in logs and model.config.global_dim == 32
+    assert saved["train"]["epochs"] == 1 and model_id in logs and model.config.global_dim == 32
     # (Its local --storage-path passed the check that every node of the cluster sees it; a job
     # without one is refused before it starts, in one line: see test_the_fingerprint_leaves_out_epochs_and_follows_...)
 

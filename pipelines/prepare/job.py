@@ -21,7 +21,7 @@ from pipelines.prepare.manifest import list_manifest
 from pipelines.prepare.merge import plan_merge, stored_per_task, stored_rows
 from pipelines.schemas import CATALOG, REJECTS
 from pipelines.storage import Location, resolve, write_parquet
-from pipelines.tables import TableWriter, companion
+from pipelines.tables import Snapshot, TableWriter, companion, read_table
 
 DEFAULT_SHARD_MB = 256.0
 
@@ -103,17 +103,15 @@ def run(
         files = sorted((f for result in results for f in result["files"]), key=lambda f: f["path"])
         if stored is not None:
             files = combine_small_files(writer.run, files, target_bytes)
-        write_parquet(
-            rejects_writer.file("rejects.parquet"),
-            pa.table({"source_path": [r[0] for r in rejects], "reason": [r[1] for r in rejects]}, schema=REJECTS),
-        )
         written = [row for result in results for row in result["written"]]
-        rejects_table = rejects_writer.commit(REJECTS, {"table": "rejects", "of": table.uri, "rows": len(rejects)})
+        merge = _merge(writer, stored, written, results, files) if stored is not None else None
+        paths = [f["path"] for f in files] + (merge[1] if merge else [])
+        rejected = pa.table({"source_path": [r[0] for r in rejects], "reason": [r[1] for r in rejects]}, schema=REJECTS)
+        rejects_table = _commit_rejects(rejects_writer, rejected, table, catalog_unchanged=merge is not None and not paths and not merge[2])
         info = _summary(listing, table, rejects_table, rejects, written, results, files, shard_mb, max_pixels)
-        paths, remove = [f["path"] for f in files], None
-        if stored is not None:
-            info["incremental"], rewritten, remove = _merge(writer, stored, written, results, files)
-            paths += rewritten
+        remove = None
+        if merge is not None:
+            info["incremental"], remove = merge[0], merge[2]
         snapshot = writer.commit(CATALOG, info, files=paths, remove=remove)
     seconds = time.time() - started
     info = {**info, "version": snapshot.version}  # a merge that changed nothing commits no version
@@ -137,6 +135,16 @@ def _merge(writer: TableWriter, stored: pa.Table, written: list[tuple], results:
         raise RuntimeError(f"prepare: {stale} stale rows to drop from {writer.location.uri}, found {dropped}; nothing was committed")
     counts = {**plan.counts, "rows_written": sum(f["rows"] for f in files) + kept_rows, "files_rewritten": len(plan.stale)}
     return counts, rewritten, sorted(plan.stale)
+
+
+def _commit_rejects(writer: TableWriter, rejects: pa.Table, catalog: Location, catalog_unchanged: bool) -> Snapshot:
+    """The rejects table's new version, or its current one when the catalog does not change and
+    the same images are rejected for the same reasons (a quiet incremental run commits nothing)."""
+    order = [("source_path", "ascending"), ("reason", "ascending")]
+    if catalog_unchanged and writer.base is not None and read_table(writer.base, REJECTS.names).sort_by(order).equals(rejects.sort_by(order)):
+        return writer.base
+    write_parquet(writer.file("rejects.parquet"), rejects)
+    return writer.commit(REJECTS, {"table": "rejects", "of": catalog.uri, "rows": rejects.num_rows})
 
 
 def _summary(listing, table, rejects_table, rejects, written, results, files, shard_mb, max_pixels) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from mga.artifact import CONFIG, INDEX, WEIGHTS, ArtifactError, unpack_artifact
@@ -39,4 +40,25 @@ def load_model(uri: str) -> tuple[MGAModel, str, dict[str, Any]]:
     return load_artifact(read_artifact_files(uri), resolve(uri).uri)
 
 
-__all__ = ["ArtifactError", "load_artifact", "load_model", "read_artifact_files", "write_artifact"]
+@dataclass(frozen=True)
+class ModelSource:
+    """The job's model as its Ray actors get it: where to read it, and which model it must be.
+
+    An actor loads the model from storage in its constructor rather than taking the
+    artifact's bytes from the object store: Ray restarts a dead actor (its node lost) with the
+    same constructor arguments, and an object the driver put may be gone by then
+    (ray-project/ray#53727: "Failed to retrieve object"). A URI is always there; `model_id`
+    makes sure it still holds the model the job started with.
+    """
+
+    uri: str
+    model_id: str
+
+    def load(self) -> tuple[MGAModel, dict[str, Any]]:
+        model, model_id, config = load_model(self.uri)
+        if model_id != self.model_id:
+            raise ArtifactError(f"{resolve(self.uri).uri} now holds model_id {model_id}, not {self.model_id} the job started with (replaced mid-job?): run the job again")
+        return model, config
+
+
+__all__ = ["ArtifactError", "ModelSource", "load_artifact", "load_model", "read_artifact_files", "write_artifact"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import ray
 
+from pipelines.nodes import check_nodes
 from pipelines.storage import S3_ENV_VARS
 
 
@@ -16,8 +18,12 @@ def cluster_address() -> str | None:
     return address if address and address != "local" else None
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, storage: Sequence[str] = ()) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray.
+
+    On a cluster every alive node is first probed for the project and for access to the
+    job's `storage` URIs (pipelines.nodes.check_nodes): a node that cannot work fails the job
+    in one line naming it, before any work is sent there.
 
     A local instance gets twice the machine's cores as logical CPUs: Ray Train workers
     and Ray Data tasks then fit beside each other on a 2-core laptop instead of waiting
@@ -33,6 +39,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # On a cluster the job's own runtime env (ray_job.yaml) and the pods' secrets or
         # instance roles configure the workers; a second env_vars would conflict with it.
         ray.init(address=address, logging_level=logging.WARNING)
+        check_nodes(list(storage))
         return
     cpus = num_cpus or int(os.environ.get("MGA_RAY_CPUS", 0)) or 2 * (os.cpu_count() or 1)
     ray.init(

@@ -79,7 +79,7 @@ def run(out: str, spec: SynthSpec, images_per_shard: int = 500) -> dict[str, Any
     started = time.time()
     table = resolve(out)
     planned = plan_catalog(spec)
-    init_ray()
+    init_ray(storage=[table.uri])
     render = ray.remote(num_cpus=1)(render_shard)
     chunks = _item_chunks(planned, images_per_shard)
     by_split = Counter(image.split for image in planned)

@@ -13,20 +13,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import typing
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 from pydantic import BaseModel
 
 from mga.errors import InputError
@@ -433,105 +428,7 @@ def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(
     assert (resumed_after[0] + 1, resumed_after[0]) in {(epoch, start) for epoch, _, start in lines}, lines
 
 
-# --------------------------------------------------------------------------- ray job submit
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-@pytest.fixture()
-def ray_head(tmp_path):
-    """A Ray head of its own (`ray start --head`, 2 CPUs, free ports): (job server URL, the CLI's environment).
-
-    Stopped in the finalizer by its process group only, never by `ray stop`, which ends
-    every Ray instance on the machine (the tests' own local Ray included).
-    """
-    (gcs, dashboard, client_server, agent_http, agent_grpc, runtime_env_agent, metrics, node_manager, object_manager) = _free_ports(9)
-    # A short private temp dir: the head's address file goes there, not to /tmp/ray, so no
-    # other `ray.init()` on this machine can find (and join) this head by accident.
-    temp_dir = tempfile.mkdtemp(prefix="mgaray-", dir="/tmp")
-    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    head_log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client_server}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
-         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        stdout=head_log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    try:
-        address, deadline = f"http://127.0.0.1:{dashboard}", time.time() + 180
-        while True:  # until the job server answers (a 401 for want of a token counts)
-            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
-            except urllib.error.HTTPError:
-                pass
-            except OSError:
-                time.sleep(1)
-                continue
-            break
-        yield address, env
-    finally:
-        # SIGTERM reaches every process of the group (GCS, raylet, its workers and agents) and
-        # lets them stop; SIGKILL 5 s later ends whatever is left, `ray start --block` included
-        # (it waits up to ~30 s on its own after a SIGTERM).
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                head.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                pass
-        head_log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(480)
-def test_a_training_job_submitted_with_the_ray_job_submit_cli(ray_head, catalog, tmp_path):
-    address, env = ray_head
-    # Ray 2.60 turns token auth on for a head started with `ray start --head`; the CLI sends
-    # its token (~/.ray/auth_token) only with RAY_AUTH_MODE=token, as the README says.
-    refused = subprocess.run(["ray", "job", "list", "--address", address], capture_output=True, text=True, env=env, timeout=120)
-    assert refused.returncode != 0 and "Missing authentication token" in refused.stdout + refused.stderr, refused.stderr[-2000:]
-
-    runtime_env = yaml.safe_load((REPO / "ray_job.yaml").read_text())
-    # This machine's environment already has every dependency (the head runs from the
-    # repo's venv) and no network: skip ray_job.yaml's pip step, keep the rest as is.
-    runtime_env.pop("pip")
-    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
-    output, runs = tmp_path / "model", tmp_path / "runs"
-    overrides = [word for item in TINY + ["optim.epochs=1", "scaling.num_workers=1", "run.name=job"] for word in ("--set", item)]
-    submitted = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--runtime-env", str(tmp_path / "runtime_env.yaml"), "--",
-         "python", "-m", "pipelines.train", "--config", "pipelines/configs/tiny.yaml", *overrides,
-         "--catalog", catalog, "--output", str(output), "--storage-path", str(runs)],
-        capture_output=True, text=True, env={**env, "RAY_AUTH_MODE": "token"}, cwd=REPO, timeout=420,
-    )
-    logs = submitted.stdout + submitted.stderr  # `ray job submit` follows the job's logs to its end
-    assert submitted.returncode == 0 and "succeeded" in logs, logs[-5000:]
-    assert "== mga train ==" in logs
-    # The console: each epoch's line once, and none of Ray Train's report dumps.
-    assert logs.count("[train] epoch 1/1 ") == 1, logs[-5000:]
-    assert "TrainingReport(" not in logs and "Reporting training result" not in logs, logs[-5000:]
-    model, model_id, saved = load_model(str(output))
-    assert saved["train"]["epochs"] == 1 and model_id in logs and model.config.global_dim == 32
-    # (Its local --storage-path passed the check that every node of the cluster sees it; a job
-    # without one is refused before it starts, in one line: see test_the_fingerprint_leaves_out_epochs_and_follows_...)
+# (`ray job submit` of a training, on a multi-node cluster that loses a node: tests/test_multinode.py)
 
 
 # --------------------------------------------------------------------------- smaller pieces

@@ -71,7 +71,7 @@ def run(
     from pipelines.catalog import open_catalog, rewrite_without, table_dataset
     from pipelines.embed.decoding import prepare_batch, staged_rejects
     from pipelines.embed.embedder import Embedder, model_schema
-    from pipelines.model_store import load_artifact, read_artifact_files
+    from pipelines.model_store import ModelSource, load_model
     from pipelines.runtime import init_ray
 
     if token_dtype not in TOKEN_DTYPES:
@@ -85,14 +85,13 @@ def run(
     actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
     catalog_table = open_catalog(catalog)
-    files = read_artifact_files(model)
-    model_object, model_id, model_config = load_artifact(files, resolve(model).uri)
+    model_object, model_id, model_config = load_model(model)
     image_size = int(model_config["image_size"])
     config = model_object.config
     schema = model_schema(model_object, token_dtype)
     table = resolve(out)
 
-    init_ray()
+    init_ray(storage=[catalog_table.uri, table.uri, resolve(model).uri])
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
     actors = actors or default_actors(gpus, gpus_up)
@@ -122,7 +121,7 @@ def run(
                 # below proves nothing was lost or written twice.
                 dataset = dataset.map_batches(
                     Embedder,
-                    fn_constructor_kwargs={"artifact": [ray.put(files)], "token_dtype": token_dtype, "use_gpu": gpus > 0},
+                    fn_constructor_kwargs={"model": ModelSource(resolve(model).uri, model_id), "token_dtype": token_dtype, "use_gpu": gpus > 0},
                     batch_size=batch_size,
                     batch_format="numpy",
                     compute=actor_pool(actors),

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mga.artifact import unpack_artifact
 from mga.model import MGAModel
+from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
 from pipelines.schemas import IDENTITY_COLUMNS, features_schema, vector_column
 
@@ -47,14 +47,13 @@ def feature_rows(model: MGAModel, model_id: str, schema: pa.Schema, batch: dict[
 
 
 class Embedder:
-    """Actor: the model, loaded once from the artifact bytes in the object store."""
+    """Actor: the model, loaded once from storage (so Ray can restart the actor on any node)."""
 
-    def __init__(self, artifact: list, token_dtype: str, use_gpu: bool = True) -> None:
-        import ray  # here: `mga query` builds feature rows without Ray
-
-        model, self.model_id, _ = unpack_artifact(ray.get(artifact[0]))
-        self.model = model.to(actor_device(use_gpu)).eval()
-        self.schema = model_schema(model, token_dtype)
+    def __init__(self, model: ModelSource, token_dtype: str, use_gpu: bool = True) -> None:
+        loaded, _ = model.load()
+        self.model_id = model.model_id
+        self.model = loaded.to(actor_device(use_gpu)).eval()
+        self.schema = model_schema(loaded, token_dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         return feature_rows(self.model, self.model_id, self.schema, batch)

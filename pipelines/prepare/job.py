@@ -88,7 +88,7 @@ def run(
 
     table = resolve(out)
     target_bytes = max(1, int(shard_mb * 2**20))
-    init_ray()
+    init_ray(storage=[table.uri])
     if min_shards is None:
         import ray
 

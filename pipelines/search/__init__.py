@@ -92,7 +92,7 @@ def run(
     import pyarrow.compute as pc
     import ray
 
-    from pipelines.model_store import load_artifact, read_artifact_files
+    from pipelines.model_store import ModelSource, load_model
     from pipelines.runtime import init_ray
     from pipelines.search.approximate import build_index, shortlist_recall
     from pipelines.search.gallery_scan import ScannerPool
@@ -115,8 +115,7 @@ def run(
     gallery, source = selections(gallery_table, queries_table, gallery_where, queries_where)
     info = gallery_table.info
     model_uri = model or info["model"]
-    files = read_artifact_files(model_uri)
-    _, model_id, model_config = load_artifact(files, resolve(model_uri).uri)
+    _, model_id, model_config = load_model(model_uri)
     if model_id != info["model_id"]:
         raise InputError(f"{gallery_table.uri} was embedded with model_id {info['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
     alpha = float(model_config["model"]["alpha"])
@@ -136,11 +135,11 @@ def run(
         })
         return {**previous.info, "version": previous.rankings.version, "committed": False}
 
-    init_ray()
+    init_ray(storage=[gallery_table.uri, queries_table.uri, table.uri, resolve(model_uri).uri])
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
     workers = workers or default_actors(gpus, gpus_up)
-    pool = ScannerPool(workers, {"num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor)}, gallery_table.location, files, gallery.where.expression, gpus > 0)
+    pool = ScannerPool(workers, {"num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor)}, gallery_table.location, ModelSource(resolve(model_uri).uri, model_id), gallery.where.expression, gpus > 0)
     # Pairs per ATA call: an H100 saturates at about 4096 (bench/retrieval_device.py); a CPU at ~128.
     rerank_batch = rerank_batch or (4096 if gpus else 128)
     reading = gallery_table.uri if queries_table is gallery_table else f"{gallery_table.uri} and {queries_table.uri}"

@@ -25,9 +25,10 @@ cluster; here only the candidates' tokens are read, and each piece is scored whe
 Why actors of the job's own rather than a Ray Data actor pool per scan: a Ray Data
 execution starts its actors afresh, so a search of many chunks would start 2 pools a chunk,
 each actor importing torch and the model again (seconds each, on every node, every chunk).
-The job's actors live for the whole search: the model loads once per actor, at its first
-token scan, and the chunk's arrays travel by reference with each call, cached by the actor
-(a restarted actor, `max_restarts=-1`, fetches them again and Ray retries the call).
+The job's actors live for the whole search: the model loads once per actor, from storage
+(pipelines.model_store.ModelSource, so that Ray can restart the actor on another node), at
+its first token scan, and the chunk's arrays travel by reference with each call, cached by
+the actor (a restarted actor, `max_restarts=-1`, fetches them again and Ray retries the call).
 `LocalScanner` runs the same scanner in the calling process, one piece after another, for
 `mga query`: a few photos need no Ray cluster.
 Ray is imported where the pool uses it: `mga query` runs without it.
@@ -49,6 +50,7 @@ import torch
 
 from mga.errors import InputError
 from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, merge_top_k, tie_keys
+from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
 from pipelines.schemas import column_matrix
 from pipelines.search.queries import Piece
@@ -65,7 +67,7 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Shared:
-    """A value every call of a scan needs (the model, a chunk's arrays): a reference into
+    """A value every call of a scan needs (a chunk's arrays): a reference into
     Ray's object store, fetched once per actor, or the value itself in the calling process."""
 
     key: str
@@ -84,10 +86,11 @@ class GalleryScanner:
     """Reads gallery pieces and scores them against the current query chunk, for the whole job:
     a Ray actor (ScannerPool), or an object in the calling process given its model (LocalScanner)."""
 
-    def __init__(self, location: Location, artifact: Shared, gallery_filter: pc.Expression, use_gpu: bool, model: torch.nn.Module | None = None) -> None:
-        self.location, self.artifact, self.gallery_filter = location, artifact, gallery_filter
-        self.device = actor_device(use_gpu) if model is None else next(model.parameters()).device
-        self.model = model
+    def __init__(self, location: Location, model: ModelSource | torch.nn.Module, gallery_filter: pc.Expression, use_gpu: bool) -> None:
+        self.location, self.gallery_filter = location, gallery_filter
+        # A source is loaded at the first token scan (ScannerPool's actors); a model is used as it is (LocalScanner).
+        self.source, self.model = (model, None) if isinstance(model, ModelSource) else (None, model)
+        self.device = actor_device(use_gpu) if self.model is None else next(self.model.parameters()).device
         self.cached: dict[str, tuple[str, Any]] = {}
 
     def _cached(self, name: str, shared: Shared, build: Any) -> Any:
@@ -155,13 +158,8 @@ class GalleryScanner:
     def score_tokens(self, piece: Piece, chunk: Shared, pairs: Shared, token_names: list[str], rerank_batch: int) -> dict[str, np.ndarray]:
         """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA:
         {"pair": the pairs' positions in `pairs`, "score_token"}."""
-        if self.model is None:
-            # Here, not at __init__: the model (timm, torchvision) costs an actor ~3 s to
-            # import, and a search that reranks nothing never needs it.
-            from mga.artifact import unpack_artifact
-
-            model, _, _ = unpack_artifact(self.artifact.get())
-            self.model = model.to(self.device).eval()
+        if self.model is None:  # here, not at __init__: a search that reranks nothing never needs it
+            self.model = self.source.load()[0].to(self.device).eval()
         queries = self._cached("chunk", chunk, self._queries)
         pair_ids, pair_query, pair_index = self._cached("pairs", pairs, _sorted_pairs)
         fragment = self._fragment(piece)
@@ -215,14 +213,13 @@ class ScannerPool:
     it can: the others go on without it. A dead actor is restarted by Ray and its call retried.
     """
 
-    def __init__(self, size: int, options: dict[str, Any], location: Location, artifact: dict[str, bytes], gallery_filter: pc.Expression, use_gpu: bool) -> None:
+    def __init__(self, size: int, options: dict[str, Any], location: Location, model: ModelSource, gallery_filter: pc.Expression, use_gpu: bool) -> None:
         import ray
 
         actor = ray.remote(GalleryScanner).options(max_restarts=-1, max_task_retries=-1, **options)
-        shared_artifact = self.share(artifact)
         self.starting = {}
         for _ in range(size):
-            handle = actor.remote(location, shared_artifact, gallery_filter, use_gpu)
+            handle = actor.remote(location, model, gallery_filter, use_gpu)
             self.starting[handle.__ray_ready__.remote()] = handle
         self.free: list[Any] = []
 
@@ -257,7 +254,7 @@ class LocalScanner:
     """One GalleryScanner in the calling process (no Ray): the pool of `mga query`."""
 
     def __init__(self, location: Location, model: torch.nn.Module, gallery_filter: pc.Expression) -> None:
-        self.scanner = GalleryScanner(location, Shared("model", None), gallery_filter, False, model=model)
+        self.scanner = GalleryScanner(location, model, gallery_filter, False)
 
     @staticmethod
     def share(value: Any) -> Shared:

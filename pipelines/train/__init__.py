@@ -42,6 +42,7 @@ def absolute_uris(config: TrainConfig) -> TrainConfig:
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train with Ray Train and write the model artifact to `run.output`."""
     # Here, not at the top: `mga train --help` and a usage error must not wait for torch and Ray.
+    from pipelines.runtime import init_ray
     from pipelines.stream import index_catalog
     from pipelines.train import checkpoints, loop, runs, validation, weights
 
@@ -82,6 +83,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         )
         result = previous
     else:
+        init_ray(storage=[config.data.catalog, storage.uri])
         runs.check_cluster_storage(storage)
         if resuming_after is not None:
             print(f"[train] run {config.run.name} has a checkpoint after epoch {resuming_after} in {run_location.uri}: resuming from it", flush=True)

@@ -1,0 +1,100 @@
+"""What every node of a Ray cluster must have before a job sends it work.
+
+A job's tasks and actors run on whichever nodes have room. A node without the project (an
+image of another version, a pod started from the wrong template) cannot unpickle the job's
+functions, and a node without the S3 settings (the `mga-s3` secret not mounted, no pod or
+instance role) fails its first read after minutes of retries; either way the job dies deep
+inside Ray Data or Ray Train, or waits on work that never ends. So a job joining a cluster
+first sends one zero-CPU probe to every alive node (`check_nodes`) and fails in one line
+naming the node and what it lacks. Nodes an autoscaler adds later are not probed: give every
+node group the same image and settings (cluster/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from mga.errors import InputError
+from pipelines.console import first_line
+from pipelines.storage import resolve
+
+# The settings a node needs to reach the job's S3 storage the way the driver does: where
+# (endpoint, region) and as whom. Any one credential source counts.
+S3_PLACE = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+CREDENTIAL_SOURCES = (("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), ("AWS_PROFILE",), ("AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"),
+                      ("AWS_CONTAINER_CREDENTIALS_FULL_URI",), ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",))
+PROBE_TIMEOUT_S = 120.0
+
+
+def s3_settings() -> dict[str, Any]:
+    """This process's S3 place settings and whether it has credentials in its environment."""
+    return {
+        "place": {name: os.environ[name] for name in S3_PLACE if os.environ.get(name)},
+        "credentials": any(all(os.environ.get(name) for name in source) for source in CREDENTIAL_SOURCES)
+        or os.path.exists(os.path.expanduser("~/.aws/credentials")),
+    }
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _probe(uris: list[str]) -> dict[str, Any]:
+    """On one node: its S3 settings, and the first of `uris` it cannot list (None: all fine).
+
+    Being here at all means the node imported this module, so the project is installed."""
+    unreachable = None
+    for uri in uris:
+        location = resolve(uri)
+        try:
+            location.fs.get_file_info(location.path)
+        except OSError as error:
+            unreachable = f"cannot reach {uri}: {str(error).splitlines()[0]}"
+            break
+    return {**s3_settings(), "unreachable": unreachable}
+
+
+def _lacks(driver: dict[str, Any], node: dict[str, Any], s3: bool) -> str | None:
+    """What the node lacks that the driver has, for a job on S3; None: nothing."""
+    if s3:
+        missing = [name for name in driver["place"] if name not in node["place"]]
+        if missing:
+            driver_has = ", ".join(f"{name}={driver['place'][name]}" for name in missing)
+            return f"no {', '.join(missing)} in its environment (the driver has {driver_has})"
+        if driver["credentials"] and not node["credentials"]:
+            return "no AWS credentials in its environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a web identity), which the driver has"
+    return node["unreachable"]
+
+
+def check_nodes(uris: list[str], timeout_s: float = PROBE_TIMEOUT_S) -> int:
+    """Probe every alive node of the cluster for the project and for access to `uris`; returns
+    how many answered. InputError naming the first node that cannot work, or that does not answer."""
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    probes = {
+        _probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(uris): node
+        for node in nodes
+    }
+    answered, late = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
+    driver = s3_settings()
+    s3 = any(uri.startswith("s3://") for uri in uris)
+    for probe in answered:
+        node = probes[probe]
+        where = f"Ray node {node['NodeManagerAddress']} (node id {node['NodeID'][:12]})"
+        try:
+            result = ray.get(probe)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RaySystemError, ray.exceptions.WorkerCrashedError) as error:
+            missing = re.search(r"No module named '[^']+'", str(error))
+            if missing:  # the probe's own module could not be imported there
+                raise InputError(f"{where} cannot run this job: the project is not installed there ({missing.group(0)}); give every node the mga image") from None
+            raise InputError(f"{where} cannot run this job: {first_line(error)}") from None
+        except ray.exceptions.NodeDiedError:
+            continue  # gone meanwhile: nothing will be sent there
+        lacks = _lacks(driver, result, s3)
+        if lacks:
+            raise InputError(f"{where} cannot run this job: {lacks}")
+    if late:
+        silent = [f"{probes[probe]['NodeManagerAddress']} (node id {probes[probe]['NodeID'][:12]})" for probe in late]
+        raise InputError(f"Ray node(s) {', '.join(silent)} ran no probe within {timeout_s:.0f} s: check that they are healthy and have the project installed")
+    return len(answered)

@@ -35,7 +35,7 @@ from PIL import Image
 from mga.artifact import CONFIG, INDEX, WEIGHTS, artifact_id, unpack_artifact
 from mga.config import ModelConfig
 from pipelines.synthetic import SynthSpec
-from tests.tiny import MODEL as TINY_MODEL, write_random_model
+from tests.tiny import MODEL as TINY_MODEL
 from pipelines import embed, prepare, search, synth
 from pipelines.model_store import load_artifact, read_artifact_files, write_artifact
 from pipelines.schemas import CATALOG, column_matrix
@@ -45,7 +45,6 @@ from pipelines.tables import TableNotFound, TableWriter, companion, open_table, 
 MODEL = ModelConfig(**TINY_MODEL)
 SPEC = SynthSpec(seed=9, groups=4, items_per_group=3, test_fraction=0.5, train_views=2, gallery_views=2, query_views=2, image_size=64)
 IMAGES = 4 * 3 // 2 * (2 + 2 + 2)  # 36
-COPIES = 4  # the killed-actor test's catalog: 144 images, at 128 px: seconds of model time on one CPU
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "a-distinctive-secret-7f3c9e1b5d"
 
@@ -144,13 +143,10 @@ def features_matrix(table: pa.Table) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def base(ray_local, random_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    paths = {name: str(root / name) for name in ("catalog", "big", "model", "features")}
+    paths = {name: str(root / name) for name in ("catalog", "model", "features")}
     synth.run(paths["catalog"], SPEC, images_per_shard=12)
     paths["model"], paths["model_id"] = random_model["uri"], random_model["model_id"]  # the session's random model
     embed.run(paths["model"], paths["catalog"], paths["features"], batch_size=16)
-    # A bigger catalog for the faults: every image COPIES times under new ids (same bytes, same features).
-    rows = rows_of(paths["catalog"]).to_pylist()
-    publish_rows(paths["big"], [dict(row, image_id=f"{row['image_id']}#{copy}") for copy in range(COPIES) for row in rows], files=12)
     paths["root"] = str(root)
     paths["reference"] = features_matrix(rows_of(paths["features"]))
     return paths
@@ -263,46 +259,7 @@ def test_a_retried_decoding_batch_stages_its_rejects_once(tmp_path):
     assert rejects.column("reason").to_pylist() == ["not an image (unrecognised format)", "empty file (0 bytes)"]
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_embed_survives_a_killed_actor(base, tmp_path):
-    def live_embedders() -> list[dict]:
-        # The GCS actor table (the state API needs the dashboard, which the local instance does not start).
-        return [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE" and "Embedder" in a["ActorClassName"]]
-
-    out = str(tmp_path / "features")
-    model = str(tmp_path / "model-128")  # 4x the pixels of the base model: a longer window to kill in
-    write_random_model(model, image_size=128)
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(embedded=embed.run(model, base["big"], out, batch_size=4)))
-    worker.start()
-    killed = None
-    deadline = time.time() + 300
-    while worker.is_alive() and time.time() < deadline:
-        actors = live_embedders()
-        if actors:  # the model is loaded and batches are flowing: kill it
-            time.sleep(0.2)
-            killed = actors[0]
-            os.kill(killed["Pid"], signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    worker.join(timeout=300)
-    assert killed is not None, f"no Embedder actor found while embed ran: {[a['ActorClassName'] for a in ray._private.state.actors().values()]}"
-    embedded = result["embedded"]
-    table = rows_of(out)
-    assert embedded["rows"] == table.num_rows == COPIES * IMAGES and embedded["rejected"] == 0 and embedded["version"] == 0
-    ids = table.column("image_id").to_pylist()
-    assert len(ids) == len(set(ids)), "duplicate rows"
-    vectors = features_matrix(table)  # the copies of an image, embedded before and after the kill, agree
-    for image_id, vector in vectors.items():
-        np.testing.assert_allclose(vector, vectors[image_id.split("#")[0] + "#0"], atol=1e-4)
-    actors = ray._private.state.actors()
-    after = actors.get(killed["ActorID"], {})
-    others = [a for a in actors.values() if "Embedder" in a["ActorClassName"] and a["ActorID"] != killed["ActorID"] and a["StartTime"] >= killed["StartTime"]]
-    print(f"\nfault: Embedder actor (pid {killed['Pid']}) SIGKILLed 0.2 s into its work on {COPIES * IMAGES} images; "
-          f"job finished: {table.num_rows} rows, each image once, the {COPIES} copies of every image equal; "
-          f"killed actor now {after.get('State')} with {after.get('NumRestarts')} restarts, {len(others)} replacement actor(s)")
-    assert after.get("NumRestarts", 0) >= 1 or others  # Ray restarted it, or Ray Data replaced it
+# (An embed losing its model actor, and the node under it: tests/test_multinode.py.)
 
 
 def _free_port() -> int:

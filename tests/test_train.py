@@ -402,32 +402,8 @@ def test_the_demo_names_a_run_after_what_shapes_it():
 # --------------------------------------------------------------------------- fault tolerance
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(420)
-def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(ray_local, catalog, tmp_path, capfd):
-    epochs = 4
-    config = _config(catalog, tmp_path, "killed", f"optim.epochs={epochs}", "scaling.num_workers=2", "run.checkpoint_every=1",
-                     "run.validate_every=0", "run.max_failures=1")
-    runner, outcome = _in_thread(lambda: train.run(config))
-    first_group = _kill_a_worker_after_the_first_checkpoint(tmp_path / "runs" / "killed", runner)
-    later = set()
-    while runner.is_alive():  # Ray Train replaces the worker group: new processes
-        later |= {process.pid for process in _train_workers()}
-        time.sleep(0.2)
-    runner.join()
-    assert "error" not in outcome, outcome
-    assert later - first_group, "no replacement worker was started"
-
-    result = outcome["result"]
-    resumed_after = result["resumed_after_epochs"]
-    # Restored from a checkpoint, not restarted from scratch, and finished.
-    assert result["epochs"] == epochs and len(resumed_after) == 1 and 1 <= resumed_after[0] < epochs
-    _, _, saved = load_model(config.run.output)
-    assert saved["train"]["epochs"] == epochs and saved["train"]["resumed_after_epochs"] == resumed_after
-    lines = _epoch_lines(capfd, epochs)
-    assert (resumed_after[0] + 1, resumed_after[0]) in {(epoch, start) for epoch, _, start in lines}, lines
-
-
+# (A worker lost mid-run, its whole node with it: Ray Train restarts the group from the last
+# checkpoint, on a multi-node cluster: tests/test_multinode.py.)
 # (`ray job submit` of a training, on a multi-node cluster that loses a node: tests/test_multinode.py)
 
 

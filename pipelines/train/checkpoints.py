@@ -12,6 +12,7 @@ artifact is written from the last checkpoint, or the best with `run.artifact_fro
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -50,9 +51,16 @@ def report_epoch(metrics: dict[str, Any], checkpointing: bool, state: dict[str, 
 
 
 def read_checkpoint(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    """The model/optimizer/scheduler state and epoch of a checkpoint."""
-    with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    """The model/optimizer/scheduler state and epoch of a checkpoint, read from its storage.
+
+    Not through `Checkpoint.as_directory()`: that downloads into one directory per checkpoint
+    under the machine's /tmp, shared by every worker there and deleted by the last reader;
+    workers restarted together on one machine then read a file another was deleting
+    ("PytorchStreamReader failed reading file": tests/test_multinode.py, a node lost mid-run).
+    """
+    with checkpoint.filesystem.open_input_file(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as handle:
+        data = handle.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def previous_run(run: Location) -> Any | None:

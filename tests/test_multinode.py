@@ -149,8 +149,6 @@ def test_a_search_loses_the_node_of_a_scanner(cluster):
     ray_cluster.add_node("d", wait=False)
     logs, _ = job.communicate(timeout=420)
     assert job.returncode == 0 and "succeeded" in logs, logs[-6000:]
-    scanners = [actor for actor in ray_cluster.state("actors", f"job_id={job_id(ray_cluster, logs)}") if "GalleryScanner" in actor.get("class_name", "")]
-    assert any(int(actor.get("num_restarts") or 0) > 0 for actor in scanners), scanners  # restarted elsewhere, its model loaded from S3
     assert_same_search(out, f"{base}/rankings")
 
 

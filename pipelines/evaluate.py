@@ -42,8 +42,8 @@ from mga.metrics import DEFAULT_KS, RetrievalMetrics, rank_metrics
 from pipelines import storage
 from pipelines.catalog import TABLE_ERRORS, catalog_images, features_catalog
 from pipelines.command import module_main
-from pipelines.history import append_history, history_row, read_history
-from pipelines.tables import Snapshot, TableNotFound, companion, open_table, read_table
+from pipelines.history import append_history, history_location, history_row, read_history
+from pipelines.tables import Snapshot, TableNotFound, open_table, read_table
 from pipelines.report import GalleryExample, gallery_picture, write_report
 
 ORDERINGS = ("global", "reranked")
@@ -218,7 +218,7 @@ def run(
     if depth is not None and depth < 1:
         raise InputError(f"depth must be positive, got {depth}")
     ks = RetrievalMetrics(ks).ks  # validated and sorted before any work starts
-    history_table = None if history is None else storage.resolve(history) if history else companion(table.location, "history")
+    history_table = None if history is None else history_location(table.location, history)
 
     query_ids, query_positives, unlabelled = read_queries(table)
     try:

@@ -23,8 +23,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.storage import Location, write_parquet
-from pipelines.tables import TableConflict, TableWriter, open_table, read_table, table_exists
+from pipelines.storage import Location, resolve, write_parquet
+from pipelines.tables import TableConflict, TableWriter, companion, open_table, read_table, table_exists
 
 METRIC_VALUES = pa.map_(pa.string(), pa.float64())
 HISTORY = pa.schema(
@@ -49,6 +49,11 @@ HISTORY = pa.schema(
     ]
 )
 COMMIT_TRIES = 5  # appends never conflict in content: a lost race is retried on the new version
+
+
+def history_location(rankings: Location, history: str) -> Location:
+    """The metrics history of the rankings table at `rankings`: `history` when given, else `<rankings>_history`."""
+    return resolve(history) if history else companion(rankings, "history")
 
 
 def history_row(metrics: Mapping[str, Any]) -> pa.Table:

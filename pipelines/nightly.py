@@ -151,8 +151,7 @@ def _version(uri: str) -> int | None:
 
 def run(config_uri: str) -> dict[str, Any]:
     """Run the chain the config at `config_uri` describes; returns each step's outcome."""
-    from pipelines.history import evaluated
-    from pipelines.tables import companion
+    from pipelines.history import evaluated, history_location
 
     started = time.time()
     config = load_nightly_config(config_uri)
@@ -161,7 +160,7 @@ def run(config_uri: str) -> dict[str, Any]:
     except ConfigError as error:
         raise ConfigError(f"{storage.resolve(config_uri).uri}: {error}") from None
     rankings = storage.resolve(config.rankings)
-    history = storage.resolve(config.history) if config.history else companion(rankings, "history")
+    history = history_location(rankings, config.history)
     tables = {"catalog": config.catalog, "features": config.features, "rankings": config.rankings, "history": history.uri}
     outcomes: dict[str, str] = {}
     results: dict[str, Any] = {}

@@ -21,23 +21,25 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mga.errors import InputError
 from pipelines.console import first_line
-from pipelines.storage import resolve
+from pipelines.storage import credentials_configured, resolve
 
-# The settings a node needs to reach the job's S3 storage the way the driver does: where
-# (endpoint, region) and as whom. Any one credential source counts.
+# Where a node reaches the job's S3 storage (as whom: storage.credentials_configured).
 S3_PLACE = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-CREDENTIAL_SOURCES = (("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), ("AWS_PROFILE",), ("AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"),
-                      ("AWS_CONTAINER_CREDENTIALS_FULL_URI",), ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",))
 PROBE_TIMEOUT_S = 120.0
 
 
 def s3_settings() -> dict[str, Any]:
-    """This process's S3 place settings and whether it has credentials in its environment."""
-    return {
-        "place": {name: os.environ[name] for name in S3_PLACE if os.environ.get(name)},
-        "credentials": any(all(os.environ.get(name) for name in source) for source in CREDENTIAL_SOURCES)
-        or os.path.exists(os.path.expanduser("~/.aws/credentials")),
-    }
+    """This process's S3 place settings and whether it has credentials."""
+    return {"place": {name: os.environ[name] for name in S3_PLACE if os.environ.get(name)}, "credentials": credentials_configured()}
+
+
+def on_every_node(function: Any, *args: Any, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[list[tuple[dict[str, Any], Any]], list[dict[str, Any]]]:
+    """Run the remote `function(*args)` once on every alive node (pinned there): the nodes
+    that answered within `timeout_s` with their results' references, and the nodes that did not."""
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    probes = {function.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(*args): node for node in nodes}
+    answered, late = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
+    return [(probes[probe], probe) for probe in answered], [probes[probe] for probe in late]
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -64,23 +66,17 @@ def _lacks(driver: dict[str, Any], node: dict[str, Any], s3: bool) -> str | None
             driver_has = ", ".join(f"{name}={driver['place'][name]}" for name in missing)
             return f"no {', '.join(missing)} in its environment (the driver has {driver_has})"
         if driver["credentials"] and not node["credentials"]:
-            return "no AWS credentials in its environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a web identity), which the driver has"
+            return "no AWS credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE, a web identity, ~/.aws), which the driver has"
     return node["unreachable"]
 
 
 def check_nodes(uris: list[str], timeout_s: float = PROBE_TIMEOUT_S) -> int:
     """Probe every alive node of the cluster for the project and for access to `uris`; returns
     how many answered. InputError naming the first node that cannot work, or that does not answer."""
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
-    probes = {
-        _probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(uris): node
-        for node in nodes
-    }
-    answered, late = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
+    answered, late = on_every_node(_probe, uris, timeout_s=timeout_s)
     driver = s3_settings()
     s3 = any(uri.startswith("s3://") for uri in uris)
-    for probe in answered:
-        node = probes[probe]
+    for node, probe in answered:
         where = f"Ray node {node['NodeManagerAddress']} (node id {node['NodeID'][:12]})"
         try:
             result = ray.get(probe)
@@ -95,6 +91,6 @@ def check_nodes(uris: list[str], timeout_s: float = PROBE_TIMEOUT_S) -> int:
         if lacks:
             raise InputError(f"{where} cannot run this job: {lacks}")
     if late:
-        silent = [f"{probes[probe]['NodeManagerAddress']} (node id {probes[probe]['NodeID'][:12]})" for probe in late]
+        silent = [f"{node['NodeManagerAddress']} (node id {node['NodeID'][:12]})" for node in late]
         raise InputError(f"Ray node(s) {', '.join(silent)} ran no probe within {timeout_s:.0f} s: check that they are healthy and have the project installed")
     return len(answered)

@@ -142,14 +142,13 @@ def history_plot(history: pa.Table, metrics: Mapping[str, Any]) -> bytes:
     versions = history.column("rankings_version").to_pylist()
     figure = Figure(figsize=(9, 3.6))
     for axes, metric in zip(figure.subplots(1, 2), (first, "mAP")):
+        values = {ordering: _history_values(history, ordering, metric) for ordering in ("global", "reranked")}
         for ordering, style in (("global", "o--"), ("reranked", "s-")):
-            values = _history_values(history, ordering, metric)
-            axes.plot(times, values, style, label=ordering)
-            if ordering == "reranked":
-                for when, value, version in zip(times, values, versions):
-                    axes.annotate(f"v{version}", (when, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+            axes.plot(times, values[ordering], style, label=ordering)
+        for when, value, version in zip(times, values["reranked"], versions):
+            axes.annotate(f"v{version}", (when, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
         # Zoomed to the values, so a drop of a few points shows; never beyond [0, 1].
-        shown = [v for o in ("global", "reranked") for v in _history_values(history, o, metric) if not math.isnan(v)] or [0.0, 1.0]
+        shown = [v for series in values.values() for v in series if not math.isnan(v)] or [0.0, 1.0]
         axes.set_ylim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.05) + 0.02)
         axes.set_ylabel(metric)
         axes.grid(alpha=0.3)

@@ -99,11 +99,16 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def credentials_configured() -> bool:
+    """Whether this process has AWS credentials the SDK finds without a metadata service."""
+    return any(os.environ.get(name) for name in _CREDENTIAL_VARS) or any(
+        os.path.exists(os.path.expanduser(path)) for path in ("~/.aws/credentials", "~/.aws/config")
+    )
+
+
 def credentials_hint(uri: str) -> str:
     """For errors on s3:// URIs: a note when no AWS credentials are configured, else ""."""
-    if not uri.startswith("s3://") or any(os.environ.get(name) for name in _CREDENTIAL_VARS):
-        return ""
-    if os.path.exists(os.path.expanduser("~/.aws/credentials")) or os.path.exists(os.path.expanduser("~/.aws/config")):
+    if not uri.startswith("s3://") or credentials_configured():
         return ""
     return (
         " (no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "

@@ -35,6 +35,7 @@ from PIL import Image
 from mga.artifact import CONFIG, INDEX, WEIGHTS, artifact_id, unpack_artifact
 from mga.config import ModelConfig
 from pipelines.synthetic import SynthSpec
+from tests.cluster import free_ports
 from tests.tiny import MODEL as TINY_MODEL
 from pipelines import embed, prepare, search, synth
 from pipelines.model_store import load_artifact, read_artifact_files, write_artifact
@@ -262,16 +263,10 @@ def test_a_retried_decoding_batch_stages_its_rejects_once(tmp_path):
 # (An embed losing its model actor, and the node under it: tests/test_multinode.py.)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture()
 def own_s3(tmp_path):
     """A moto server of this test's own (so it can be frozen), with its request log."""
-    port = _free_port()
+    (port,) = free_ports(1)
     log = open(tmp_path / "moto.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 30

@@ -28,11 +28,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mga.errors import InputError
 from pipelines.catalog import open_catalog
 from pipelines.config import TrainConfig
+from pipelines.nodes import on_every_node
 from pipelines.runtime import cluster_address, init_ray
 from pipelines.storage import Location, StorageError, resolve
 from pipelines.tables import read_table
@@ -139,13 +139,8 @@ def _exists(path: str) -> bool:
 
 def nodes_without(path: str, timeout_s: float = 120) -> list[str]:
     """The addresses of the alive Ray nodes on whose disk `path` does not exist (nodes that do not answer in time are left out)."""
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
-    probes = {
-        _exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(path): node["NodeManagerAddress"]
-        for node in nodes
-    }
-    answered, _ = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
-    return sorted(probes[probe] for probe in answered if not ray.get(probe))
+    answered, _ = on_every_node(_exists, path, timeout_s=timeout_s)
+    return sorted(node["NodeManagerAddress"] for node, probe in answered if not ray.get(probe))
 
 
 def check_cluster_storage(storage: Location) -> None:

@@ -34,12 +34,22 @@ def s3_settings() -> dict[str, Any]:
 
 
 def on_every_node(function: Any, *args: Any, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[list[tuple[dict[str, Any], Any]], list[dict[str, Any]]]:
-    """Run the remote `function(*args)` once on every alive node (pinned there): the nodes
-    that answered within `timeout_s` with their results' references, and the nodes that did not."""
+    """Run the remote `function(*args)` once on every alive node (pinned there): the nodes that
+    answered within `timeout_s` with their results (a RayError where it failed), and the nodes
+    that did not answer. A node that left the cluster meanwhile is in neither: the cluster's
+    node list still shows a lost node alive for a while, and nothing will be sent there."""
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     probes = {function.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(*args): node for node in nodes}
     answered, late = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
-    return [(probes[probe], probe) for probe in answered], [probes[probe] for probe in late]
+    results = []
+    for probe in answered:
+        try:
+            results.append((probes[probe], ray.get(probe)))
+        except (ray.exceptions.NodeDiedError, ray.exceptions.TaskUnschedulableError):
+            continue  # gone: "the node specified via NodeAffinitySchedulingStrategy doesn't exist any more"
+        except ray.exceptions.RayError as error:
+            results.append((probes[probe], error))
+    return results, [probes[probe] for probe in late]
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -76,17 +86,13 @@ def check_nodes(uris: list[str], timeout_s: float = PROBE_TIMEOUT_S) -> int:
     answered, late = on_every_node(_probe, uris, timeout_s=timeout_s)
     driver = s3_settings()
     s3 = any(uri.startswith("s3://") for uri in uris)
-    for node, probe in answered:
+    for node, result in answered:
         where = f"Ray node {node['NodeManagerAddress']} (node id {node['NodeID'][:12]})"
-        try:
-            result = ray.get(probe)
-        except (ray.exceptions.RayTaskError, ray.exceptions.RaySystemError, ray.exceptions.WorkerCrashedError) as error:
-            missing = re.search(r"No module named '[^']+'", str(error))
+        if isinstance(result, ray.exceptions.RayError):
+            missing = re.search(r"No module named '[^']+'", str(result))
             if missing:  # the probe's own module could not be imported there
-                raise InputError(f"{where} cannot run this job: the project is not installed there ({missing.group(0)}); give every node the mga image") from None
-            raise InputError(f"{where} cannot run this job: {first_line(error)}") from None
-        except ray.exceptions.NodeDiedError:
-            continue  # gone meanwhile: nothing will be sent there
+                raise InputError(f"{where} cannot run this job: the project is not installed there ({missing.group(0)}); give every node the mga image")
+            raise InputError(f"{where} cannot run this job: {first_line(result)}")
         lacks = _lacks(driver, result, s3)
         if lacks:
             raise InputError(f"{where} cannot run this job: {lacks}")

@@ -138,9 +138,9 @@ def _exists(path: str) -> bool:
 
 
 def nodes_without(path: str, timeout_s: float = 120) -> list[str]:
-    """The addresses of the alive Ray nodes on whose disk `path` does not exist (nodes that do not answer in time are left out)."""
+    """The addresses of the alive Ray nodes on whose disk `path` does not exist (nodes that do not answer in time, or fail the probe, are left out)."""
     answered, _ = on_every_node(_exists, path, timeout_s=timeout_s)
-    return sorted(node["NodeManagerAddress"] for node, probe in answered if not ray.get(probe))
+    return sorted(node["NodeManagerAddress"] for node, exists in answered if exists is False)
 
 
 def check_cluster_storage(storage: Location) -> None:

@@ -96,6 +96,9 @@ class RunConfig(StrictModel):
     validation_rerank_top: int = Field(50, ge=1, description="the global top-N reranked by the fused score S")
     best_metric: Literal["val_mAP", "val_R@1", "val_global_mAP", "val_global_R@1"] = Field("val_mAP", description="what the best checkpoint is chosen by")
     artifact_from: Literal["last", "best"] = Field("last", description="the checkpoint the final artifact is written from")
+    tracking_uri: str = Field("", description="MLflow tracking URI (http(s)://server or sqlite:///file.db); '' = MLFLOW_TRACKING_URI, and no tracking without it")
+    experiment: str = Field("mga", min_length=1, description="the MLflow experiment the run is logged to")
+    register_as: str = Field("", description="register the model artifact as a new version of this MLflow registered model")
 
 
 class TrainConfig(StrictModel):

@@ -2,7 +2,8 @@
 
 The model is trained on the synthetic catalog's train items and evaluated on held-out
 items, so the numbers it prints are real (from ImageNet Lite0 weights installed with the
-project: no downloads).
+project: no downloads). The training and the evaluation are tracked in an MLflow local store
+in the workdir (`mlflow.db`, no server); the summary prints the command that opens MLflow's UI on it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pipelines.synthetic import SynthSpec
 from pipelines.command import module_main
 from pipelines.config import load_config
 from pipelines.console import print_summary
+from pipelines.tracking import configured_uri, local_store, store_directory, ui_command
 
 # Groups of 12 look-alike items: the pretrained backbone's zero-shot global R@1 on the
 # held-out items is about 0.24 consumer->shop (0.61 shop->shop), so details must be learnt.
@@ -56,22 +58,29 @@ def run(workdir: str = "mga_demo", config: str = "tiny", overrides: list[str] | 
         return result
 
     spec = SynthSpec(**{**DEMO_SPEC.__dict__, "seed": seed})
+    store = local_store(workdir)  # MLflow's local store (SQLite) in the workdir: no server
     train_config = load_config(
         config,
         overrides,
-        extra={"data": {"catalog": paths["catalog"]}, "run": {"output": paths["model"], "storage_path": paths["runs"], "name": run_name(config, overrides or [], seed), "seed": seed}},
+        extra={"data": {"catalog": paths["catalog"]},
+               "run": {"output": paths["model"], "storage_path": paths["runs"], "name": run_name(config, overrides or [], seed), "seed": seed, "tracking_uri": store}},
     )
+    store = configured_uri(train_config.run.tracking_uri)  # --set run.tracking_uri=... wins
     step("synth", lambda: synth.run(paths["catalog"], spec))
     step("train", lambda: train.run(train_config))
     step("embed", lambda: embed.run(paths["model"], paths["catalog"], paths["features"]))
     step("search", lambda: search.run(paths["features"], paths["rankings"]))
-    metrics = step("evaluate", lambda: evaluate.run(paths["rankings"], paths["report"]))
+    metrics = step("evaluate", lambda: evaluate.run(paths["rankings"], paths["report"], tracking_uri=store))
     rows: dict[str, Any] = {name: os.path.abspath(path) for name, path in paths.items()}
     for ordering in ("global", "reranked"):
         values = metrics[ordering]
         rows[f"{ordering} R@1 / R@10 / mAP"] = f"{values['R@1']:.3f} / {values['R@10']:.3f} / {values['mAP']:.3f}"
     rows["queries"] = f"{metrics['queries']} (excluded {metrics['excluded_queries']})"
     rows["report"] = os.path.abspath(os.path.join(paths["report"], "report.html"))
+    if store:
+        rows["MLflow"] = store
+        if store_directory(store) is not None:
+            rows["MLflow UI"] = ui_command(store)
     rows["steps"] = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     rows["wall time"] = f"{time.time() - started:.0f} s"
     print_summary("mga demo", rows)

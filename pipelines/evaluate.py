@@ -23,6 +23,9 @@ report.html, and metrics.json last, so a reader never finds a report without its
 Then the evaluation is appended to the metrics history (pipelines.history; `--history URI`,
 default `<rankings>_history`), whose earlier evaluations of the same rankings the report
 plots beside this one: a drop after a new model or a broken feed shows at a glance.
+With a tracking URI (`--tracking-uri`, else MLFLOW_TRACKING_URI) the metrics and the report go
+to MLflow too: to the run of the training that made the model (found by its model_id), or to
+a new run naming the rankings table and versions when there is none.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from pipelines.command import module_main
 from pipelines.history import append_history, history_location, history_row, read_history
 from pipelines.tables import Snapshot, TableNotFound, open_table, read_table
 from pipelines.report import GalleryExample, gallery_picture, write_report
+from pipelines.tracking import configured_uri
 
 ORDERINGS = ("global", "reranked")
 GALLERY_TOP = 5  # results per query in the gallery picture
@@ -201,10 +205,12 @@ def run(
     gallery_examples: int = 8,
     version: int | None = None,
     history: str | None = "",
+    tracking_uri: str = "",
 ) -> dict[str, Any]:
     """Evaluate the rankings table at `rankings` (its current version, or `version`), write the
     report into `out`, append the metrics to the history table `history` ("": the rankings'
-    companion `<rankings>_history`; None: no history).
+    companion `<rankings>_history`; None: no history), and log it to MLflow with a tracking URI
+    (`tracking_uri`, else MLFLOW_TRACKING_URI; pipelines.tracking).
 
     Returns the metrics.json content: `queries` (evaluated, |P| > 0), `excluded_queries`,
     `depth`, `rerank_top`, `global` and `reranked` ({"R@K": ..., "mAP": ...} as fractions),
@@ -274,11 +280,37 @@ def run(
     written.append(target.join("metrics.json").uri)
     if history_table is not None:
         written.append(f"{history_table.uri} (version {append_history(history_table, row)})")
-    _print_summary(metrics, written, time.time() - started)
+    tracked = _track(tracking_uri, metrics, target, written) if (tracking_uri := configured_uri(tracking_uri)) else None
+    _print_summary(metrics, written, tracked, time.time() - started)
     return metrics
 
 
-def _print_summary(metrics: dict[str, Any], written: list[str], seconds: float) -> None:
+def _track(uri: str, metrics: dict[str, Any], report: storage.Location, written: list[str]) -> str | None:
+    """Log the evaluation to the MLflow run of the model that made the features (by model_id), or to a new run
+    naming the rankings; metrics at the rankings' version as step, the report's files as artifacts. Says where."""
+    from pipelines import tracking
+
+    name = metrics["rankings"].rstrip("/").rsplit("/", 1)[-1]
+    tags = {"mga.rankings": metrics["rankings"], "mga.rankings_version": str(metrics["rankings_version"]), tracking.MODEL_TAG: str(metrics["model_id"] or "")}
+    tracker, found = tracking.model_run(uri, metrics["model_id"], f"evaluate {name} v{metrics['rankings_version']}", tags)
+    if tracker is None:
+        return None
+    if not found:
+        tracker.log_params({key: metrics[key] for key in ("rankings", "rankings_version", "features", "features_version", "queries_table", "queries_version", "model_id")})
+    values = {"eval_queries": metrics["queries"], "eval_excluded_queries": metrics["excluded_queries"], "eval_unlabelled_queries": metrics["unlabelled_queries"]}
+    values.update({f"eval_{ordering}_{key}": value for ordering in ("global", "reranked") for key, value in metrics[ordering].items()})
+    tracker.log_metrics(values, step=int(metrics["rankings_version"]))
+    files = {uri.rsplit("/", 1)[-1]: storage.resolve(uri).read_bytes() for uri in written if uri.startswith(report.uri.rstrip("/") + "/")}
+    tracker.log_files(files, f"evaluations/{name}/v{metrics['rankings_version']}")
+    if not found:
+        tracker.finish()
+    if not tracker.active:
+        return None
+    whose = "the model's training run" if found else f"a new run in experiment {tracking.EVALUATIONS_EXPERIMENT} (no run has model_id {metrics['model_id']})"
+    return f"MLflow run {tracker.run_id} at {uri} ({whose})"
+
+
+def _print_summary(metrics: dict[str, Any], written: list[str], tracked: str | None, seconds: float) -> None:
     names = list(metrics["global"])
     effect = metrics["rerank_effect"]
     lines = [
@@ -295,6 +327,8 @@ def _print_summary(metrics: dict[str, Any], written: list[str], seconds: float) 
         f"unchanged {effect['unchanged']:.4f} (first-match rank)",
         f"  wrote     {', '.join(written)}",
     ]
+    if tracked:
+        lines.append(f"  logged    {tracked}")
     lines += [f"  note      {note}" for note in metrics["notes"]]
     print("\n".join(lines), flush=True)
 
@@ -315,10 +349,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     history = parser.add_mutually_exclusive_group()
     history.add_argument("--history", default="", help="metrics history table URI the evaluation is appended to (default: <rankings>_history)")
     history.add_argument("--no-history", dest="history", action="store_const", const=None, help="append to no history (and plot none)")
+    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI the evaluation is logged to (default: MLFLOW_TRACKING_URI; none without it)")
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:
-    return run(args.rankings, args.out, depth=args.depth, ks=args.ks, gallery_examples=args.gallery_examples, version=args.version, history=args.history)
+    return run(args.rankings, args.out, depth=args.depth, ks=args.ks, gallery_examples=args.gallery_examples, version=args.version, history=args.history, tracking_uri=args.tracking_uri)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

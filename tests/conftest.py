@@ -11,6 +11,7 @@ subset); collection fails if a test asks for `ray_local` without it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -103,6 +104,40 @@ def s3_server():
     process.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (`mlflow server`: an SQLite store, artifacts served
+    from a local folder): its URL. Its workers are its own process group, stopped together."""
+    import requests
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    (port,) = free_ports(1)
+    log = open(root / "server.log", "wb")
+    process = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.3)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    log.close()
+
+
 @pytest.fixture()
 def s3_env(s3_server):
     """A fresh bucket on the moto server (the AWS variables are set for the session)."""
@@ -136,8 +171,8 @@ def random_model(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def trained_model(ray_local, synthetic_catalog, tmp_path_factory) -> dict:
-    """The session's one training: the tiny model, 1 epoch, 2 Ray Train workers.
+def trained_model(ray_local, synthetic_catalog, mlflow_server, tmp_path_factory) -> dict:
+    """The session's one training: the tiny model, 1 epoch, 2 Ray Train workers, tracked on the MLflow server.
 
     {"catalog", "model", "root", "result"}. The catalog, output and storage paths are given
     relative to the driver's working directory, as `mga train` users type them: Ray Train
@@ -153,11 +188,11 @@ def trained_model(ray_local, synthetic_catalog, tmp_path_factory) -> dict:
     try:
         config = load_config("tiny", TRAIN + ["optim.epochs=1", "scaling.num_workers=2"],
                              extra={"data": {"catalog": os.path.relpath(synthetic_catalog, root)},
-                                    "run": {"output": "model", "storage_path": "runs", "name": "t"}})
+                                    "run": {"output": "model", "storage_path": "runs", "name": "t", "tracking_uri": mlflow_server}})
         result = train.run(config)
     finally:
         os.chdir(previous)
-    return {"catalog": synthetic_catalog, "model": str(root / "model"), "root": root, "result": result}
+    return {"catalog": synthetic_catalog, "model": str(root / "model"), "root": root, "result": result, "tracking_uri": mlflow_server}
 
 
 @pytest.fixture(scope="session")

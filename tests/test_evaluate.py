@@ -335,3 +335,33 @@ def test_run_writes_the_report_to_s3(ray_local, tmp_path, s3_env):
     assert names == {"metrics.json", "report.md", "report.html", "recall.png", "per_category.png", "gallery.png", "history.png"}
     body = client.get_object(Bucket=s3_env["bucket"], Key="reports/run-1/metrics.json")["Body"].read()
     assert json.loads(body)["reranked"]["mAP"] == pytest.approx(metrics["reranked"]["mAP"])
+
+
+@pytest.mark.timeout(180)
+def test_an_evaluation_is_logged_to_its_models_run_or_to_a_run_of_its_own(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipelines import tracking
+
+    rankings = build_tables(tmp_path)
+    (tmp_path / "store").mkdir()
+    store = tracking.local_store(tmp_path / "store")
+    client = MlflowClient(store)
+
+    # No run made model-test: a run of its own in mga-evaluations, named after the rankings and version.
+    first = evaluate.run(rankings, str(tmp_path / "report-1"), depth=4, tracking_uri=store)
+    (own,) = client.search_runs([client.get_experiment_by_name(tracking.EVALUATIONS_EXPERIMENT).experiment_id])
+    assert own.info.run_name == "evaluate rankings v0" and own.info.status == "FINISHED"
+    assert own.data.params["rankings"] == rankings and own.data.params["rankings_version"] == "0" and own.data.params["model_id"] == "model-test"
+    assert own.data.metrics["eval_reranked_R_at_1"] == pytest.approx(first["reranked"]["R@1"]) and own.data.metrics["eval_queries"] == 3
+    assert {"evaluations/rankings/v0/report.html", "evaluations/rankings/v0/metrics.json"} <= {
+        entry.path for entry in client.list_artifacts(own.info.run_id, "evaluations/rankings/v0")}
+
+    # Once a training run carries the model's id, the evaluation goes there (MLFLOW_TRACKING_URI, no flag).
+    training = tracking.open_run(store, "mga", "t")
+    training.set_tags({tracking.MODEL_TAG: "model-test"})
+    training.finish()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    second = evaluate.run(rankings, str(tmp_path / "report-2"), depth=4)
+    assert client.get_run(training.run_id).data.metrics["eval_global_mAP"] == pytest.approx(second["global"]["mAP"])
+    assert len(client.search_runs([client.get_experiment_by_name(tracking.EVALUATIONS_EXPERIMENT).experiment_id])) == 1

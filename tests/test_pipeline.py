@@ -27,7 +27,7 @@ def trained(trained_model, trained_features, tmp_path_factory):
     """The session's trained model and its features, with this module's output paths."""
     root = tmp_path_factory.mktemp("pipeline")
     paths = {"catalog": trained_model["catalog"], "model": trained_model["model"], "features": trained_features["uri"],
-             "rankings": str(root / "rankings"), "report": str(root / "report")}
+             "rankings": str(root / "rankings"), "report": str(root / "report"), "tracking_uri": trained_model["tracking_uri"]}
     return paths, trained_model["result"], trained_features["manifest"]
 
 
@@ -99,6 +99,33 @@ def test_embed_search_evaluate_tables_follow_the_schemas(trained, searched):
         assert all(0.0 <= value <= 1.0 for value in saved[ordering].values())
     # With 6 gallery images, every query has its match within 10.
     assert saved["global"]["R@10"] == 1.0 and metrics["reranked"]["R@10"] == 1.0
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_the_training_and_its_evaluation_are_tracked_on_the_mlflow_server(trained, searched, tmp_path):
+    from mlflow import MlflowClient
+
+    paths, result, _ = trained
+    client = MlflowClient(paths["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("mga").experiment_id], filter_string="attributes.run_name = 't'")
+    assert run.info.status == "FINISHED" and run.data.tags["model_id"] == result["model_id"]
+    params = run.data.params
+    assert params["model.alpha"] == "0.5" and params["data.items_per_batch"] == "3" and params["catalog"] == resolve(paths["catalog"]).uri
+    assert params["catalog_version"] == "0" and params["train classes"] == "6" and "optim.epochs" not in params
+    for name in ("loss", "images_per_s", "data_wait_s", "undecodable_images", "dropped_batches"):
+        assert [(metric.step, metric.value) for metric in client.get_metric_history(run.info.run_id, name)] == [(1, pytest.approx(result["metrics"][name]))]
+    assert {entry.path for entry in client.list_artifacts(run.info.run_id, "model")} == {"model/artifact.json", "model/config.json", "model/model.safetensors"}
+    artifact = json.loads(open(client.download_artifacts(run.info.run_id, "model/artifact.json", str(tmp_path))).read())
+    assert artifact["model_id"] == result["model_id"]
+
+    # The evaluation goes to the run of the model that made the features: its metrics at the rankings' version.
+    metrics = evaluate.run(paths["rankings"], str(tmp_path / "report"), tracking_uri=paths["tracking_uri"], history=None)
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["eval_reranked_R_at_1"] == pytest.approx(metrics["reranked"]["R@1"]) and logged["eval_global_mAP"] == pytest.approx(metrics["global"]["mAP"])
+    assert logged["eval_queries"] == 12 and [m.step for m in client.get_metric_history(run.info.run_id, "eval_reranked_mAP")] == [metrics["rankings_version"]]
+    report = f"evaluations/rankings/v{metrics['rankings_version']}"
+    assert {f"{report}/report.html", f"{report}/metrics.json", f"{report}/recall.png"} <= {entry.path for entry in client.list_artifacts(run.info.run_id, report)}
 
 
 @pytest.mark.ray

@@ -31,6 +31,7 @@ from pipelines.train.checkpoints import TrainingFailed
 from pipelines.config import ConfigError, TrainConfig, load_config
 from pipelines.model_store import load_model
 from pipelines.storage import resolve
+from tests.cluster import free_ports
 from tests.tiny import TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,10 +249,11 @@ def _kill_a_worker_after_the_first_checkpoint(run_path: Path, runner: threading.
 
 @pytest.mark.ray
 @pytest.mark.timeout(420)
-def test_interrupted_run_resumes_and_the_best_checkpoint_is_kept(ray_local, catalog, tmp_path, capfd):
+def test_interrupted_run_resumes_and_the_best_checkpoint_is_kept(ray_local, catalog, mlflow_server, tmp_path, capfd):
     epochs = 4
     settings = [f"optim.epochs={epochs}", "scaling.num_workers=1", "run.checkpoint_every=1", "run.validate_every=1",
-                "run.keep_checkpoints=1", "run.max_failures=0"]
+                "run.keep_checkpoints=1", "run.max_failures=0", f"run.tracking_uri={mlflow_server}", "run.experiment=resume-test",
+                "run.register_as=mga-resume"]
     config = _config(catalog, tmp_path, "resume", *settings)
 
     # 1. Interrupted: its only worker is killed once a checkpoint is registered (no failure allowed).
@@ -298,6 +300,22 @@ def test_interrupted_run_resumes_and_the_best_checkpoint_is_kept(ray_local, cata
     out, err = capfd.readouterr()
     assert f"already trained to epoch {epochs}" in out and "[train] epoch" not in out + err  # no epoch re-run
 
+    # 5. MLflow: one run across the interruption, the resume and the re-export, each epoch logged by rank 0
+    # (an epoch run again after the interruption is logged again, at the same step), both artifacts registered.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("resume-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "resume" and run.data.params["run.seed"] == "0"
+    history = client.get_metric_history(run.info.run_id, "val_mAP")
+    assert sorted({metric.step for metric in history}) == list(range(1, epochs + 1))
+    last = {metric.step: metric.value for metric in sorted(history, key=lambda metric: metric.timestamp)}
+    assert last == {epoch: pytest.approx(value, abs=5e-4) for epoch, value in val_map.items()}  # the console shows 3 decimals
+    versions = sorted(client.search_model_versions("name = 'mga-resume'"), key=lambda version: int(version.version))
+    assert [(version.version, version.run_id, version.tags["model_id"]) for version in versions] == [
+        ("1", run.info.run_id, result["model_id"]), ("2", run.info.run_id, load_model(best_config.run.output)[1])]
+    assert run.data.tags["model_id"] == versions[-1].tags["model_id"]
+
 
 # --------------------------------------------------------------------------- one run, one setup
 
@@ -318,7 +336,7 @@ def _catalog_table(uri: str, rows: list[tuple[str, str, str, str]]) -> int:
 
 @pytest.mark.ray
 @pytest.mark.timeout(480)
-def test_a_run_under_another_setup_is_refused_and_run_restart_starts_it_afresh(trained_model, tmp_path, capfd):
+def test_a_run_under_another_setup_is_refused_and_run_restart_starts_it_afresh(trained_model, tmp_path, capfd, monkeypatch):
     # A copy of the session's trained run (1 epoch, 2 workers, name "t"): this test replaces it.
     shutil.copytree(trained_model["root"] / "runs", tmp_path / "runs")
     catalog, setup = trained_model["catalog"], ["optim.epochs=1", "scaling.num_workers=2"]
@@ -348,11 +366,18 @@ def test_a_run_under_another_setup_is_refused_and_run_restart_starts_it_afresh(t
     runs.check_same_run(longer, resolve(str(tmp_path / "runs" / "t")), runs.fingerprint(longer, rows, 6), rows)
     assert "[train] epoch" not in "".join(capfd.readouterr())
 
-    # run.restart=true: the old checkpoints go, an alpha 1.0 model is trained from the start.
+    # run.restart=true: the old checkpoints go, an alpha 1.0 model is trained from the start; its MLflow
+    # server (MLFLOW_TRACKING_URI) is down: one warning line, and the training goes on.
+    (closed,) = free_ports(1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed}")
     fresh = _config(catalog, tmp_path, "t", "optim.epochs=1", "scaling.num_workers=1", "model.alpha=1.0", "run.restart=true")
     result = train.run(fresh)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert result["resumed_after_epochs"] == [] and result["epochs"] == 1
-    assert "run.restart: deleted the checkpoints of run t" in capfd.readouterr().out
+    out, err = capfd.readouterr()
+    assert "run.restart: deleted the checkpoints of run t" in out
+    warnings = [line for line in (out + err).splitlines() if "MLflow" in line]
+    assert len(warnings) == 1 and re.search(rf"\[tracking\] warning: MLflow at http://127.0.0.1:{closed}: .*Connection refused.*goes on without it", warnings[0]), warnings
     _, _, saved = load_model(fresh.run.output)
     assert saved["train"]["config"]["model"]["alpha"] == 1.0 and saved["train"]["lr"] == fresh.optim.lr
     assert json.loads((tmp_path / "runs" / "t" / runs.RUN_FILE).read_text())["fingerprint"]["model.alpha"] == 1.0

@@ -17,6 +17,9 @@ storage every node reaches (`runs.run_storage`, `runs.check_cluster_storage`).
 The driver builds the backbone with the chosen weights once before anything starts, so a
 missing file, an unreachable hub or a file that does not fit the backbone is one clear
 error, not a traceback from inside a Ray worker.
+
+With a tracking URI (`run.tracking_uri` or MLFLOW_TRACKING_URI) the run is logged to MLflow
+(`experiment`: its params, epochs, artifact and registered version); without one nothing is.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pipelines.command import module_main
 from pipelines.config import TrainConfig, load_config
 from pipelines.console import print_summary
 from pipelines.storage import resolve
+from pipelines.tracking import configured_uri
 
 
 def absolute_uris(config: TrainConfig) -> TrainConfig:
@@ -44,12 +48,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
     # Here, not at the top: `mga train --help` and a usage error must not wait for torch and Ray.
     from pipelines.runtime import init_ray
     from pipelines.stream import index_catalog
-    from pipelines.train import checkpoints, loop, runs, validation, weights
+    from pipelines.train import checkpoints, experiment, loop, runs, validation, weights
 
     if not config.data.catalog:
         raise InputError("data.catalog: no catalog URI given (set it in the config or with --catalog)")
     if not config.run.output:
         raise InputError("run.output: no artifact URI given (set it in the config or with --output)")
+    tracking_uri = configured_uri(config.run.tracking_uri)
+    if config.run.register_as and not tracking_uri:
+        raise InputError(f"run.register_as={config.run.register_as}: no MLflow tracking URI to register it in (set run.tracking_uri or MLFLOW_TRACKING_URI)")
     config = absolute_uris(config)
     started = time.time()
     storage = runs.run_storage(config)
@@ -82,6 +89,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             flush=True,
         )
         result = previous
+        tracker = experiment.open_training_run(config, tracking_uri, run_location, fingerprint, train_rows) if tracking_uri else None
     else:
         init_ray(storage=[config.data.catalog, storage.uri])
         runs.check_cluster_storage(storage)
@@ -89,11 +97,20 @@ def run(config: TrainConfig) -> dict[str, Any]:
             print(f"[train] run {config.run.name} has a checkpoint after epoch {resuming_after} in {run_location.uri}: resuming from it", flush=True)
         else:
             runs.start_run(config, run_location, fingerprint, train_rows, restart=restarting)
-        result = loop.fit(config, catalog, selection, storage)
+        tracker = experiment.open_training_run(config, tracking_uri, run_location, fingerprint, train_rows) if tracking_uri else None
+        try:
+            result = loop.fit(config, catalog, selection, storage, experiment.worker_tracking(tracker))
+        except checkpoints.TrainingFailed:
+            if tracker is not None:
+                tracker.finish("FAILED")
+            raise
     source = selection["source"] if selection else None
     record = {"catalog": config.data.catalog, "catalog_version": train_rows["version"], "items": len(items), "weights": weights.describe_weights(config), "lr": config.effective_lr()}
     written = checkpoints.export_artifact(result, config, record, source)
+    registered = experiment.log_artifact(tracker, config, written)
     _print_summary(config, written, record, source, run_location.uri, time.time() - started)
+    if tracker is not None:
+        _print_tracking(config, tracker, registered)
     return {key: written[key] for key in ("model_id", "metrics", "checkpoint_metrics", "epochs", "last_epoch", "resumed_after_epochs")} | {
         "output": config.run.output,
         "run_path": run_location.uri,
@@ -124,6 +141,13 @@ def _print_summary(config: TrainConfig, written: dict[str, Any], record: dict[st
     )
     summary["wall time"] = f"{seconds:.0f} s"
     print_summary("mga train", summary)
+
+
+def _print_tracking(config: TrainConfig, tracker: Any, registered: str | None) -> None:
+    lines = [f"[train] MLflow: run {tracker.run_id} (experiment {config.run.experiment}) at {tracker.uri}" + ("" if tracker.active else ", logging stopped at a failure (warning above)")]
+    if registered is not None:
+        lines.append(f"[train] MLflow: registered as {config.run.register_as} version {registered}")
+    print("\n".join(lines), flush=True)
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:

@@ -98,7 +98,7 @@ def export_artifact(result: Any, config: TrainConfig, record: dict[str, Any], va
 
     `record` (catalog, items, weights) joins the artifact's `train` record, and the chosen
     checkpoint's validation metrics its `validation`; returns what was written: model_id,
-    epochs, the metrics of the last and of the chosen checkpoint.
+    epochs, the metrics of the last and of the chosen checkpoint, the artifact's files.
     """
     if result.checkpoint is None:
         raise TrainingFailed(f"training run {config.run.name} produced no checkpoint")
@@ -130,6 +130,7 @@ def export_artifact(result: Any, config: TrainConfig, record: dict[str, Any], va
     write_artifact(config.run.output, files)
     return {
         "model_id": json.loads(files["artifact.json"])["model_id"],
+        "files": files,
         "metrics": metrics,
         "checkpoint_metrics": chosen_metrics,
         "val": val,

@@ -45,6 +45,7 @@ from pipelines.train.checkpoints import (
     read_checkpoint,
     report_epoch,
 )
+from pipelines.tracking import Tracker
 from pipelines.train.validation import Validator
 from pipelines.train.weights import backbone_weights_file
 
@@ -150,6 +151,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and config.scaling.bf16 else torch.autocast("cpu", enabled=False)
     validation = loop_config.get("validation")
     validator = Validator(config.data.catalog, validation, config.data.image_size, config.data.max_pixels) if validation and rank == 0 else None
+    tracker = Tracker(**loop_config["tracking"]) if loop_config.get("tracking") and rank == 0 else None
 
     for epoch in range(start_epoch, config.optim.epochs):
         objective.train()
@@ -201,6 +203,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics[config.run.best_metric] = float("nan")
         if rank == 0:
             print(epoch_line(config, metrics, validation, resumed_from=start_epoch if epoch == start_epoch else 0), flush=True)
+            if tracker is not None:
+                tracker.log_metrics({key: value for key, value in metrics.items() if key != "epoch"}, step=epoch + 1)
         state = None
         if checkpointing and rank == 0:
             state = {
@@ -247,8 +251,9 @@ def check_local_resources(config: TrainConfig) -> None:
         )
 
 
-def fit(config: TrainConfig, catalog: Catalog, validation: dict[str, Any] | None, storage: Location) -> Any:
-    """Run `train_loop` on a Ray Train worker group; the Ray Train result (its checkpoints under storage/run.name)."""
+def fit(config: TrainConfig, catalog: Catalog, validation: dict[str, Any] | None, storage: Location, tracking: dict[str, str] | None = None) -> Any:
+    """Run `train_loop` on a Ray Train worker group; the Ray Train result (its checkpoints under storage/run.name).
+    With `tracking` ({"uri", "run_id"}: pipelines.train.experiment), rank 0 logs each epoch to that MLflow run."""
     init_ray()
     check_local_resources(config)
     if validation:
@@ -266,6 +271,7 @@ def fit(config: TrainConfig, catalog: Catalog, validation: dict[str, Any] | None
             "catalog": [ray.put(catalog)],
             "classes": len(catalog.items),
             "validation": validation,
+            "tracking": tracking,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,

@@ -15,12 +15,18 @@ from pipelines import tracking
 from tests.cluster import free_ports
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One local store for the module: creating one migrates its database schema (seconds)."""
+    directory = tmp_path_factory.mktemp("store")
+    return tracking.local_store(directory)
+
+
 @pytest.mark.timeout(120)
-def test_a_run_on_a_local_store_is_logged_to_continued_and_keeps_its_artifacts_beside_the_store(tmp_path, monkeypatch):
+def test_a_run_on_a_local_store_is_logged_to_continued_and_keeps_its_artifacts_beside_the_store(store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    store = tracking.local_store(tmp_path / "store")
-    os.makedirs(tmp_path / "store")
-    assert store == f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}" and tracking.is_local_store(store)
+    directory = tracking.store_directory(store)
+    assert store == f"sqlite:///{directory / 'mlflow.db'}" and tracking.is_local_store(store)
     assert not tracking.is_local_store("http://mlflow.example:5000")
 
     opened = tracking.open_run(store, "mga", "t", tags={"purpose": "test"})
@@ -41,9 +47,9 @@ def test_a_run_on_a_local_store_is_logged_to_continued_and_keeps_its_artifacts_b
     assert set(run.data.metrics) == {"val_R_at_1", "loss"}  # '@' is not allowed in MLflow names; NaN, bools and text are left out
     assert [(m.step, m.value) for m in client.get_metric_history(opened.run_id, "val_R_at_1")] == [(1, 0.25), (2, 0.5)]
     # The artifacts lie beside the store, not in ./mlruns of wherever the job ran.
-    assert sorted(os.listdir(tmp_path / "store" / "mlartifacts" / opened.run_id / "artifacts" / "model")) == ["artifact.json", "model.safetensors"]
+    assert sorted(os.listdir(directory / "mlartifacts" / opened.run_id / "artifacts" / "model")) == ["artifact.json", "model.safetensors"]
     assert not (tmp_path / "mlruns").exists()
-    venv = tmp_path / "store" / "mlflow-ui"
+    venv = directory / "mlflow-ui"
     assert tracking.ui_command(store) == (f"python3 -m venv {venv} && {venv}/bin/pip install -q mlflow=={version('mlflow-skinny')} "
                                           f"&& {venv}/bin/mlflow ui --backend-store-uri {store}")
 
@@ -60,9 +66,7 @@ def test_an_unreachable_server_is_one_warning_line_and_nothing_else(capfd):
 
 
 @pytest.mark.timeout(120)
-def test_a_store_that_fails_mid_run_stops_logging_after_one_warning(tmp_path, capfd):
-    os.makedirs(tmp_path / "store")
-    store = tracking.local_store(tmp_path / "store")
+def test_a_store_that_fails_mid_run_stops_logging_after_one_warning(store, capfd):
     opened = tracking.open_run(store, "mga", "t")
     opened.log_metrics({"loss": 1.0}, step=1)
     MlflowClient(store).delete_run(opened.run_id)  # someone deletes the run mid-training: every call fails now

@@ -15,6 +15,7 @@ import sys
 
 import pyarrow.compute as pc
 import pytest
+import ray
 import yaml
 from PIL import Image
 
@@ -132,7 +133,9 @@ def test_one_percent_change_a_failure_midway_then_nothing(demo_chain, tmp_path):
     assert "2 evaluations of" in (root / "report" / "report.html").read_text()
 
     # Nothing changed since: every step runs and no table gets a version; the CLI exits 0.
-    quiet = subprocess.run([sys.executable, "-m", "pipelines.nightly", str(root / "nightly.yaml")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    # As `ray job submit` runs it: a driver joining the running Ray instance (no instance of its own to start).
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=REPO)
+    quiet = subprocess.run([sys.executable, "-m", "pipelines.nightly", str(root / "nightly.yaml")], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert versions(paths) == after
     assert "skipped" in quiet.stdout and quiet.stdout.count("unchanged at version") == 3

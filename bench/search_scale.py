@@ -37,6 +37,7 @@ from bench.common import machine, tree_pss, write_random_artifact
 from mga.config import ModelConfig
 from pipelines.schemas import features_schema, vector_column
 from pipelines.storage import resolve, write_parquet
+from pipelines.token_ranges import parquet_options
 from pipelines.tables import TableWriter
 
 PAPER = ModelConfig(backbone="tf_efficientnetv2_s", layers=(2, 3, 4), global_dim=512, token_dim=128, num_tokens=8)
@@ -52,13 +53,14 @@ def unit_rows(rng: np.random.Generator, rows: int, groups: int, width: int, dtyp
 
 def write_features(
     uri: str, model_uri: str, model_id: str, gallery: int, queries: int = QUERIES, seed: int = 0, with_gallery: bool = True,
-    config: ModelConfig = PAPER, row_group_rows: int | None = None,
+    config: ModelConfig = PAPER, row_group_rows: int | None = None, ranged: bool = True,
 ) -> None:
     """`gallery` gallery rows (items of 2-5 images) then `queries` query rows of gallery items,
     FILE_ROWS per file (one row group, or `row_group_rows` rows a row group: `mga embed` writes
     one per batch, 64 rows by default), with `config`'s feature sizes; `with_gallery=False` writes
     only the query rows (a queries table of its own, ids `query-N`): the items are drawn from
-    `seed` alike either way."""
+    `seed` alike either way. `ranged=False` compresses the token columns like the others (the
+    layout before pipelines.token_ranges: a search decodes whole row groups of them)."""
     rng = np.random.default_rng(seed)
     sizes = rng.integers(2, 6, gallery)
     items = np.repeat(np.arange(len(sizes)), sizes)[:gallery]
@@ -86,7 +88,9 @@ def write_features(
                 tokens = unit_rows(rng, rows, config.num_tokens, config.token_dim, np.float16)
                 columns[f"tokens_{layer}"] = vector_column(tokens, schema.field(f"tokens_{layer}").type)  # binary halves
             columns["embedded_at"] = pa.array(np.zeros(rows, "datetime64[us]"), pa.timestamp("us", tz="UTC"))
-            write_parquet(writer.file(f"part-{part:05d}.parquet"), pa.table(columns, schema=schema), row_group_size=row_group_rows)
+            # As `mga embed` writes them: token columns read by byte ranges (pipelines.token_ranges).
+            write_parquet(writer.file(f"part-{part:05d}.parquet"), pa.table(columns, schema=schema), row_group_size=row_group_rows,
+                          **(parquet_options(schema) if ranged else {}))
         writer.commit(schema, {"table": "features", "model_id": model_id, "model": model_uri, "global_dim": config.global_dim,
                                "num_tokens": config.num_tokens, "token_dim": config.token_dim, "layers": list(config.layers), "token_dtype": "float16"})
 

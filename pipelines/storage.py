@@ -172,13 +172,13 @@ def resolve(uri: str) -> Location:
     return Location(pafs.LocalFileSystem(), path, path)
 
 
-def write_parquet(location: Location, table: pa.Table, row_group_size: int | None = None) -> None:
-    """Write one Parquet file (creating parent directories)."""
+def write_parquet(location: Location, table: pa.Table, row_group_size: int | None = None, **parquet_options: Any) -> None:
+    """Write one Parquet file (creating parent directories), zstd unless `parquet_options` say otherwise."""
     try:
         parent = posixpath.dirname(location.path)
         if parent and not location.is_s3:  # no directory marker objects inside tables on S3
             location.fs.create_dir(parent, recursive=True)
-        pq.write_table(table, location.path, filesystem=location.fs, row_group_size=row_group_size, compression="zstd")
+        pq.write_table(table, location.path, filesystem=location.fs, row_group_size=row_group_size, **{"compression": "zstd", **parquet_options})
     except OSError as error:
         raise StorageError(f"cannot write {location.uri}: {error}{credentials_hint(location.uri)}") from error
 

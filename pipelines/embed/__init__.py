@@ -49,6 +49,7 @@ from pipelines.embed.merge import check_exactly_once, mergeable, plan_incrementa
 from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_arguments, default_actors, execute
 from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, TOKEN_DTYPES
 from pipelines.storage import resolve, write_parquet
+from pipelines.token_ranges import parquet_options
 from pipelines.tables import TableWriter, companion, read_table
 
 
@@ -128,14 +129,15 @@ def run(
                     num_gpus=gpus,
                     num_cpus=actor_cpus(gpus, cpus_per_actor),
                 )
-                dataset.write_parquet(writer.file("embedded").path, filesystem=table.fs, try_create_dir=not table.is_s3)
+                # The token columns in the layout the search reads a few rows of by byte ranges (pipelines.token_ranges).
+                dataset.write_parquet(writer.file("embedded").path, filesystem=table.fs, try_create_dir=not table.is_s3, **parquet_options(schema))
 
             execute(job, catalog_table.uri, table.uri)
         rejects = staged_rejects(staging, rejects_writer.written())
         embedded = check_exactly_once(table, writer.written(), rejects.column("image_id").combine_chunks(), expected)
         kept = dropped = 0
         if plan is not None and plan.rewrite:
-            _, kept, dropped = rewrite_without(writer, plan.rewrite, schema, compression="zstd")
+            _, kept, dropped = rewrite_without(writer, plan.rewrite, schema, **parquet_options(schema))
             if dropped != plan.counts["changed"] + plan.counts["deleted"]:
                 raise RuntimeError(f"embed: {plan.counts['changed'] + plan.counts['deleted']} stale rows to drop from {table.uri}, found {dropped}")
         if plan is not None and not len(expected) and not plan.rewrite:

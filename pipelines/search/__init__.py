@@ -52,7 +52,7 @@ from mga.errors import InputError
 from pipelines.command import module_main
 from pipelines.console import print_summary
 from pipelines.resources import actor_cpus, actor_gpus, add_gpu_arguments, default_actors, execute
-from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS
+from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS, token_columns
 from pipelines.storage import resolve, write_parquet
 from pipelines.tables import TableWriter, companion, open_table
 
@@ -99,6 +99,7 @@ def run(
     from pipelines.search.incremental import IncrementalSearch, reserve, token_reserve
     from pipelines.search.queries import selections
     from pipelines.search.ranking import ChunkSearch
+    from pipelines.token_ranges import stored_bytes
 
     for name, value in (("--depth", depth), ("--query-chunk", query_chunk), ("--block-rows", block_rows), ("--workers", workers or 1), ("--rerank-batch", rerank_batch or 1)):
         _check_positive(name, value)
@@ -184,6 +185,8 @@ def run(
                 "gallery_removed": changes.gallery.removed.num_rows, "gallery_added": changes.gallery.added.num_rows,
                 "queries_removed": changes.queries.removed.num_rows, "queries_added": changes.queries.added.num_rows, **steps.counts,
             }
+        # What the token scans read, against the token columns' stored size in the gallery's row groups.
+        token_bytes = stored_bytes(gallery_table.location.fs, gallery.pieces(), token_columns(info)) if totals["head"] else 0
         result = writer.commit(
             RANKINGS,
             {
@@ -210,6 +213,8 @@ def run(
                 "shortlists": {"table": shortlists_table.uri, "version": shortlists_table.version},
                 "search": settings,
                 "incremental": incremental_info,
+                "token_bytes_read": search.token_reads.bytes,
+                "token_bytes": token_bytes,
             },
         )
     lines = {
@@ -236,6 +241,8 @@ def run(
             "wrote": f"{table.uri} (version {result.version}, {totals['rows']} rankings rows); positives with full-gallery ranks: "
                      f"{positives_table.uri} (version {positives_table.version}, {totals['positives']} rows); shortlists: "
                      f"{shortlists_table.uri} (version {shortlists_table.version}, {totals['shortlists']} rows)",
+            "token reads": f"{search.token_reads.bytes / 2**20:.1f} MiB of the gallery's {token_bytes / 2**20:.1f} MiB of tokens "
+                           f"({100 * search.token_reads.bytes / max(token_bytes, 1):.1f}%; by byte ranges where the files' layout allows)",
             "workers": f"{workers} x " + (f"{gpus:g} GPU" if gpus else f"{cpus_per_actor:g} CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",
             "wall time": f"{time.time() - started:.1f} s",
         },

@@ -55,6 +55,7 @@ from pipelines.resources import actor_device
 from pipelines.schemas import column_matrix
 from pipelines.search.queries import Piece
 from pipelines.storage import Location
+from pipelines.token_ranges import column_bytes, locate, read_rows
 
 # Queries scored against a block at once: bounds the [queries, block rows] score matrix.
 QUERY_TILE = 1024
@@ -157,7 +158,7 @@ class GalleryScanner:
 
     def score_tokens(self, piece: Piece, chunk: Shared, pairs: Shared, token_names: list[str], rerank_batch: int) -> dict[str, np.ndarray]:
         """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA:
-        {"pair": the pairs' positions in `pairs`, "score_token"}."""
+        {"pair": the pairs' positions in `pairs`, "score_token", "bytes_read": of the token columns}."""
         if self.model is None:  # here, not at __init__: a search that reranks nothing never needs it
             self.model = self.source.load()[0].to(self.device).eval()
         queries = self._cached("chunk", chunk, self._queries)
@@ -168,19 +169,13 @@ class GalleryScanner:
         last = np.searchsorted(pair_ids, block_ids, "right")
         wanted = last > first
         if not wanted.any():
-            return {"pair": np.zeros(0, np.int64), "score_token": np.zeros(0, np.float32)}
-        # Tokens only of the row groups that hold a candidate (a piece spans several).
-        sizes = [group.num_rows for group in fragment.row_groups]
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
-        holding = [index for index in range(len(sizes)) if wanted[bounds[index]:bounds[index + 1]].any()]
-        rows_read = np.concatenate([np.arange(bounds[index], bounds[index + 1]) for index in holding])
-        subset = fragment.subset(row_group_ids=[fragment.row_groups[index].id for index in holding])
-        block = subset.to_table(columns=token_names).filter(pa.array(wanted[rows_read]))
+            return {"pair": np.zeros(0, np.int64), "score_token": np.zeros(0, np.float32), "bytes_read": 0}
+        # Tokens only of the candidates, from the row groups that hold one (a piece spans several).
+        token_shape = (self.model.config.num_tokens, self.model.config.token_dim)
+        tokens, bytes_read = self._candidate_tokens(piece[0], fragment, wanted, token_names, token_shape)
         first, per_row = first[wanted], (last - first)[wanted]
         block_row = np.repeat(np.arange(len(per_row)), per_row)
         pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
-        token_shape = (self.model.config.num_tokens, self.model.config.token_dim)
-        tokens = [torch.from_numpy(column_matrix(block, name, token_shape)) for name in token_names]
         scores = np.empty(len(pair), dtype=np.float32)
         for start in range(0, len(pair), rerank_batch):
             # Every ATA call has the same shape (the last batch is padded): a pair's score does
@@ -196,7 +191,36 @@ class GalleryScanner:
                 )
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
-        return {"pair": pair_index[pair], "score_token": scores}
+        return {"pair": pair_index[pair], "score_token": scores, "bytes_read": bytes_read}
+
+    def _candidate_tokens(self, path: str, fragment: pads.ParquetFileFragment, wanted: np.ndarray, names: list[str],
+                          token_shape: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+        """The tokens of the piece's `wanted` rows, one [rows, M, d] float32 tensor per column, and the
+        bytes read: by byte ranges where the file's layout allows (pipelines.token_ranges), else by
+        decoding the row groups that hold a wanted row."""
+        metadata, schema = fragment.metadata, fragment.physical_schema
+        sizes = [group.num_rows for group in fragment.row_groups]
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        width = token_shape[0] * token_shape[1]
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        bytes_read = 0
+        with self.location.fs.open_input_file(path) as file:
+            for index, group in enumerate(fragment.row_groups):
+                rows = np.flatnonzero(wanted[bounds[index]:bounds[index + 1]])
+                if not len(rows):
+                    continue
+                chunks = [locate(file, metadata, group.id, name, schema.field(name).type, width) for name in names]
+                if all(chunk is not None for chunk in chunks):
+                    for part, chunk in zip(parts, chunks):
+                        values, read = read_rows(file, chunk, rows)
+                        part.append(values.astype(np.float32))
+                        bytes_read += read
+                    continue
+                decoded = fragment.subset(row_group_ids=[group.id]).to_table(columns=names).take(pa.array(rows))
+                for part, name in zip(parts, names):
+                    part.append(column_matrix(decoded, name))
+                bytes_read += column_bytes(metadata, group.id, names)
+        return [torch.from_numpy(np.concatenate(part).reshape(-1, *token_shape)) for part in parts], bytes_read
 
 
 def _sorted_pairs(pairs: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ rows. `mga search` calls it for every chunk of its queries, `mga query` for its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,13 @@ class RankedChunk:
     gallery_rows: int
 
 
+@dataclass
+class TokenReads:
+    """The bytes of token columns a search's token scans have read so far (pipelines.token_ranges)."""
+
+    bytes: int = 0
+
+
 @dataclass(frozen=True)
 class ChunkSearch:
     """How every query chunk of a search is searched: against `gallery`, on `pool`'s scanners,
@@ -50,6 +57,7 @@ class ChunkSearch:
     index: tuple[Any, pa.Array, pa.Array] | None = None
     reserve: int = 0
     token_reserve: int = 0
+    token_reads: TokenReads = field(default_factory=lambda: TokenReads())
 
     def __call__(self, chunk: QueryChunk) -> RankedChunk:
         shared = self.pool.share(chunk.scan_arrays())  # once for both scans
@@ -89,6 +97,7 @@ class ChunkSearch:
         names = token_columns(self.gallery.table.info)
         for scored in self.pool.map("score_tokens", pieces, shared, self.pool.share(pairs), names, self.rerank_batch):
             scores[scored["pair"]] = scored["score_token"]
+            self.token_reads.bytes += scored["bytes_read"]
         missing = int(np.isnan(scores).sum())
         if missing:
             raise RuntimeError(f"search: {missing} shortlisted pairs got no token score (gallery rows vanished from {self.gallery.table.uri}?)")

@@ -1,0 +1,167 @@
+"""A few rows' tokens from a features file by byte ranges, without decoding their row group.
+
+The token scan of a search needs the tokens of its candidates only: at 1M gallery images and
+1,000 queries reranking 50 each, at most 5% of the rows. Decoding whole row groups reads
+nearly all of the tokens anyway (the candidates are spread over every row group), so the
+features table's writers (`parquet_options`) store each `tokens_*` column chunk as one
+uncompressed PLAIN data page. Its values then lie at the end of the page, row after row, at a
+fixed stride: float32 tokens (a fixed-size list) `width` values a row, float16 tokens (binary
+halves, schemas.token_type) a 4-byte length and `2 * width` bytes a row. So row `i` starts at
+`end - (rows - i) * stride`. The file stays ordinary Parquet (DuckDB, Spark and pandas read it as
+before); only the search uses the layout, and only where a column chunk's metadata and page
+header prove it holds (`locate`; every length read is checked too): a file written otherwise
+(compressed, dictionary-encoded, several pages, null tokens) is read as before, by row group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# One page per token column chunk: larger than any row group's token column (a 2 GiB page is Parquet's limit).
+SINGLE_PAGE_BYTES = 1 << 30
+# A page header is tens of bytes (type, sizes, statistics of two float16 values): a larger gap
+# between the page's size and the column chunk's means more pages.
+MAX_HEADER_BYTES = 1024
+# Candidate rows closer than this are read in one range: fewer requests for a few bytes more.
+MERGE_GAP_BYTES = 4096
+
+
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """pyarrow Parquet writer options for a features table: the `tokens_*` columns uncompressed,
+    PLAIN, one page per column chunk (the layout `locate` reads by ranges), every other column zstd.
+    Binary (float16) tokens get no statistics: a page header would carry two whole rows as min/max."""
+    names = schema.names
+    tokens = [name for name in names if name.startswith("tokens_")]
+    return {
+        "compression": {name: "none" if name in tokens else "zstd" for name in names},
+        "use_dictionary": [name for name in names if name not in tokens],
+        "column_encoding": dict.fromkeys(tokens, "PLAIN"),
+        # By leaf path: pyarrow matches statistics settings against "tokens_0.list.element", not "tokens_0".
+        "write_statistics": [path for field in schema for path in _leaf_paths(field) if not (field.name in tokens and pa.types.is_binary(field.type))],
+        "data_page_size": SINGLE_PAGE_BYTES,
+    }
+
+
+def _leaf_paths(field: pa.Field) -> list[str]:
+    """The Parquet leaf column paths of an Arrow field (lists as written by pyarrow: `name.list.element`)."""
+    if pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type) or pa.types.is_large_list(field.type):
+        return [f"{field.name}.list.{path}" for path in _leaf_paths(pa.field("element", field.type.value_type))]
+    if pa.types.is_struct(field.type):
+        return [f"{field.name}.{path}" for child in field.type for path in _leaf_paths(child)]
+    return [field.name]
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Where the rows of one row group's token column lie: row `i` at `start + i * stride`, a
+    `prefix`-byte length (binary values: 4, fixed-size lists: 0) and then `width` values."""
+
+    start: int
+    stride: int
+    prefix: int
+    width: int
+    dtype: np.dtype
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+
+
+def _first_page_size(header: bytes) -> int | None:
+    """The compressed size of the data page whose Thrift (compact) header starts `header`:
+    PageHeader fields 1 (type), 2 (uncompressed size) and 3 (compressed size), i32 each."""
+    fields, field, at = {}, 0, 0
+    try:
+        for _ in range(3):
+            kind = header[at]
+            at += 1
+            if kind & 0x0F != 5:  # compact type i32
+                return None
+            field += kind >> 4
+            value, at = _varint(header, at)
+            fields[field] = (value >> 1) ^ -(value & 1)
+    except IndexError:
+        return None
+    if fields.get(1) not in (0, 3):  # DATA_PAGE or DATA_PAGE_V2
+        return None
+    return fields.get(3)
+
+
+def locate(file: pa.NativeFile, metadata: pq.FileMetaData, group: int, column: str, column_type: pa.DataType, width: int) -> TokenChunk | None:
+    """Where row group `group`'s token `column` (`column_type`: a fixed-size float list, or binary
+    halves; `width` values a row) keeps its rows, or None unless it is one uncompressed PLAIN page
+    without nulls (checked on the metadata and the page's header: one small read)."""
+    row_group = metadata.row_group(group)
+    chunk = next((row_group.column(index) for index in range(row_group.num_columns) if row_group.column(index).path_in_schema.split(".")[0] == column), None)
+    if chunk is None or chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page or not set(chunk.encodings) <= {"PLAIN", "RLE", "BIT_PACKED"}:
+        return None
+    rows = row_group.num_rows
+    if pa.types.is_binary(column_type):
+        dtype, prefix, per_row = np.dtype("<f2"), 4, 1
+    elif pa.types.is_fixed_size_list(column_type):
+        dtype, prefix, per_row = np.dtype(column_type.value_type.to_pandas_dtype()), 0, width
+        # A null list or element would leave its values out of the page.
+        if not chunk.is_stats_set or chunk.statistics.null_count != 0:
+            return None
+    else:
+        return None
+    if chunk.num_values != rows * per_row:
+        return None
+    stride = prefix + width * dtype.itemsize
+    page_size = _first_page_size(file.read_at(32, chunk.data_page_offset))
+    if page_size is None or not 0 < chunk.total_compressed_size - page_size <= MAX_HEADER_BYTES:
+        return None  # not one data page
+    # The page is its levels, then the values: fewer bytes than `rows` rows means a row is missing.
+    levels = page_size - rows * stride
+    if levels < 0 or (prefix and levels > 64 + rows // 4):
+        return None
+    end = chunk.data_page_offset + chunk.total_compressed_size
+    return TokenChunk(end - rows * stride, stride, prefix, width, dtype)
+
+
+def read_rows(file: pa.NativeFile, chunk: TokenChunk, rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """([len(rows), width] values of `rows`, sorted row indices of the row group; bytes read),
+    in ranges of neighbouring rows. A length that is not the row's (a file not laid out as
+    `locate` found) raises ValueError."""
+    if not len(rows):
+        return np.zeros((0, chunk.width), chunk.dtype), 0
+    gap_rows = max(1, MERGE_GAP_BYTES // chunk.stride + 1)
+    breaks = np.flatnonzero(np.diff(rows) > gap_rows) + 1
+    values = np.empty((len(rows), chunk.width), chunk.dtype)
+    read = 0
+    for run in np.split(np.arange(len(rows)), breaks):
+        first, last = int(rows[run[0]]), int(rows[run[-1]])
+        data = file.read_at((last - first + 1) * chunk.stride, chunk.start + first * chunk.stride)
+        read += len(data)
+        block = np.frombuffer(data, np.uint8).reshape(-1, chunk.stride)[rows[run] - first]
+        if chunk.prefix and not (block[:, :4].copy().view("<u4") == chunk.stride - 4).all():
+            raise ValueError(f"token rows {first}..{last}: a length is not {chunk.stride - 4} bytes")
+        values[run] = block[:, chunk.prefix:].copy().view(chunk.dtype)
+    return values, read
+
+
+def column_bytes(metadata: pq.FileMetaData, group: int, names: list[str]) -> int:
+    """The stored size of row group `group`'s columns `names` (all their leaves): what decoding them reads."""
+    row_group = metadata.row_group(group)
+    return sum(row_group.column(index).total_compressed_size for index in range(row_group.num_columns)
+               if row_group.column(index).path_in_schema.split(".")[0] in names)
+
+
+def stored_bytes(fs: Any, pieces: list[tuple[str, Any]], names: list[str]) -> int:
+    """The stored size of the columns `names` in the row groups of `pieces` ((path, row groups))."""
+    groups: dict[str, set[int]] = {}
+    for path, piece_groups in pieces:
+        groups.setdefault(path, set()).update(piece_groups)
+    return sum(column_bytes(pq.read_metadata(path, filesystem=fs), group, names) for path, kept in groups.items() for group in kept)

@@ -1,0 +1,74 @@
+"""pipelines.token_ranges: a few rows' tokens read by byte ranges from the layout embed writes equal
+the decoded rows, for both token dtypes; any other layout is recognised and left to decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.schemas import column_matrix, features_schema, vector_column
+from pipelines.token_ranges import MERGE_GAP_BYTES, locate, parquet_options, read_rows
+
+WIDTHS = {"tokens_0": 64, "tokens_1": 96}
+ROWS = 2500
+
+
+def features(dtype: str, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    schema = features_schema(8, list(WIDTHS.values()), dtype)
+    columns = {}
+    for field in schema:
+        if field.name in WIDTHS or field.name == "global":
+            columns[field.name] = vector_column(rng.standard_normal((ROWS, WIDTHS.get(field.name, 8))).astype(np.float32), field.type)
+        elif field.name == "embedded_at":
+            columns[field.name] = pa.array([0] * ROWS, field.type)
+        else:
+            columns[field.name] = pa.array([f"{field.name}-{row}" for row in range(ROWS)])
+    return pa.table(columns, schema=schema)
+
+
+def chunks(path, table: pa.Table) -> list:
+    metadata, file = pq.read_metadata(path), pa.OSFile(str(path))
+    return [locate(file, metadata, group, name, table.schema.field(name).type, width)
+            for group in range(metadata.num_row_groups) for name, width in WIDTHS.items()]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_rows_read_by_ranges_equal_the_decoded_rows_and_cost_their_bytes(tmp_path, dtype):
+    table = features(dtype)
+    path = tmp_path / "features.parquet"
+    pq.write_table(table, path, row_group_size=1000, **parquet_options(table.schema))
+    metadata, file = pq.read_metadata(path), pa.OSFile(str(path))
+    rng = np.random.default_rng(1)
+    for group in range(metadata.num_row_groups):
+        decoded = pq.ParquetFile(path).read_row_group(group)
+        rows = np.sort(rng.choice(decoded.num_rows, 40, replace=False))
+        for name, width in WIDTHS.items():
+            chunk = locate(file, metadata, group, name, table.schema.field(name).type, width)
+            assert chunk is not None
+            values, read = read_rows(file, chunk, rows)
+            np.testing.assert_array_equal(values.astype(np.float32), column_matrix(decoded, name)[rows])
+            # Their own bytes, and at most the gaps of neighbours close enough to be read in one range.
+            assert 40 * chunk.stride <= read <= 40 * (2 * chunk.stride + MERGE_GAP_BYTES)
+    # DuckDB/pandas readers see the same table.
+    assert pq.read_table(path).equals(table)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_other_layouts_are_left_to_decoding(tmp_path, dtype):
+    table = features(dtype)
+    compressed = tmp_path / "compressed.parquet"
+    pq.write_table(table, compressed, row_group_size=1000)  # zstd/snappy, dictionary: pyarrow's defaults
+    assert chunks(compressed, table) == [None] * 6
+    pages = tmp_path / "pages.parquet"
+    pq.write_table(table, pages, row_group_size=1000, **{**parquet_options(table.schema), "data_page_size": 8192, "write_batch_size": 64})  # many pages a chunk
+    assert chunks(pages, table) == [None] * 6
+    # A null token row would shift every later row's place in the page.
+    holed = table.set_column(table.schema.get_field_index("tokens_0"), "tokens_0",
+                             pa.array(table.column("tokens_0").to_pylist()[:5] + [None] + table.column("tokens_0").to_pylist()[6:], table.schema.field("tokens_0").type))
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(holed, nulls, row_group_size=1000, **parquet_options(table.schema))
+    found = chunks(nulls, holed)
+    assert found[0] is None and all(chunk is not None for chunk in found[1:])

@@ -30,9 +30,10 @@ from pipelines.storage import resolve
 from pipelines.tables import open_table, read_table
 
 
-def token_line(summary: str) -> str:
-    match = re.search(r"token reads\s+(.*)", summary)
-    return match.group(1).strip() if match else "(no token reads line)"
+def summary_line(summary: str, name: str) -> str:
+    """The value of line `name` in the search's printed summary."""
+    match = re.search(rf"{name}\s+(.*)", summary)
+    return match.group(1).strip() if match else f"(no {name} line)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         figures = measure([sys.executable, "-m", "pipelines.search", "--features", features, "--out", out])
         info = open_table(resolve(out)).info
         results[layout] = (figures, info, out)
-        print(f"search ({layout}): {figures['wall']:.1f} s; token reads {token_line(figures['summary'])}", flush=True)
+        print(f"search ({layout}): {figures['wall']:.1f} s; scans {summary_line(figures['summary'], 'scans')}; "
+              f"token reads {summary_line(figures['summary'], 'token reads')}", flush=True)
     order = [("query_id", "ascending"), ("rank", "ascending")]
     ranked = [read_table(open_table(resolve(out)), ["query_id", "rank", "gallery_id", "score"]).sort_by(order) for _, _, out in results.values()]
     same_ids = ranked[0].column("gallery_id").equals(ranked[1].column("gallery_id"))

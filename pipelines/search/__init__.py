@@ -213,7 +213,7 @@ def run(
                 "shortlists": {"table": shortlists_table.uri, "version": shortlists_table.version},
                 "search": settings,
                 "incremental": incremental_info,
-                "token_bytes_read": search.token_reads.bytes,
+                "token_bytes_read": search.stats.token_bytes,
                 "token_bytes": token_bytes,
             },
         )
@@ -241,8 +241,9 @@ def run(
             "wrote": f"{table.uri} (version {result.version}, {totals['rows']} rankings rows); positives with full-gallery ranks: "
                      f"{positives_table.uri} (version {positives_table.version}, {totals['positives']} rows); shortlists: "
                      f"{shortlists_table.uri} (version {shortlists_table.version}, {totals['shortlists']} rows)",
-            "token reads": f"{search.token_reads.bytes / 2**20:.1f} MiB of the gallery's {token_bytes / 2**20:.1f} MiB of tokens "
-                           f"({100 * search.token_reads.bytes / max(token_bytes, 1):.1f}%; by byte ranges where the files' layout allows)",
+            "scans": f"shortlist {search.stats.shortlist_s:.1f} s, tokens {search.stats.token_s:.1f} s (ATA included) over all chunks",
+            "token reads": f"{search.stats.token_bytes / 2**20:.1f} MiB of the gallery's {token_bytes / 2**20:.1f} MiB of tokens "
+                           f"({100 * search.stats.token_bytes / max(token_bytes, 1):.1f}%; by byte ranges where the files' layout allows)",
             "workers": f"{workers} x " + (f"{gpus:g} GPU" if gpus else f"{cpus_per_actor:g} CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",
             "wall time": f"{time.time() - started:.1f} s",
         },

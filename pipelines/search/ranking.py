@@ -4,6 +4,7 @@ rows. `mga search` calls it for every chunk of its queries, `mga query` for its 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +34,13 @@ class RankedChunk:
 
 
 @dataclass
-class TokenReads:
-    """The bytes of token columns a search's token scans have read so far (pipelines.token_ranges)."""
+class ScanStats:
+    """What a search's scans have cost so far: seconds of the shortlist and token scans (on the
+    driver's clock, actors working in parallel) and the token columns' bytes read (pipelines.token_ranges)."""
 
-    bytes: int = 0
+    shortlist_s: float = 0.0
+    token_s: float = 0.0
+    token_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class ChunkSearch:
     index: tuple[Any, pa.Array, pa.Array] | None = None
     reserve: int = 0
     token_reserve: int = 0
-    token_reads: TokenReads = field(default_factory=lambda: TokenReads())
+    stats: ScanStats = field(default_factory=lambda: ScanStats())
 
     def __call__(self, chunk: QueryChunk) -> RankedChunk:
         shared = self.pool.share(chunk.scan_arrays())  # once for both scans
@@ -78,12 +82,14 @@ class ChunkSearch:
             from pipelines.search.approximate import approximate_shortlist
 
             return approximate_shortlist(*self.index, chunk, depth)
+        started = time.perf_counter()
         shared = shared or self.pool.share(chunk.scan_arrays())
         rows = within or self.gallery
         merge = ShortlistMerge(len(chunk), depth, len(chunk.positives.query))
         for blocks in self.pool.map("shortlist", rows.pieces(), shared, depth, self.block_rows, None if within is None else within.where.expression):
             for block in blocks:
                 merge.add(block)
+        self.stats.shortlist_s += time.perf_counter() - started
         return merge.result(rows.table.uri, allow_empty=within is not None)
 
     def score_pairs(self, shared: Shared, query_rows: np.ndarray, gallery_ids: pa.Array) -> np.ndarray:
@@ -92,12 +98,14 @@ class ChunkSearch:
         scores = np.full(len(query_rows), np.nan, np.float32)
         if not len(query_rows):
             return scores
+        started = time.perf_counter()
         pairs = pa.table({"gallery_id": gallery_ids, "query": pa.array(query_rows, pa.int32())})
         pieces = self.gallery.pieces(("image_id", pc.unique(gallery_ids).to_pylist()))
         names = token_columns(self.gallery.table.info)
         for scored in self.pool.map("score_tokens", pieces, shared, self.pool.share(pairs), names, self.rerank_batch):
             scores[scored["pair"]] = scored["score_token"]
-            self.token_reads.bytes += scored["bytes_read"]
+            self.stats.token_bytes += scored["bytes_read"]
+        self.stats.token_s += time.perf_counter() - started
         missing = int(np.isnan(scores).sum())
         if missing:
             raise RuntimeError(f"search: {missing} shortlisted pairs got no token score (gallery rows vanished from {self.gallery.table.uri}?)")

@@ -298,7 +298,7 @@ def _track(uri: str, metrics: dict[str, Any], report: storage.Location, written:
     if not found:
         tracker.log_params({key: metrics[key] for key in ("rankings", "rankings_version", "features", "features_version", "queries_table", "queries_version", "model_id")})
     values = {"eval_queries": metrics["queries"], "eval_excluded_queries": metrics["excluded_queries"], "eval_unlabelled_queries": metrics["unlabelled_queries"]}
-    values.update({f"eval_{ordering}_{key}": value for ordering in ("global", "reranked") for key, value in metrics[ordering].items()})
+    values.update({f"eval_{ordering}_{key}": value for ordering in ORDERINGS for key, value in metrics[ordering].items()})
     tracker.log_metrics(values, step=int(metrics["rankings_version"]))
     files = {uri.rsplit("/", 1)[-1]: storage.resolve(uri).read_bytes() for uri in written if uri.startswith(report.uri.rstrip("/") + "/")}
     tracker.log_files(files, f"evaluations/{name}/v{metrics['rankings_version']}")

@@ -104,7 +104,7 @@ def locate(file: pa.NativeFile, metadata: pq.FileMetaData, group: int, column: s
     halves; `width` values a row) keeps its rows, or None unless it is one uncompressed PLAIN page
     without nulls (checked on the metadata and the page's header: one small read)."""
     row_group = metadata.row_group(group)
-    chunk = next((row_group.column(index) for index in range(row_group.num_columns) if row_group.column(index).path_in_schema.split(".")[0] == column), None)
+    chunk = next(iter(_column_chunks(row_group, [column])), None)
     if chunk is None or chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page or not set(chunk.encodings) <= {"PLAIN", "RLE", "BIT_PACKED"}:
         return None
     rows = row_group.num_rows
@@ -154,9 +154,12 @@ def read_rows(file: pa.NativeFile, chunk: TokenChunk, rows: np.ndarray) -> tuple
 
 def column_bytes(metadata: pq.FileMetaData, group: int, names: list[str]) -> int:
     """The stored size of row group `group`'s columns `names` (all their leaves): what decoding them reads."""
-    row_group = metadata.row_group(group)
-    return sum(row_group.column(index).total_compressed_size for index in range(row_group.num_columns)
-               if row_group.column(index).path_in_schema.split(".")[0] in names)
+    return sum(chunk.total_compressed_size for chunk in _column_chunks(metadata.row_group(group), names))
+
+
+def _column_chunks(row_group: pq.RowGroupMetaData, names: list[str]) -> list[pq.ColumnChunkMetaData]:
+    """The column chunks (every leaf) of the top-level columns `names` in a row group."""
+    return [chunk for index in range(row_group.num_columns) if (chunk := row_group.column(index)).path_in_schema.split(".")[0] in names]
 
 
 def stored_bytes(fs: Any, pieces: list[tuple[str, Any]], names: list[str]) -> int:

@@ -11,7 +11,8 @@ minutes on a server that went away.
 
 MLflow allows no `@` in a metric name: `R@1` is logged as `R_at_1`.
 
-MLflow is imported when a run opens: a job without tracking never pays its import (~2 s).
+MLflow (and requests) are imported, and its HTTP settings defaulted, when a run opens: a job
+without tracking never pays the import (~2 s) nor has its environment touched.
 """
 
 from __future__ import annotations
@@ -28,13 +29,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
-
-import requests
-
-# Unless the user chose otherwise: a lost server costs seconds, not minutes (MLflow reads these per request).
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 MODEL_TAG = "model_id"  # the tag evaluations find a model's run by
 EVALUATIONS_EXPERIMENT = "mga-evaluations"  # where an evaluation of a model without a run goes
@@ -89,12 +83,19 @@ def _warn(uri: str, what: str, error: BaseException) -> None:
 def _probe(uri: str) -> None:
     """Raise if a tracking server does not answer its health check within seconds (stores without one pass)."""
     if urlparse(uri).scheme in ("http", "https"):
+        import requests
+
         response = requests.get(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S)
         response.raise_for_status()
 
 
 def _client(uri: str) -> Any:
     from mlflow import MlflowClient
+
+    # Unless the user chose otherwise: a lost server costs seconds, not minutes (MLflow reads these per request).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
     # A new local store's "Creating initial MLflow database tables..." is not news for the job's console.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
@@ -137,7 +138,7 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        values = [Param(key, value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)) for key, value in params.items()]
+        values = [Param(key, str(value)) for key, value in params.items()]
         self._call("log parameters", lambda client: client.log_batch(self.run_id, params=values))
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:

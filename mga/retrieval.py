@@ -40,8 +40,10 @@ from mga.similarity import TOKEN_SIMILARITY_MIN, fuse_similarity
 TOP_K_MARGIN = 16
 # Rows of a positives x block comparison held at once, and float64 elements of an exact
 # recomputation, on a CPU and on a GPU (bound memory, not results; a GPU pays per launch).
-COUNT_CHUNK = 256
+COUNT_CHUNK = 128
 EXACT_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+# float64 elements of a CPU pair_scores batch: two such batches stay in a 2 MB cache.
+PAIR_ELEMENTS = 1 << 17
 
 
 def tie_keys(ids: Iterable[str]) -> np.ndarray:
@@ -53,12 +55,23 @@ def tie_keys(ids: Iterable[str]) -> np.ndarray:
 
 
 def pair_scores(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Eq. (3) for aligned rows, [P, D] x [P, D] -> [P] float32, accumulated in float64.
+    """Eq. (3) for aligned rows, [..., D] x [..., D] (broadcast) -> [...] float32, accumulated in float64.
 
     The canonical score: a float32 product is exact in float64, so the sum rounds to the
-    same float32 whatever order a device sums in.
+    same float32 whatever order a device sums in. On a CPU numpy's einsum, rows a cache-sized
+    batch at a time (9x torch's multiply-and-sum there, same values).
     """
-    return (first.double() * second.double()).sum(-1).float()
+    if first.device.type != "cpu":
+        return (first.double() * second.double()).sum(-1).float()
+    first, second = torch.broadcast_tensors(first.detach().float(), second.detach().float())
+    shape, width = first.shape[:-1], first.shape[-1]
+    left, right = first.reshape(-1, width).numpy(), second.reshape(-1, width).numpy()
+    scores = np.empty(len(left), dtype=np.float32)
+    step = max(1, PAIR_ELEMENTS // max(width, 1))
+    for start in range(0, len(left), step):
+        part = slice(start, start + step)
+        scores[part] = np.einsum("ij,ij->i", left[part].astype(np.float64), right[part].astype(np.float64))
+    return torch.from_numpy(scores).reshape(shape)
 
 
 def score_tolerance(dim: int) -> float:
@@ -89,6 +102,9 @@ class TopK:
     def take(self, order: torch.Tensor) -> "TopK":
         return TopK(*(values.gather(1, order) for values in (self.scores, self.keys, self.rows)))
 
+    def first(self, count: int) -> "TopK":
+        return TopK(self.scores[:, :count], self.keys[:, :count], self.rows[:, :count])
+
 
 def order_by_score(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Per row, the permutation that sorts by score descending, then key ascending."""
@@ -110,13 +126,17 @@ def block_top_k(
     k: int,
     rows: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
+    floor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TopK:
     """Exact top-k of each query over one gallery block, in global order.
 
     `query_global` [Q, D], `block_global` [G, D] and `block_keys` [G] on one device; `rows`
     [G] are the handles returned for the chosen rows (default: positions in the block);
     `scores` is `block_scores(query_global, block_global)` when the caller has it already.
-    Returns min(k, G) columns.
+    `floor` (exact score [Q], tie key [Q]; -inf where unknown) is, per query, the k-th of
+    gallery rows seen before (`kth_of`): a row after it in the global order is not in the top
+    k of any gallery holding those rows, so it is left out (scored -inf, tie key int64 max:
+    padding, ordered last). Returns min(k, G) columns.
     """
     count = block_global.shape[0]
     k = min(k, count)
@@ -124,19 +144,39 @@ def block_top_k(
     fast = block_scores(query_global, block_global) if scores is None else scores
     tolerance = score_tolerance(query_global.shape[1])
     take = min(count, k + TOP_K_MARGIN)
-    values = torch.topk(fast, take, dim=1).values
+    values, candidates = torch.topk(fast, take, dim=1)
     threshold = values[:, k - 1] - 2 * tolerance  # anything below cannot reach the exact top k
+    if floor is not None:
+        threshold = torch.maximum(threshold, floor[0] - tolerance)  # nor anything whose exact score is below the floor's
     if take < count and bool((values[:, -1] >= threshold).any()):
         take = int((fast >= threshold[:, None]).sum(1).max())
-    candidates = torch.topk(fast, take, dim=1).indices
-    exact = torch.empty(candidates.shape, dtype=torch.float32, device=fast.device)
-    step = max(1, EXACT_ELEMENTS.get(fast.device.type, EXACT_ELEMENTS["cpu"]) // (take * query_global.shape[1]))
-    for start in range(0, len(candidates), step):  # float64 copies of the candidates, a few queries at a time
-        part = candidates[start:start + step]
-        exact[start:start + step] = pair_scores(query_global[start:start + step, None, :], block_global[part])
-    exact = torch.where(fast.gather(1, candidates) >= threshold[:, None], exact, torch.finfo(exact.dtype).min)
-    found = TopK(exact, block_keys[candidates], rows[candidates])
+        values, candidates = torch.topk(fast, take, dim=1)
+    # Exact scores only where a row may be kept: with a floor, a few per query.
+    query, column = (values >= threshold[:, None]).nonzero(as_tuple=True)
+    exact = torch.full(candidates.shape, float("-inf"), dtype=torch.float32, device=fast.device)
+    step = max(1, EXACT_ELEMENTS.get(fast.device.type, EXACT_ELEMENTS["cpu"]) // query_global.shape[1])
+    for start in range(0, len(query), step):  # float64 copies of a bounded number of pairs at a time
+        pair_query, pair_column = query[start:start + step], column[start:start + step]
+        exact[pair_query, pair_column] = pair_scores(query_global[pair_query], block_global[candidates[pair_query, pair_column]])
+    keys = block_keys[candidates]
+    if floor is not None:
+        exact = exact.masked_fill(~at_or_before(exact, keys, *floor), float("-inf"))
+    keys = keys.masked_fill(torch.isneginf(exact), torch.iinfo(torch.int64).max)
+    found = TopK(exact, keys, rows[candidates])
     return found.take(order_by_score(found.scores, found.keys)[:, :k])
+
+
+def at_or_before(scores: torch.Tensor, keys: torch.Tensor, boundary_score: torch.Tensor, boundary_key: torch.Tensor) -> torch.Tensor:
+    """Whether each entry of [Q, n] (exact score, tie key) comes at or before its query's boundary [Q] in the global order."""
+    return (scores > boundary_score[:, None]) | ((scores == boundary_score[:, None]) & (keys <= boundary_key[:, None]))
+
+
+def kth_of(top: TopK, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The floor `block_top_k` takes: each query's k-th entry (score, tie key) of an exact
+    top list, or None while the list holds fewer than k columns."""
+    if top.scores.shape[1] < k:
+        return None
+    return top.scores[:, k - 1], top.keys[:, k - 1]
 
 
 def merge_top_k(first: TopK, second: TopK, k: int) -> TopK:
@@ -159,7 +199,7 @@ def merge_known_top_k(known: TopK, boundary_score: torch.Tensor, boundary_key: t
     where they fall among the unknown rows is not known. Entries scored -inf are padding: the
     exact part of a query's list is its finite entries.
     """
-    before = (added.scores > boundary_score[:, None]) | ((added.scores == boundary_score[:, None]) & (added.keys <= boundary_key[:, None]))
+    before = at_or_before(added.scores, added.keys, boundary_score, boundary_key)
     padding = torch.iinfo(torch.int64).max
     kept = TopK(torch.where(before, added.scores, float("-inf")), torch.where(before, added.keys, padding), added.rows)
     return merge_top_k(known, kept, k)
@@ -174,20 +214,28 @@ def exact_top_k(
     for start in range(0, gallery_global.shape[0], gallery_block):
         stop = min(start + gallery_block, gallery_global.shape[0])
         rows = torch.arange(start, stop, device=gallery_global.device)
-        found = block_top_k(query_global, gallery_global[start:stop], gallery_keys[start:stop], k, rows)
+        floor = None if shortlist is None else kth_of(shortlist, k)
+        found = block_top_k(query_global, gallery_global[start:stop], gallery_keys[start:stop], k, rows, floor=floor)
         shortlist = found if shortlist is None else merge_top_k(shortlist, found, k)
     if shortlist is None:
         raise ValueError("an empty gallery has no ranking")
     return shortlist
 
 
-def count_above(values: torch.Tensor, thresholds: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
-    """Per row of `values` [R, G], how many exceed (or with `inclusive` reach) `thresholds` [R, 1];
-    [R] int64. On a CPU numpy counts (7x torch's sum of a boolean matrix there), on a GPU torch."""
-    if values.device.type == "cpu":
-        array, bound = values.numpy(), thresholds.numpy()
-        return torch.from_numpy(np.count_nonzero(array >= bound if inclusive else array > bound, axis=1).astype(np.int64))
-    return (values >= thresholds if inclusive else values > thresholds).sum(1)
+def _above_and_near(scores: torch.Tensor, query: torch.Tensor, score: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For positives of queries `query` [R] with exact scores `score` [R, 1], over the block's
+    `scores` [Q, G]: how many rows score above score + tolerance ([R] int64), and the flat
+    indices into [R, G] of the rows within the tolerance. On a CPU in numpy (a row gather,
+    comparisons and counts ~5x faster than torch's there), on a GPU in torch."""
+    if scores.device.type == "cpu":
+        values, bound = scores.numpy()[query.numpy()], score.numpy()
+        above = values > bound + tolerance
+        near = values >= bound - tolerance
+        near ^= above  # above implies >= the lower bound
+        return torch.from_numpy(np.count_nonzero(above, axis=1).astype(np.int64)), torch.from_numpy(np.flatnonzero(near))
+    values = scores[query]
+    above = values > score + tolerance
+    return above.sum(1), ((values >= score - tolerance) ^ above).reshape(-1).nonzero(as_tuple=True)[0]
 
 
 def count_ranked_above(
@@ -207,24 +255,20 @@ def count_ranked_above(
     full-gallery global rank. Returns [P] int64.
     """
     tolerance = score_tolerance(query_global.shape[1])
+    width = scores.shape[1]
     counts = torch.zeros(len(positive_query), dtype=torch.int64, device=scores.device)
     for start in range(0, len(positive_query), COUNT_CHUNK):
         part = slice(start, start + COUNT_CHUNK)
-        query, score, key = positive_query[part], positive_score[part, None], positive_key[part, None]
-        fast = scores[query]
-        above = count_above(fast, score + tolerance)
-        counts[part] = above
+        query, score, key = positive_query[part], positive_score[part], positive_key[part]
+        counts[part], near = _above_and_near(scores, query, score[:, None], tolerance)
         # Rows within the tolerance of a positive's score (the positive itself among them when it
-        # is in this block) are decided exactly; most positives have none in a given block.
-        unsure = (count_above(fast, score - tolerance, inclusive=True) > above).nonzero(as_tuple=True)[0]
-        if not len(unsure):
-            continue
-        near = ((fast[unsure] - score[unsure]).abs() <= tolerance) & (block_keys[None, :] != key[unsure])  # never the positive itself
-        pair, row = near.nonzero(as_tuple=True)
+        # is in this block) are decided exactly: a few per positive, none for most.
+        pair, row = (near // width).to(scores.device), (near % width).to(scores.device)
+        other = block_keys[row] != key[pair]  # never the positive itself
+        pair, row = pair[other], row[other]
         if len(pair):
-            pair = unsure[pair]
             exact = pair_scores(query_global[query[pair]], block_global[row])
-            before = (exact > score[pair, 0]) | ((exact == score[pair, 0]) & (block_keys[row] < key[pair, 0]))
+            before = (exact > score[pair]) | ((exact == score[pair]) & (block_keys[row] < key[pair]))
             counts[part].index_add_(0, pair, before.long())  # a slice is a view: adds in place
     return counts
 

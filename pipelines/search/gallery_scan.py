@@ -49,7 +49,7 @@ import pyarrow.dataset as pads
 import torch
 
 from mga.errors import InputError
-from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, merge_top_k, tie_keys
+from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, kth_of, merge_top_k, tie_keys
 from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
 from pipelines.schemas import column_matrix
@@ -93,6 +93,7 @@ class GalleryScanner:
         self.source, self.model = (model, None) if isinstance(model, ModelSource) else (None, model)
         self.device = actor_device(use_gpu) if self.model is None else next(self.model.parameters()).device
         self.cached: dict[str, tuple[str, Any]] = {}
+        self.running: tuple[tuple[str, int, str], set[Piece], TopK | None] | None = None
 
     def _cached(self, name: str, shared: Shared, build: Any) -> Any:
         """`build(value)` of the `shared` value, kept until another comes under `name`."""
@@ -112,7 +113,12 @@ class GalleryScanner:
 
     def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int, row_filter: pc.Expression | None = None) -> list[dict[str, Any]]:
         """The piece's gallery rows (those passing `row_filter`, default the gallery's filter) in
-        blocks of `block_rows`: each block's top-`depth` per query and the positives' counts."""
+        blocks of `block_rows`: each block's top-`depth` per query and the positives' counts.
+
+        A block returns only the rows that rank before the k-th of every row this actor has scored
+        for the same chunk, depth and filter (its running top list, `block_top_k`'s floor): the
+        others cannot be in the gallery's top-`depth`. After its first blocks an actor sends the
+        driver a few rows a query instead of `depth`, and recomputes that few exactly."""
         queries = self._cached("chunk", chunk, self._queries)
         fragment = self._fragment(piece)
         # The filter as a mask read on its own columns: filtering while reading copies every
@@ -122,22 +128,39 @@ class GalleryScanner:
         rows = fragment.to_table(columns=["image_id", "item_id", "global"])
         if not pc.all(keep).as_py():
             rows = rows.filter(keep)
-        return [self._shortlist_block(rows.slice(start, block_rows), queries, depth) for start in range(0, max(rows.num_rows, 1), block_rows)]
+        scan = (chunk.key, depth, str(row_filter))
+        if self.running is None or self.running[0] != scan:
+            self.running = (scan, set(), None)
+        # A piece scanned twice (a retried call) must not count its rows twice in the floor.
+        seen, running = self.running[1], self.running[2] if piece not in self.running[1] else None
+        blocks = []
+        for start in range(0, max(rows.num_rows, 1), block_rows):
+            block, found = self._shortlist_block(rows.slice(start, block_rows), queries, depth, running)
+            blocks.append(block)
+            if found is not None and piece not in seen:
+                running = found if running is None else merge_top_k(running, found, depth)
+        if piece not in seen:
+            seen.add(piece)
+            self.running = (scan, seen, running)
+        return blocks
 
-    def _shortlist_block(self, block: pa.Table, queries: dict[str, Any], depth: int) -> dict[str, Any]:
+    def _shortlist_block(self, block: pa.Table, queries: dict[str, Any], depth: int, running: TopK | None) -> tuple[dict[str, Any], TopK | None]:
+        """One block's result for the driver, and its top list (positions in the block) for the running one."""
         ids = block.column("image_id").combine_chunks()
         positive_query = queries["positive_query"]
         counts = torch.zeros(len(positive_query), dtype=torch.int64, device=self.device)
         if block.num_rows == 0:
-            return {"rows": 0, "counts": counts.cpu().numpy()}
+            return {"rows": 0, "counts": counts.cpu().numpy()}, None
         keys = torch.from_numpy(tie_keys(ids.to_numpy(zero_copy_only=False))).to(self.device)
         gallery = torch.from_numpy(column_matrix(block, "global")).to(self.device)
+        floor = None if running is None else kth_of(running, depth)
         tiles = []
         with torch.inference_mode():
             for start in range(0, len(queries["global"]), QUERY_TILE):
                 tile = queries["global"][start:start + QUERY_TILE]
                 scores = block_scores(tile, gallery)
-                tiles.append(block_top_k(tile, gallery, keys, depth, scores=scores))
+                tile_floor = None if floor is None else (floor[0][start:start + QUERY_TILE], floor[1][start:start + QUERY_TILE])
+                tiles.append(block_top_k(tile, gallery, keys, depth, scores=scores, floor=tile_floor))
                 # This tile's positives (sorted by query), renumbered within the tile.
                 first, last = (int(torch.searchsorted(positive_query, bound)) for bound in (start, start + len(tile)))
                 if last > first:
@@ -146,8 +169,10 @@ class GalleryScanner:
                         queries["positive_score"][first:last], queries["positive_key"][first:last],
                     )
         found = TopK(*(torch.cat(parts) for parts in zip(*((t.scores, t.keys, t.rows) for t in tiles))))
+        # Padding (rows after the floor) is ordered last: send only the columns some query fills.
+        found = found.first(int(torch.isfinite(found.scores).sum(1).max()))
         take = pa.array(found.rows.reshape(-1).cpu().numpy())
-        return {
+        result = {
             "rows": block.num_rows,
             "counts": counts.cpu().numpy(),
             "scores": found.scores.cpu().numpy(),
@@ -155,6 +180,7 @@ class GalleryScanner:
             "ids": ids.take(take),
             "items": block.column("item_id").combine_chunks().take(take),
         }
+        return result, found
 
     def score_tokens(self, piece: Piece, chunk: Shared, pairs: Shared, token_names: list[str], rerank_batch: int) -> dict[str, np.ndarray]:
         """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA:

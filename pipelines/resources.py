@@ -42,7 +42,7 @@ def actor_gpus(use_gpu: str, gpus_up: int, gpus_per_actor: float = 1.0) -> float
     return 0.0
 
 
-def add_gpu_arguments(parser: argparse.ArgumentParser, actor: str) -> None:
+def add_gpu_arguments(parser: argparse.ArgumentParser, actor: str, cpus_per_actor: float = 2.0) -> None:
     """`--use-gpu` and `--gpus-per-actor`, shared by the jobs that run models in actor pools."""
     parser.add_argument(
         "--use-gpu",
@@ -52,7 +52,7 @@ def add_gpu_arguments(parser: argparse.ArgumentParser, actor: str) -> None:
         "(an autoscaling cluster scales its GPU group from zero); no: CPU only",
     )
     parser.add_argument("--gpus-per-actor", type=float, default=1.0, help=f"GPUs per {actor} actor when GPUs are used (0.5 packs two per GPU)")
-    parser.add_argument("--cpus-per-actor", type=float, default=2.0, help=f"CPUs (and so torch threads) per {actor} actor on CPU")
+    parser.add_argument("--cpus-per-actor", type=float, default=cpus_per_actor, help=f"CPUs (and so torch threads) per {actor} actor on CPU (default {cpus_per_actor:g})")
 
 
 def actor_cpus(gpus: float, cpus_per_actor: float) -> float:
@@ -62,11 +62,12 @@ def actor_cpus(gpus: float, cpus_per_actor: float) -> float:
     return 1.0 if gpus > 0 else float(cpus_per_actor)
 
 
-def default_actors(gpus: float, gpus_up: int) -> int:
-    """The largest pool by default: one actor per GPU that is up (at least one), or one on CPU."""
+def default_actors(gpus: float, gpus_up: int, cpus_up: float = 0.0, cpus_per_actor: float = 1.0) -> int:
+    """The largest pool by default: one actor per GPU that is up (at least one); on CPU, as many
+    actors of `cpus_per_actor` as the `cpus_up` of the cluster hold, or one where not given."""
     if gpus > 0:
         return max(1, int(gpus_up / gpus))
-    return 1
+    return max(1, int(cpus_up // cpus_per_actor))
 
 
 def actor_pool(max_actors: int) -> ray.data.ActorPoolStrategy:

@@ -18,6 +18,14 @@ def cluster_address() -> str | None:
     return address if address and address != "local" else None
 
 
+def cores_up() -> float:
+    """The cores a job's CPU actors may fill: the cluster's CPUs, or on the local Ray (which
+    `init_ray` starts with twice the cores as logical CPUs) this machine's cores."""
+    if cluster_address() is None:
+        return float(os.cpu_count() or 1)
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, storage: Sequence[str] = ()) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray.
 

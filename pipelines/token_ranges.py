@@ -133,23 +133,23 @@ def locate(file: pa.NativeFile, metadata: pq.FileMetaData, group: int, column: s
 
 def read_rows(file: pa.NativeFile, chunk: TokenChunk, rows: np.ndarray) -> tuple[np.ndarray, int]:
     """([len(rows), width] values of `rows`, sorted row indices of the row group; bytes read),
-    in ranges of neighbouring rows. A length that is not the row's (a file not laid out as
-    `locate` found) raises ValueError."""
+    in ranges of neighbouring rows (one read call each; the rows are then cut out, checked and
+    converted all at once). A length that is not the row's (a file not laid out as `locate`
+    found) raises ValueError."""
     if not len(rows):
         return np.zeros((0, chunk.width), chunk.dtype), 0
     gap_rows = max(1, MERGE_GAP_BYTES // chunk.stride + 1)
-    breaks = np.flatnonzero(np.diff(rows) > gap_rows) + 1
-    values = np.empty((len(rows), chunk.width), chunk.dtype)
-    read = 0
-    for run in np.split(np.arange(len(rows)), breaks):
-        first, last = int(rows[run[0]]), int(rows[run[-1]])
-        data = file.read_at((last - first + 1) * chunk.stride, chunk.start + first * chunk.stride)
-        read += len(data)
-        block = np.frombuffer(data, np.uint8).reshape(-1, chunk.stride)[rows[run] - first]
-        if chunk.prefix and not (block[:, :4].copy().view("<u4") == chunk.stride - 4).all():
-            raise ValueError(f"token rows {first}..{last}: a length is not {chunk.stride - 4} bytes")
-        values[run] = block[:, chunk.prefix:].copy().view(chunk.dtype)
-    return values, read
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(rows) > gap_rows) + 1])
+    firsts, lasts = rows[starts], rows[np.concatenate([starts[1:], [len(rows)]]) - 1]
+    data = b"".join(file.read_at(int(last - first + 1) * chunk.stride, chunk.start + int(first) * chunk.stride) for first, last in zip(firsts, lasts))
+    # Row r of run j sits at (r - firsts[j]) strides past the run's start in `data`.
+    run_offsets = np.concatenate([[0], np.cumsum(lasts - firsts + 1)[:-1]])
+    run_of_row = np.repeat(np.arange(len(starts)), np.diff(np.concatenate([starts, [len(rows)]])))
+    block = np.frombuffer(data, np.uint8).reshape(-1, chunk.stride)[run_offsets[run_of_row] + rows - firsts[run_of_row]]
+    if chunk.prefix and not (block[:, :4].copy().view("<u4") == chunk.stride - 4).all():
+        bad = int(rows[np.flatnonzero(block[:, :4].copy().view("<u4")[:, 0] != chunk.stride - 4)[0]])
+        raise ValueError(f"token row {bad}: its length is not {chunk.stride - 4} bytes")
+    return block[:, chunk.prefix:].copy().view(chunk.dtype), len(data)
 
 
 def column_bytes(metadata: pq.FileMetaData, group: int, names: list[str]) -> int:

@@ -165,6 +165,11 @@ def test_a_query_split_across_files_and_any_blocking_give_the_same_answer(search
     # Summed over the query chunks (each scans for its own candidates); decoding reads whole row groups each time.
     # (Rows of 256 bytes, most candidates within 4 KB of another: ranges save little here; bench/token_reads.py measures it at scale.)
     assert 0 < searched["result"]["token_bytes_read"] < 0.7 * decoded["token_bytes_read"]
+    # Two chunks of queries: the gallery rows the scanners read for the first are kept for the
+    # second (only a piece another actor took first is read again); one chunk keeps nothing.
+    pieces = again["gallery_pieces_scanned"]
+    assert again["gallery_pieces_read"] == pieces
+    assert searched["result"]["gallery_pieces_scanned"] == 2 * pieces and pieces <= searched["result"]["gallery_pieces_read"] < 2 * pieces
     order = [("query_id", "ascending"), ("gallery_id", "ascending")]
     assert rows(str(root / "rankings")).sort_by(order).equals(rows(str(tmp_path / "decoded")).sort_by(order))
     for read in (rows, positives_of):

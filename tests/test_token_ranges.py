@@ -72,3 +72,21 @@ def test_other_layouts_are_left_to_decoding(tmp_path, dtype):
     pq.write_table(holed, nulls, row_group_size=1000, **parquet_options(table.schema))
     found = chunks(nulls, holed)
     assert found[0] is None and all(chunk is not None for chunk in found[1:])
+
+
+def test_a_row_whose_length_is_not_its_own_is_refused(tmp_path):
+    """Binary halves carry each row's length: a file changed under the reader (or misread) is
+    caught on the row, not returned as someone else's tokens."""
+    table = features("float16")
+    path = tmp_path / "features.parquet"
+    pq.write_table(table, path, row_group_size=1000, **parquet_options(table.schema))
+    metadata = pq.read_metadata(path)
+    chunk = locate(pa.OSFile(str(path)), metadata, 1, "tokens_0", table.schema.field("tokens_0").type, WIDTHS["tokens_0"])
+    raw = bytearray(path.read_bytes())
+    raw[chunk.start + 700 * chunk.stride] ^= 0xFF  # row 700's length prefix
+    path.write_bytes(bytes(raw))
+    file = pa.OSFile(str(path))
+    values, _ = read_rows(file, chunk, np.array([3, 699, 701, 990]))  # the rows around it still read
+    assert values.shape == (4, WIDTHS["tokens_0"])
+    with pytest.raises(ValueError, match="token row 700: its length is not"):
+        read_rows(file, chunk, np.array([3, 699, 700, 990]))

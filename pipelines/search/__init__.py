@@ -62,6 +62,7 @@ DEFAULT_GALLERY_WHERE = "split = 'gallery'"
 DEFAULT_QUERIES_WHERE = "split = 'query'"
 INDEX_KINDS = ("exact", "ivf", "hnsw", "ivfpq")  # all but exact are faiss indexes (search.approximate)
 RECALL_QUERIES = 1000  # queries the approximate shortlist's recall is measured on
+GALLERY_MEMORY_SHARE = 0.3  # of the cluster's memory, for gallery rows kept by the scanners between query chunks
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -82,7 +83,7 @@ def run(
     model: str | None = None,
     use_gpu: str = "auto",
     gpus_per_actor: float = 1.0,
-    cpus_per_actor: float = 2.0,
+    cpus_per_actor: float = 1.0,
     queries: str | None = None,
     gallery_where: str = DEFAULT_GALLERY_WHERE,
     queries_where: str = DEFAULT_QUERIES_WHERE,
@@ -93,12 +94,12 @@ def run(
     import ray
 
     from pipelines.model_store import ModelSource, load_model
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import cores_up, init_ray
     from pipelines.search.approximate import build_index, shortlist_recall
     from pipelines.search.gallery_scan import ScannerPool
     from pipelines.search.incremental import IncrementalSearch, reserve, token_reserve
     from pipelines.search.queries import selections
-    from pipelines.search.ranking import ChunkSearch
+    from pipelines.search.ranking import ChunkSearch, piece_rows_for
     from pipelines.token_ranges import stored_bytes
 
     for name, value in (("--depth", depth), ("--query-chunk", query_chunk), ("--block-rows", block_rows), ("--workers", workers or 1), ("--rerank-batch", rerank_batch or 1)):
@@ -139,15 +140,24 @@ def run(
     init_ray(storage=[gallery_table.uri, queries_table.uri, table.uri, resolve(model_uri).uri])
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
-    workers = workers or default_actors(gpus, gpus_up)
-    pool = ScannerPool(workers, {"num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor)}, gallery_table.location, ModelSource(resolve(model_uri).uri, model_id), gallery.where.expression, gpus > 0)
+    # On CPU, single-threaded actors filling the cluster: at 1M gallery images they searched in
+    # 0.67x the time of one actor of 2 threads on 2 cores (numpy counts and the scans' Python
+    # run on one thread; ATA's small matmuls scale poorly with threads). bench/RESULTS.md.
+    workers = workers or default_actors(gpus, gpus_up, cores_up(), cpus_per_actor)
+    # More than one chunk of queries: the scanners keep the gallery rows they read (a share of the
+    # cluster's memory), so that every chunk after the first reads no global features again.
+    keep_gallery = source.count() > query_chunk
+    keep_bytes = int(GALLERY_MEMORY_SHARE * ray.cluster_resources().get("memory", 0) / workers) if keep_gallery else 0
+    pool = ScannerPool(workers, {"num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor)}, gallery_table.location, ModelSource(resolve(model_uri).uri, model_id),
+                       gallery.where.expression, gpus > 0, keep_bytes)
     # Pairs per ATA call: an H100 saturates at about 4096 (bench/retrieval_device.py); a CPU at ~128.
     rerank_batch = rerank_batch or (4096 if gpus else 128)
     reading = gallery_table.uri if queries_table is gallery_table else f"{gallery_table.uri} and {queries_table.uri}"
     approximate = execute(lambda: build_index(gallery, index), reading, table.uri) if index != "exact" else None
     # An exact search keeps deeper shortlists, for the next incremental run (search.incremental).
     reserves = (0, 0) if approximate is not None else (reserve(depth), token_reserve(rerank_top))
-    search = ChunkSearch(gallery, pool, depth, rerank_top, alpha, block_rows, rerank_batch, approximate, *reserves)
+    search = ChunkSearch(gallery, pool, depth, rerank_top, alpha, block_rows, rerank_batch, approximate, *reserves, keep_gallery=keep_gallery,
+                         piece_rows=piece_rows_for(gallery_table.rows, workers))
     recall = None
     if approximate is not None:  # against the exact scan, on the first queries
         sample = next(source.chunks(RECALL_QUERIES, gallery))
@@ -214,6 +224,8 @@ def run(
                 "search": settings,
                 "incremental": incremental_info,
                 "token_bytes_read": search.stats.token_bytes,
+                "gallery_pieces_scanned": search.stats.pieces_scanned,
+                "gallery_pieces_read": search.stats.pieces_read,
                 "token_bytes": token_bytes,
             },
         )
@@ -241,7 +253,8 @@ def run(
             "wrote": f"{table.uri} (version {result.version}, {totals['rows']} rankings rows); positives with full-gallery ranks: "
                      f"{positives_table.uri} (version {positives_table.version}, {totals['positives']} rows); shortlists: "
                      f"{shortlists_table.uri} (version {shortlists_table.version}, {totals['shortlists']} rows)",
-            "scans": f"shortlist {search.stats.shortlist_s:.1f} s, tokens {search.stats.token_s:.1f} s (ATA included) over all chunks",
+            "scans": f"shortlist {search.stats.shortlist_s:.1f} s, tokens {search.stats.token_s:.1f} s (ATA included) over all chunks; "
+                     f"{search.stats.pieces_read} of {search.stats.pieces_scanned} gallery pieces scored were read from storage, the rest kept in memory",
             "token reads": f"{search.stats.token_bytes / 2**20:.1f} MiB of the gallery's {token_bytes / 2**20:.1f} MiB of tokens "
                            f"({100 * search.stats.token_bytes / max(token_bytes, 1):.1f}%; by byte ranges where the files' layout allows)",
             "workers": f"{workers} x " + (f"{gpus:g} GPU" if gpus else f"{cpus_per_actor:g} CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",
@@ -273,13 +286,13 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="ranked gallery images written per query (metrics still cover the whole gallery)")
     parser.add_argument("--rerank-top", type=int, default=50, help="candidates per query reranked by ATA")
     parser.add_argument("--index", default="exact", choices=INDEX_KINDS, help="exact: a blocked scan on the actors' devices; ivf|hnsw|ivfpq: a faiss index on the driver (ivfpq: 64-byte codes for 10^7+ images)")
-    parser.add_argument("--workers", type=int, default=None, help="scan actors, started once for the whole search (default: one per GPU up, else 1)")
+    parser.add_argument("--workers", type=int, default=None, help="scan actors, started once for the whole search (default: one per GPU up, else one per --cpus-per-actor CPUs of the cluster)")
     parser.add_argument("--query-chunk", type=int, default=20000, help="queries searched per pass over the gallery (bounds memory by queries x depth)")
     parser.add_argument("--block-rows", type=int, default=32768, help="gallery rows scored per shortlist block")
     parser.add_argument("--rerank-batch", type=int, default=None, help="query-candidate pairs per ATA call (default: 4096 on GPU, 128 on CPU)")
     parser.add_argument("--model", default=None, help="model artifact (default: the one the features were embedded with)")
     parser.add_argument("--incremental", action="store_true", help="update the rankings at --out to the tables' current versions (exact; a full search when they cannot be updated)")
-    add_gpu_arguments(parser, "search")
+    add_gpu_arguments(parser, "search", cpus_per_actor=1.0)
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -83,17 +83,42 @@ class Shared:
         return ray.get(self.value)
 
 
+@dataclass(frozen=True)
+class GalleryRows:
+    """A piece's gallery rows as the shortlist scores them: ids, items, tie keys [G] and global
+    features [G, D] (float32), in the calling process's memory."""
+
+    ids: pa.Array
+    items: pa.Array
+    keys: torch.Tensor
+    features: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.items.nbytes + self.keys.numel() * 8 + self.features.numel() * 4
+
+    def slice(self, start: int, count: int) -> "GalleryRows":
+        return GalleryRows(self.ids.slice(start, count), self.items.slice(start, count), self.keys[start:start + count], self.features[start:start + count])
+
+
 class GalleryScanner:
     """Reads gallery pieces and scores them against the current query chunk, for the whole job:
     a Ray actor (ScannerPool), or an object in the calling process given its model (LocalScanner)."""
 
-    def __init__(self, location: Location, model: ModelSource | torch.nn.Module, gallery_filter: pc.Expression, use_gpu: bool) -> None:
+    def __init__(self, location: Location, model: ModelSource | torch.nn.Module, gallery_filter: pc.Expression, use_gpu: bool, keep_bytes: int = 0) -> None:
         self.location, self.gallery_filter = location, gallery_filter
         # A source is loaded at the first token scan (ScannerPool's actors); a model is used as it is (LocalScanner).
         self.source, self.model = (model, None) if isinstance(model, ModelSource) else (None, model)
         self.device = actor_device(use_gpu) if self.model is None else next(self.model.parameters()).device
         self.cached: dict[str, tuple[str, Any]] = {}
         self.running: tuple[tuple[str, int, str], set[Piece], TopK | None] | None = None
+        # Gallery pieces kept for the next query chunks, up to `keep_bytes`: a search of many
+        # chunks then reads the gallery's global features once (ScannerPool hands each actor its pieces).
+        self.kept: dict[Piece, GalleryRows] = {}
+        self.keep_bytes = keep_bytes
 
     def _cached(self, name: str, shared: Shared, build: Any) -> Any:
         """`build(value)` of the `shared` value, kept until another comes under `name`."""
@@ -111,30 +136,29 @@ class GalleryScanner:
         arrays["tokens"] = [_tensor(layer, self.device).float() for layer in chunk["tokens"]]  # shared as stored (float16 or float32)
         return arrays
 
-    def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int, row_filter: pc.Expression | None = None) -> list[dict[str, Any]]:
+    def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int, row_filter: pc.Expression | None = None, keep: bool = False) -> list[dict[str, Any]]:
         """The piece's gallery rows (those passing `row_filter`, default the gallery's filter) in
-        blocks of `block_rows`: each block's top-`depth` per query and the positives' counts.
+        blocks of `block_rows`: each block's top-`depth` per query and the positives' counts (the
+        first block also says whether the piece was `read` from storage). With `keep` (more chunks follow), the gallery's rows stay in memory while the budget lasts.
 
         A block returns only the rows that rank before the k-th of every row this actor has scored
         for the same chunk, depth and filter (its running top list, `block_top_k`'s floor): the
         others cannot be in the gallery's top-`depth`. After its first blocks an actor sends the
         driver a few rows a query instead of `depth`, and recomputes that few exactly."""
         queries = self._cached("chunk", chunk, self._queries)
-        fragment = self._fragment(piece)
-        # The filter as a mask read on its own columns: filtering while reading copies every
-        # selected global feature, which doubled the read when (as usual) every row is selected.
-        row_filter = self.gallery_filter if row_filter is None else row_filter
-        keep = pc.fill_null(fragment.to_table(columns={"keep": row_filter}).column("keep"), False)
-        rows = fragment.to_table(columns=["image_id", "item_id", "global"])
-        if not pc.all(keep).as_py():
-            rows = rows.filter(keep)
+        rows = self.kept.get(piece) if row_filter is None else None
+        read = rows is None
+        if read:
+            rows = self._gallery_rows(piece, self.gallery_filter if row_filter is None else row_filter)
+            if keep and row_filter is None and sum(kept.nbytes for kept in self.kept.values()) + rows.nbytes <= self.keep_bytes:
+                self.kept[piece] = rows
         scan = (chunk.key, depth, str(row_filter))
         if self.running is None or self.running[0] != scan:
             self.running = (scan, set(), None)
         # A piece scanned twice (a retried call) must not count its rows twice in the floor.
         seen, running = self.running[1], self.running[2] if piece not in self.running[1] else None
         blocks = []
-        for start in range(0, max(rows.num_rows, 1), block_rows):
+        for start in range(0, max(len(rows), 1), block_rows):
             block, found = self._shortlist_block(rows.slice(start, block_rows), queries, depth, running)
             blocks.append(block)
             if found is not None and piece not in seen:
@@ -142,17 +166,30 @@ class GalleryScanner:
         if piece not in seen:
             seen.add(piece)
             self.running = (scan, seen, running)
+        blocks[0]["read"] = read
         return blocks
 
-    def _shortlist_block(self, block: pa.Table, queries: dict[str, Any], depth: int, running: TopK | None) -> tuple[dict[str, Any], TopK | None]:
+    def _gallery_rows(self, piece: Piece, row_filter: pc.Expression) -> GalleryRows:
+        """The piece's rows that pass `row_filter`, read."""
+        fragment = self._fragment(piece)
+        # The filter as a mask read on its own columns: filtering while reading copies every
+        # selected global feature, which doubled the read when (as usual) every row is selected.
+        keep = pc.fill_null(fragment.to_table(columns={"keep": row_filter}).column("keep"), False)
+        rows = fragment.to_table(columns=["image_id", "item_id", "global"])
+        if not pc.all(keep).as_py():
+            rows = rows.filter(keep)
+        ids = rows.column("image_id").combine_chunks()
+        width = rows.schema.field("global").type.list_size  # a shape also when no row passes
+        return GalleryRows(ids, rows.column("item_id").combine_chunks(), torch.from_numpy(tie_keys(ids.to_numpy(zero_copy_only=False))),
+                           torch.from_numpy(column_matrix(rows, "global", (width,))))
+
+    def _shortlist_block(self, block: GalleryRows, queries: dict[str, Any], depth: int, running: TopK | None) -> tuple[dict[str, Any], TopK | None]:
         """One block's result for the driver, and its top list (positions in the block) for the running one."""
-        ids = block.column("image_id").combine_chunks()
         positive_query = queries["positive_query"]
         counts = torch.zeros(len(positive_query), dtype=torch.int64, device=self.device)
-        if block.num_rows == 0:
+        if len(block) == 0:
             return {"rows": 0, "counts": counts.cpu().numpy()}, None
-        keys = torch.from_numpy(tie_keys(ids.to_numpy(zero_copy_only=False))).to(self.device)
-        gallery = torch.from_numpy(column_matrix(block, "global")).to(self.device)
+        keys, gallery = block.keys.to(self.device), block.features.to(self.device)
         floor = None if running is None else kth_of(running, depth)
         tiles = []
         with torch.inference_mode():
@@ -173,12 +210,12 @@ class GalleryScanner:
         found = found.first(int(torch.isfinite(found.scores).sum(1).max()))
         take = pa.array(found.rows.reshape(-1).cpu().numpy())
         result = {
-            "rows": block.num_rows,
+            "rows": len(block),
             "counts": counts.cpu().numpy(),
             "scores": found.scores.cpu().numpy(),
             "keys": found.keys.cpu().numpy(),
-            "ids": ids.take(take),
-            "items": block.column("item_id").combine_chunks().take(take),
+            "ids": block.ids.take(take),
+            "items": block.items.take(take),
         }
         return result, found
 
@@ -261,17 +298,22 @@ class ScannerPool:
 
     An actor that cannot start yet (a GPU an autoscaler has still to add) gets no work until
     it can: the others go on without it. A dead actor is restarted by Ray and its call retried.
+    Each actor may keep up to `keep_bytes` of gallery rows between query chunks; a map with
+    `affinity` hands a free actor first a piece it scanned before (it may hold it), then one no
+    actor scanned, then any other.
     """
 
-    def __init__(self, size: int, options: dict[str, Any], location: Location, model: ModelSource, gallery_filter: pc.Expression, use_gpu: bool) -> None:
+    def __init__(self, size: int, options: dict[str, Any], location: Location, model: ModelSource, gallery_filter: pc.Expression, use_gpu: bool,
+                 keep_bytes: int = 0) -> None:
         import ray
 
         actor = ray.remote(GalleryScanner).options(max_restarts=-1, max_task_retries=-1, **options)
         self.starting = {}
         for _ in range(size):
-            handle = actor.remote(location, model, gallery_filter, use_gpu)
+            handle = actor.remote(location, model, gallery_filter, use_gpu, keep_bytes)
             self.starting[handle.__ray_ready__.remote()] = handle
         self.free: list[Any] = []
+        self.scanned_by: dict[Piece, Any] = {}
 
     @staticmethod
     def share(value: Any) -> Shared:
@@ -281,7 +323,7 @@ class ScannerPool:
         reference = ray.put(value)
         return Shared(reference.hex(), reference, in_object_store=True)
 
-    def map(self, method: str, pieces: Iterable[Piece], *args: Any) -> Iterator[Any]:
+    def map(self, method: str, pieces: Iterable[Piece], *args: Any, affinity: bool = False) -> Iterator[Any]:
         """`method(piece, *args)` on the actors for every piece; the results in the order they finish."""
         import ray
 
@@ -289,8 +331,12 @@ class ScannerPool:
         running: dict[Any, Any] = {}
         while queue or running:
             while self.free and queue:
-                handle = self.free.pop()
-                running[getattr(handle, method).remote(queue.pop(), *args)] = handle
+                handle, index = self._assignment(queue) if affinity else (self.free[-1], len(queue) - 1)
+                self.free = [free for free in self.free if free is not handle]
+                piece = queue.pop(index)
+                if affinity:
+                    self.scanned_by[piece] = handle
+                running[getattr(handle, method).remote(piece, *args)] = handle
             done = ray.wait([*running, *self.starting], num_returns=1)[0][0]
             if done in self.starting:
                 ray.get(done)  # an actor that failed to start raises here
@@ -298,6 +344,18 @@ class ScannerPool:
                 continue
             self.free.append(running.pop(done))
             yield ray.get(done)
+
+    def _assignment(self, queue: list[Piece]) -> tuple[Any, int]:
+        """(free actor, position in `queue`): a piece whose last scanner is free goes to it; else a
+        piece no actor scanned, else the next piece (its scanner is busy: it is read again)."""
+        unscanned = None
+        for index in range(len(queue) - 1, -1, -1):
+            scanner = self.scanned_by.get(queue[index])
+            if scanner is None:
+                unscanned = index if unscanned is None else unscanned
+            elif any(free is scanner for free in self.free):
+                return scanner, index
+        return self.free[-1], (len(queue) - 1 if unscanned is None else unscanned)
 
 
 class LocalScanner:
@@ -310,7 +368,7 @@ class LocalScanner:
     def share(value: Any) -> Shared:
         return Shared(uuid.uuid4().hex, value)
 
-    def map(self, method: str, pieces: Iterable[Piece], *args: Any) -> Iterator[Any]:
+    def map(self, method: str, pieces: Iterable[Piece], *args: Any, affinity: bool = False) -> Iterator[Any]:
         """`method(piece, *args)` for every piece, one after another."""
         for piece in pieces:
             yield getattr(self.scanner, method)(piece, *args)

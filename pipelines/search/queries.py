@@ -41,6 +41,7 @@ from pipelines.tables import Snapshot
 # A piece of a table: consecutive row groups of one data file, read by one scanner call.
 Piece = tuple[str, tuple[int, ...]]
 PIECE_ROWS = 65536  # rows a piece holds at most (unless one row group is larger): 128 MB of D=512 features
+MIN_PIECE_ROWS = 4096  # ... and at least, where a smaller gallery is cut finer to share it among the actors
 PAIR_BATCH = 8192  # (query, positive) pairs scored in float64 at a time: bounds the driver's memory
 
 
@@ -58,11 +59,11 @@ class Selection:
     table: Snapshot
     where: RowFilter
 
-    def pieces(self, *more: tuple[str, list[str]]) -> list[Piece]:
+    def pieces(self, *more: tuple[str, list[str]], max_rows: int = PIECE_ROWS) -> list[Piece]:
         """The row groups that may hold selected rows (and rows with `column in values` for each of
-        `more`), by the files' and row groups' statistics, in pieces of about PIECE_ROWS rows."""
+        `more`), by the files' and row groups' statistics, in pieces of about `max_rows` rows."""
         try:
-            return self.table.runs(*self.where.pruning, *more, max_rows=PIECE_ROWS)
+            return self.table.runs(*self.where.pruning, *more, max_rows=max_rows)
         except OSError as error:  # a footer that cannot be read: an S3 outage, a vacuumed file
             raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
 
@@ -84,6 +85,13 @@ class Selection:
             (*self.where.pruning, ("image_id", tuple(ids.to_pylist()))),
         )
         return type(self)(table or self.table, where)
+
+    def count(self) -> int:
+        """How many rows are selected (reads only the filter's columns)."""
+        try:
+            return self.dataset().count_rows(filter=self.where.expression)
+        except OSError as error:
+            raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
 
     def require_rows(self, option: str) -> None:
         """Refuse, in one line naming `option` and the filter, a selection that holds no row."""

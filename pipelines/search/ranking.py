@@ -16,7 +16,7 @@ import torch
 from mga.retrieval import rerank, reranked_ranks
 from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS, token_columns
 from pipelines.search.gallery_scan import LocalScanner, ScannerPool, Shared, ShortlistMerge, Shortlisted
-from pipelines.search.queries import Gallery, QueryChunk, Selection
+from pipelines.search.queries import MIN_PIECE_ROWS, PIECE_ROWS, Gallery, QueryChunk, Selection
 
 
 @dataclass
@@ -36,11 +36,20 @@ class RankedChunk:
 @dataclass
 class ScanStats:
     """What a search's scans have cost so far: seconds of the shortlist and token scans (on the
-    driver's clock, actors working in parallel) and the token columns' bytes read (pipelines.token_ranges)."""
+    driver's clock, actors working in parallel), the token columns' bytes read (pipelines.token_ranges),
+    and the gallery pieces the shortlist scans scored and of them those read from storage (not kept in memory)."""
 
     shortlist_s: float = 0.0
     token_s: float = 0.0
     token_bytes: int = 0
+    pieces_scanned: int = 0
+    pieces_read: int = 0
+
+
+def piece_rows_for(gallery_rows: int, workers: int) -> int:
+    """Rows a scan piece holds: about four pieces an actor (the last ones then even out the
+    actors' loads), between MIN_PIECE_ROWS and PIECE_ROWS."""
+    return max(MIN_PIECE_ROWS, min(PIECE_ROWS, gallery_rows // (4 * max(workers, 1))))
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,10 @@ class ChunkSearch:
     the exact top-`depth` (or `index`'s approximate one: (faiss index, ids, items)), the first
     `rerank_top` reranked by S with `alpha`, `rerank_batch` pairs an ATA call. The shortlist
     goes `reserve` rows deeper than the rankings, and S_token is computed `token_reserve` rows
-    below the head: what an incremental search draws on when the gallery loses rows."""
+    below the head: what an incremental search draws on when the gallery loses rows. With
+    `keep_gallery` (more than one chunk to search) the scanners keep the gallery rows they read
+    for the next chunks, as far as their memory budget goes. The gallery is scanned in pieces
+    of at most `piece_rows` rows (`piece_rows_for`: fine enough that every actor gets several)."""
 
     gallery: Gallery
     pool: ScannerPool | LocalScanner
@@ -61,6 +73,8 @@ class ChunkSearch:
     index: tuple[Any, pa.Array, pa.Array] | None = None
     reserve: int = 0
     token_reserve: int = 0
+    keep_gallery: bool = False
+    piece_rows: int = PIECE_ROWS
     stats: ScanStats = field(default_factory=lambda: ScanStats())
 
     def __call__(self, chunk: QueryChunk) -> RankedChunk:
@@ -86,7 +100,10 @@ class ChunkSearch:
         shared = shared or self.pool.share(chunk.scan_arrays())
         rows = within or self.gallery
         merge = ShortlistMerge(len(chunk), depth, len(chunk.positives.query))
-        for blocks in self.pool.map("shortlist", rows.pieces(), shared, depth, self.block_rows, None if within is None else within.where.expression):
+        pieces, row_filter = rows.pieces(max_rows=self.piece_rows), None if within is None else within.where.expression
+        for blocks in self.pool.map("shortlist", pieces, shared, depth, self.block_rows, row_filter, self.keep_gallery and within is None, affinity=True):
+            self.stats.pieces_scanned += 1
+            self.stats.pieces_read += int(blocks[0]["read"])
             for block in blocks:
                 merge.add(block)
         self.stats.shortlist_s += time.perf_counter() - started
@@ -100,7 +117,7 @@ class ChunkSearch:
             return scores
         started = time.perf_counter()
         pairs = pa.table({"gallery_id": gallery_ids, "query": pa.array(query_rows, pa.int32())})
-        pieces = self.gallery.pieces(("image_id", pc.unique(gallery_ids).to_pylist()))
+        pieces = self.gallery.pieces(("image_id", pc.unique(gallery_ids).to_pylist()), max_rows=self.piece_rows)
         names = token_columns(self.gallery.table.info)
         for scored in self.pool.map("score_tokens", pieces, shared, self.pool.share(pairs), names, self.rerank_batch):
             scores[scored["pair"]] = scored["score_token"]

@@ -163,8 +163,13 @@ def _column_chunks(row_group: pq.RowGroupMetaData, names: list[str]) -> list[pq.
 
 
 def stored_bytes(fs: Any, pieces: list[tuple[str, Any]], names: list[str]) -> int:
-    """The stored size of the columns `names` in the row groups of `pieces` ((path, row groups))."""
+    """The stored size of the columns `names` in the row groups of `pieces` ((path, row groups));
+    each file's footer is read once."""
     groups: dict[str, set[int]] = {}
     for path, piece_groups in pieces:
         groups.setdefault(path, set()).update(piece_groups)
-    return sum(column_bytes(pq.read_metadata(path, filesystem=fs), group, names) for path, kept in groups.items() for group in kept)
+    total = 0
+    for path, kept in groups.items():
+        metadata = pq.read_metadata(path, filesystem=fs)
+        total += sum(column_bytes(metadata, group, names) for group in kept)
+    return total

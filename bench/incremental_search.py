@@ -40,6 +40,7 @@ from bench.search_scale import PAPER, unit_rows, write_features
 from pipelines.schemas import vector_column
 from pipelines.storage import resolve, write_parquet
 from pipelines.tables import TableWriter, copy_without, open_table, read_table
+from pipelines.token_ranges import parquet_options
 
 ROW_GROUP_ROWS = 64
 
@@ -81,8 +82,9 @@ def churn(uri: str, drop: np.ndarray, rows: pa.Table) -> None:
         dropped = pa.array(drop, pa.string())
         remove = pc.unique(stored.filter(pc.is_in(stored.column("image_id"), value_set=dropped)).column("__filename")).to_pylist()
         for number, path in enumerate(remove):
-            copy_without(table, path, dropped.to_pylist(), writer.file(f"rewritten-{number:03d}.parquet"), pq.read_schema(path, filesystem=table.fs))
-        write_parquet(writer.file("new.parquet"), rows, row_group_size=ROW_GROUP_ROWS)
+            schema = pq.read_schema(path, filesystem=table.fs)
+            copy_without(table, path, dropped.to_pylist(), writer.file(f"rewritten-{number:03d}.parquet"), schema, **parquet_options(schema))
+        write_parquet(writer.file("new.parquet"), rows, row_group_size=ROW_GROUP_ROWS, **parquet_options(rows.schema))
         writer.commit(rows.schema, writer.base.info, remove=remove)
 
 

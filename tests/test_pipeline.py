@@ -132,18 +132,19 @@ def test_the_training_and_its_evaluation_are_tracked_on_the_mlflow_server(traine
 @pytest.mark.timeout(600)
 def test_search_ranking_does_not_depend_on_worker_count_or_a_killed_scan_actor(trained, searched, tmp_path):
     paths, _, _ = trained
-    # 12 queries: the module's search (one chunk on one actor) against two chunks (7, 5) on two
+    # 12 queries: the module's search (one chunk on one actor) against four chunks of 3 on two
     # actors, with other blocks and batches, one of the actors SIGKILLed mid-search: Ray restarts
-    # it and retries its call, which fetches the chunk's arrays again.
+    # it and retries its call, which fetches the chunk's arrays again. (Four chunks: with two the
+    # search could end before the kill landed, and an actor killed after its pool is gone is not restarted.)
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(two=search.run(
-        paths["features"], str(tmp_path / "two"), rerank_top=RERANK, workers=2, query_chunk=7, block_rows=7, rerank_batch=5)))
+        paths["features"], str(tmp_path / "two"), rerank_top=RERANK, workers=2, query_chunk=3, block_rows=7, rerank_batch=5)))
     runner.start()
     killed, deadline = None, time.time() + 300
     while runner.is_alive() and time.time() < deadline and killed is None:
         alive = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE" and a["ActorClassName"] == "GalleryScanner"]
         if alive:
-            time.sleep(0.3)  # into its first calls
+            time.sleep(0.1)  # into its first calls
             killed = alive[0]
             os.kill(killed["Pid"], signal.SIGKILL)
         time.sleep(0.02)

@@ -98,7 +98,7 @@ def run(
     from pipelines.search.approximate import build_index, shortlist_recall
     from pipelines.search.gallery_scan import ScannerPool
     from pipelines.search.incremental import IncrementalSearch, reserve, token_reserve
-    from pipelines.search.queries import selections
+    from pipelines.search.queries import MIN_PIECE_ROWS, selections
     from pipelines.search.ranking import ChunkSearch, piece_rows_for
     from pipelines.token_ranges import stored_bytes
 
@@ -143,7 +143,8 @@ def run(
     # On CPU, single-threaded actors filling the cluster: at 1M gallery images they searched in
     # 0.67x the time of one actor of 2 threads on 2 cores (numpy counts and the scans' Python
     # run on one thread; ATA's small matmuls scale poorly with threads). bench/RESULTS.md.
-    workers = workers or default_actors(gpus, gpus_up, cores_up(), cpus_per_actor)
+    # ... and never more actors than the smallest pieces would keep busy (a small gallery: one).
+    workers = workers or min(default_actors(gpus, gpus_up, cores_up(), cpus_per_actor), max(1, -(-gallery_table.rows // MIN_PIECE_ROWS)))
     # More than one chunk of queries: the scanners keep the gallery rows they read (a share of the
     # cluster's memory), so that every chunk after the first reads no global features again.
     keep_gallery = source.count() > query_chunk
@@ -286,7 +287,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="ranked gallery images written per query (metrics still cover the whole gallery)")
     parser.add_argument("--rerank-top", type=int, default=50, help="candidates per query reranked by ATA")
     parser.add_argument("--index", default="exact", choices=INDEX_KINDS, help="exact: a blocked scan on the actors' devices; ivf|hnsw|ivfpq: a faiss index on the driver (ivfpq: 64-byte codes for 10^7+ images)")
-    parser.add_argument("--workers", type=int, default=None, help="scan actors, started once for the whole search (default: one per GPU up, else one per --cpus-per-actor CPUs of the cluster)")
+    parser.add_argument("--workers", type=int, default=None, help="scan actors, started once for the whole search (default: one per GPU up, else one per --cpus-per-actor CPUs of the cluster; no more than the gallery has 4,096-row pieces)")
     parser.add_argument("--query-chunk", type=int, default=20000, help="queries searched per pass over the gallery (bounds memory by queries x depth)")
     parser.add_argument("--block-rows", type=int, default=32768, help="gallery rows scored per shortlist block")
     parser.add_argument("--rerank-batch", type=int, default=None, help="query-candidate pairs per ATA call (default: 4096 on GPU, 128 on CPU)")

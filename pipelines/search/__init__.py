@@ -98,8 +98,8 @@ def run(
     from pipelines.search.approximate import build_index, shortlist_recall
     from pipelines.search.gallery_scan import ScannerPool
     from pipelines.search.incremental import IncrementalSearch, reserve, token_reserve
-    from pipelines.search.queries import MIN_PIECE_ROWS, selections
-    from pipelines.search.ranking import ChunkSearch, piece_rows_for
+    from pipelines.search.queries import selections
+    from pipelines.search.ranking import ChunkSearch, busy_actors, piece_rows_for
     from pipelines.token_ranges import stored_bytes
 
     for name, value in (("--depth", depth), ("--query-chunk", query_chunk), ("--block-rows", block_rows), ("--workers", workers or 1), ("--rerank-batch", rerank_batch or 1)):
@@ -144,7 +144,7 @@ def run(
     # 0.67x the time of one actor of 2 threads on 2 cores (numpy counts and the scans' Python
     # run on one thread; ATA's small matmuls scale poorly with threads). bench/RESULTS.md.
     # ... and never more actors than the smallest pieces would keep busy (a small gallery: one).
-    workers = workers or min(default_actors(gpus, gpus_up, cores_up(), cpus_per_actor), max(1, -(-gallery_table.rows // MIN_PIECE_ROWS)))
+    workers = workers or min(default_actors(gpus, gpus_up, cores_up(), cpus_per_actor), busy_actors(gallery_table.rows))
     # More than one chunk of queries: the scanners keep the gallery rows they read (a share of the
     # cluster's memory), so that every chunk after the first reads no global features again.
     keep_gallery = source.count() > query_chunk

@@ -46,6 +46,11 @@ class ScanStats:
     pieces_read: int = 0
 
 
+def busy_actors(gallery_rows: int) -> int:
+    """The most scan actors a gallery keeps busy: one per smallest piece (more would have none to scan)."""
+    return max(1, -(-gallery_rows // MIN_PIECE_ROWS))
+
+
 def piece_rows_for(gallery_rows: int, workers: int) -> int:
     """Rows a scan piece holds: about four pieces an actor (the last ones then even out the
     actors' loads), between MIN_PIECE_ROWS and PIECE_ROWS."""

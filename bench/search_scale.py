@@ -167,12 +167,13 @@ def gallery_sweep(workdir: str, model_uri: str, model_id: str, sizes: list[int],
 def queries_sweep(workdir: str, model_uri: str, model_id: str, gallery: int, counts: list[int], keep: bool) -> list[str]:
     features = f"{workdir}/gallery-{gallery}"
     started = time.time()
-    write_features(features, model_uri, model_id, gallery, queries=0)
+    # Row groups of 64 rows, as `mga embed` writes them (a reader then holds a few row groups, not a file).
+    write_features(features, model_uri, model_id, gallery, queries=0, row_group_rows=64)
     print(f"wrote {gallery} gallery images in {time.time() - started:.0f} s", flush=True)
     results = []
     for count in counts:
         queries = f"{workdir}/queries-{count}"
-        write_features(queries, model_uri, model_id, gallery, queries=count, with_gallery=False)
+        write_features(queries, model_uri, model_id, gallery, queries=count, with_gallery=False, row_group_rows=64)
         search = measure([sys.executable, "-m", "pipelines.search", "--features", features, "--queries", queries, "--out", f"{workdir}/rankings-q{count}"])
         print(f"search {count} queries: {search}", flush=True)
         results.append((count, search))

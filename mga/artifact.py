@@ -46,8 +46,9 @@ def pack_artifact(model: MGAModel, extra: dict[str, Any] | None = None) -> dict[
     return {WEIGHTS: weights, CONFIG: config, INDEX: index}
 
 
-def unpack_artifact(files: dict[str, bytes], where: str = "artifact") -> tuple[MGAModel, str, dict[str, Any]]:
-    """(model in eval mode, model_id, config dict) from artifact files; `where` names it in errors."""
+def verify_artifact(files: dict[str, bytes], where: str = "artifact") -> tuple[str, dict[str, Any]]:
+    """(model_id, config dict) of artifact files whose hash matches their recorded id, without
+    building the model; `where` names it in errors."""
     missing = [name for name in (WEIGHTS, CONFIG, INDEX) if name not in files]
     if missing:
         raise ArtifactError(f"{where}: missing {', '.join(missing)}")
@@ -55,7 +56,12 @@ def unpack_artifact(files: dict[str, bytes], where: str = "artifact") -> tuple[M
     actual = artifact_id(files[WEIGHTS], files[CONFIG])
     if recorded != actual:
         raise ArtifactError(f"{where}: model_id mismatch: {INDEX} says {recorded}, the files hash to {actual} (corrupted or modified)")
-    config = json.loads(files[CONFIG])
+    return actual, json.loads(files[CONFIG])
+
+
+def unpack_artifact(files: dict[str, bytes], where: str = "artifact") -> tuple[MGAModel, str, dict[str, Any]]:
+    """(model in eval mode, model_id, config dict) from artifact files; `where` names it in errors."""
+    actual, config = verify_artifact(files, where)
     # Artifacts from before `ata_layer_scale` existed were built with plain blocks (0).
     model = MGAModel(ModelConfig(**{"ata_layer_scale": 0.0, **config["model"]}))
     state = load_safetensors(files[WEIGHTS])

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from mga.artifact import CONFIG, INDEX, WEIGHTS, ArtifactError, unpack_artifact
+from mga.artifact import CONFIG, INDEX, WEIGHTS, ArtifactError, unpack_artifact, verify_artifact
 from mga.model import MGAModel
 from pipelines.storage import StorageError, resolve
 
@@ -24,20 +24,31 @@ def read_artifact_files(uri: str) -> dict[str, bytes]:
     return {name: location.join(name).read_bytes() for name in (WEIGHTS, CONFIG, INDEX)}
 
 
-def load_artifact(files: dict[str, bytes], where: str) -> tuple[MGAModel, str, dict[str, Any]]:
-    """unpack_artifact, with whatever a corrupt or hostile artifact raises (safetensors, JSON,
-    config errors) reported as an ArtifactError naming it: a one-line error, never a traceback."""
+def _one_line(read: Callable[..., Any], files: dict[str, bytes], where: str) -> Any:
+    """`read(files, where=where)`, with whatever a corrupt or hostile artifact raises (safetensors,
+    JSON, config errors) reported as an ArtifactError naming it: a one-line error, never a traceback."""
     try:
-        return unpack_artifact(files, where=where)
+        return read(files, where=where)
     except ArtifactError:
         raise
     except Exception as error:  # noqa: BLE001
         raise ArtifactError(f"{where}: not a loadable model artifact ({type(error).__name__}: {error})") from error
 
 
+def load_artifact(files: dict[str, bytes], where: str) -> tuple[MGAModel, str, dict[str, Any]]:
+    """unpack_artifact, reported in one line (`where` names the artifact)."""
+    return _one_line(unpack_artifact, files, where)
+
+
 def load_model(uri: str) -> tuple[MGAModel, str, dict[str, Any]]:
     """(model, model_id, config) of the artifact at `uri`; the hash is checked, nothing is unpickled."""
     return load_artifact(read_artifact_files(uri), resolve(uri).uri)
+
+
+def model_info(uri: str) -> tuple[str, dict[str, Any]]:
+    """(model_id, config) of the artifact at `uri`, its hash checked, without building the model
+    (a search's driver needs no weights: they held ~0.4 GB of its memory at the paper's backbone)."""
+    return _one_line(verify_artifact, read_artifact_files(uri), resolve(uri).uri)
 
 
 @dataclass(frozen=True)
@@ -61,4 +72,4 @@ class ModelSource:
         return model, config
 
 
-__all__ = ["ArtifactError", "ModelSource", "load_artifact", "load_model", "read_artifact_files", "write_artifact"]
+__all__ = ["ArtifactError", "ModelSource", "load_artifact", "load_model", "model_info", "read_artifact_files", "write_artifact"]

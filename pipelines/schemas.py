@@ -52,16 +52,18 @@ def vector_column(values: np.ndarray, data_type: pa.DataType) -> pa.Array:
 
 
 def column_matrix(table: pa.Table, name: str, rows_shape: tuple[int, ...] = (), stored: bool = False) -> np.ndarray:
-    """A vector column (float list, or binary halves) as a writable array [rows, *rows_shape or
-    width]: float32, or with `stored` in the precision the table keeps (float16 for halves)."""
+    """A vector column (float list, or binary halves) as an array [rows, *rows_shape or width]:
+    float32 and writable, or with `stored` in the precision the table keeps (float16 for halves),
+    without a copy where it can (then read-only)."""
     column = table.column(name).combine_chunks()
     rows = len(column)
     if pa.types.is_binary(column.type):
         _, offsets, data = column.buffers()
         bounds = np.frombuffer(offsets, np.int32, rows + 1, column.offset * 4)
-        flat = np.frombuffer(data, "<f2", (bounds[-1] - bounds[0]) // 2, bounds[0]).astype(np.float16 if stored else np.float32)
+        flat = np.frombuffer(data, "<f2", (bounds[-1] - bounds[0]) // 2, bounds[0]).astype(np.float16 if stored else np.float32, copy=not stored)
     else:
-        flat = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)  # writable: torch owns what it wraps
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        flat = values if stored and values.dtype == np.float32 else np.array(values, dtype=np.float32)  # writable: torch owns what it wraps
     return flat.reshape(rows, *(rows_shape or (-1,)))
 
 

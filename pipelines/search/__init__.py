@@ -63,6 +63,9 @@ DEFAULT_QUERIES_WHERE = "split = 'query'"
 INDEX_KINDS = ("exact", "ivf", "hnsw", "ivfpq")  # all but exact are faiss indexes (search.approximate)
 RECALL_QUERIES = 1000  # queries the approximate shortlist's recall is measured on
 GALLERY_MEMORY_SHARE = 0.3  # of the cluster's memory, for gallery rows kept by the scanners between query chunks
+# Queries a pass over the gallery: the driver holds ~100 KB a query of a chunk (its features, the
+# shortlist merge's ids, the rankings rows; measured at 100k gallery images), ~1 GB here.
+QUERY_CHUNK = 10000
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -77,7 +80,7 @@ def run(
     rerank_top: int = 50,
     index: str = "exact",
     workers: int | None = None,
-    query_chunk: int = 20000,
+    query_chunk: int = QUERY_CHUNK,
     block_rows: int = 32768,
     rerank_batch: int | None = None,
     model: str | None = None,
@@ -93,7 +96,7 @@ def run(
     import pyarrow.compute as pc
     import ray
 
-    from pipelines.model_store import ModelSource, load_model
+    from pipelines.model_store import ModelSource, model_info
     from pipelines.runtime import cores_up, init_ray
     from pipelines.search.approximate import build_index, shortlist_recall
     from pipelines.search.gallery_scan import ScannerPool
@@ -117,7 +120,7 @@ def run(
     gallery, source = selections(gallery_table, queries_table, gallery_where, queries_where)
     info = gallery_table.info
     model_uri = model or info["model"]
-    _, model_id, model_config = load_model(model_uri)
+    model_id, model_config = model_info(model_uri)
     if model_id != info["model_id"]:
         raise InputError(f"{gallery_table.uri} was embedded with model_id {info['model_id']}, but {model_uri} is {model_id}: re-embed or pass the matching --model")
     alpha = float(model_config["model"]["alpha"])
@@ -288,7 +291,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank-top", type=int, default=50, help="candidates per query reranked by ATA")
     parser.add_argument("--index", default="exact", choices=INDEX_KINDS, help="exact: a blocked scan on the actors' devices; ivf|hnsw|ivfpq: a faiss index on the driver (ivfpq: 64-byte codes for 10^7+ images)")
     parser.add_argument("--workers", type=int, default=None, help="scan actors, started once for the whole search (default: one per GPU up, else one per --cpus-per-actor CPUs of the cluster; no more than the gallery has 4,096-row pieces)")
-    parser.add_argument("--query-chunk", type=int, default=20000, help="queries searched per pass over the gallery (bounds memory by queries x depth)")
+    parser.add_argument("--query-chunk", type=int, default=QUERY_CHUNK, help="queries searched per pass over the gallery (bounds the driver's memory: ~100 KB a query; default %(default)s)")
     parser.add_argument("--block-rows", type=int, default=32768, help="gallery rows scored per shortlist block")
     parser.add_argument("--rerank-batch", type=int, default=None, help="query-candidate pairs per ATA call (default: 4096 on GPU, 128 on CPU)")
     parser.add_argument("--model", default=None, help="model artifact (default: the one the features were embedded with)")

@@ -133,7 +133,8 @@ class GalleryScanner:
 
     def _queries(self, chunk: dict[str, Any]) -> dict[str, Any]:
         arrays = {name: _tensor(chunk[name], self.device) for name in ("global", "positive_query", "positive_score", "positive_key")}
-        arrays["tokens"] = [_tensor(layer, self.device).float() for layer in chunk["tokens"]]  # shared as stored (float16 or float32)
+        # As stored (float16 or float32), made float32 a batch at a time: a chunk's tokens at float32 cost 2x.
+        arrays["tokens"] = [_tensor(layer, self.device) for layer in chunk["tokens"]]
         return arrays
 
     def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int, row_filter: pc.Expression | None = None, keep: bool = False) -> list[dict[str, Any]]:
@@ -250,7 +251,7 @@ class GalleryScanner:
             # S_token within 0.005 of fp32 (bench/RESULTS.md).
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 result = self.model.align_tokens(
-                    [layer[query] for layer in queries["tokens"]], [layer[gallery_rows].to(self.device) for layer in tokens]
+                    [layer[query].float() for layer in queries["tokens"]], [layer[gallery_rows].to(self.device).float() for layer in tokens]
                 )
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
@@ -258,8 +259,8 @@ class GalleryScanner:
 
     def _candidate_tokens(self, path: str, fragment: pads.ParquetFileFragment, wanted: np.ndarray, names: list[str],
                           token_shape: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
-        """The tokens of the piece's `wanted` rows, one [rows, M, d] float32 tensor per column, and the
-        bytes read: by byte ranges where the file's layout allows (pipelines.token_ranges), else by
+        """The tokens of the piece's `wanted` rows, one [rows, M, d] tensor per column as stored (float16
+        or float32), and the bytes read: by byte ranges where the file's layout allows (pipelines.token_ranges), else by
         decoding the row groups that hold a wanted row."""
         metadata, schema = fragment.metadata, fragment.physical_schema
         sizes = [group.num_rows for group in fragment.row_groups]
@@ -276,12 +277,12 @@ class GalleryScanner:
                 if all(chunk is not None for chunk in chunks):
                     for part, chunk in zip(parts, chunks):
                         values, read = read_rows(file, chunk, rows)
-                        part.append(values.astype(np.float32))
+                        part.append(values)
                         bytes_read += read
                     continue
                 decoded = fragment.subset(row_group_ids=[group.id]).to_table(columns=names).take(pa.array(rows))
                 for part, name in zip(parts, names):
-                    part.append(column_matrix(decoded, name))
+                    part.append(column_matrix(decoded, name, stored=True))
                 bytes_read += column_bytes(metadata, group.id, names)
         return [torch.from_numpy(np.concatenate(part).reshape(-1, *token_shape)) for part in parts], bytes_read
 

@@ -42,6 +42,7 @@ from pipelines.tables import Snapshot
 Piece = tuple[str, tuple[int, ...]]
 PIECE_ROWS = 65536  # rows a piece holds at most (unless one row group is larger): 128 MB of D=512 features
 MIN_PIECE_ROWS = 4096  # ... and at least, where a smaller gallery is cut finer to share it among the actors
+READ_ROWS = 4096  # query rows decoded ahead of the chunk being filled (a fragment: whole row groups)
 PAIR_BATCH = 8192  # (query, positive) pairs scored in float64 at a time: bounds the driver's memory
 
 
@@ -67,12 +68,13 @@ class Selection:
         except OSError as error:  # a footer that cannot be read: an S3 outage, a vacuumed file
             raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
 
-    def dataset(self, *more: tuple[str, list[str]]) -> pads.Dataset:
+    def dataset(self, *more: tuple[str, list[str]], max_rows: int = PIECE_ROWS) -> pads.Dataset:
         """The files and row groups that may hold selected rows (and `more`, as `pieces`), as one
-        dataset (filter it with `where.expression`)."""
+        dataset (filter it with `where.expression`) of fragments of about `max_rows` rows: a scan
+        with `fragment_readahead=1` decodes about that many rows ahead (a whole file otherwise)."""
         parquet = pads.ParquetFileFormat()
         fs = self.table.location.fs
-        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=list(groups)) for path, groups in self.pieces(*more)]
+        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=list(groups)) for path, groups in self.pieces(*more, max_rows=max_rows)]
         schema = pq.read_schema(self.table.files.column("path")[0].as_py(), filesystem=fs)
         return pads.FileSystemDataset(fragments, schema, parquet, fs)
 
@@ -199,7 +201,9 @@ class QuerySource(Selection):
         order, each with its positives in `gallery` (none without). One chunk is held at a
         time, plus the row group being read."""
         columns = ["image_id", "item_id", "global", *token_columns(self.table.info)]
-        scanner = self.dataset().scanner(columns=columns, filter=self.where.expression, batch_readahead=1, fragment_readahead=1)
+        # One thread: Arrow's threaded scan reads ahead of a slow consumer up to the whole table
+        # (measured: all of 20,000 queries decoded while the first chunk was searched).
+        scanner = self.dataset(max_rows=READ_ROWS).scanner(columns=columns, filter=self.where.expression, batch_readahead=1, fragment_readahead=1, use_threads=False)
         pending: list[pa.RecordBatch] = []
         held = 0
         try:

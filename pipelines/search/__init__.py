@@ -96,6 +96,7 @@ def run(
     import pyarrow.compute as pc
     import ray
 
+    from pipelines.memory import release_freed_memory
     from pipelines.model_store import ModelSource, model_info
     from pipelines.runtime import cores_up, init_ray
     from pipelines.search.approximate import build_index, shortlist_recall
@@ -189,6 +190,7 @@ def run(
             # Every chunk scans the same gallery: its size and the depth are any chunk's.
             totals.update(head=max(totals["head"], ranked.head), depth=ranked.depth, gallery=ranked.gallery_rows)
             del step, ranked  # the next chunk is read while only the rows written are kept
+            release_freed_memory()
         positives_table = positives_writer.commit(POSITIVES, {"table": "positives", "of": table.uri, "rows": totals["positives"]})
         shortlists_table = shortlists_writer.commit(SHORTLISTS, {"table": "shortlists", "of": table.uri, "rows": totals["shortlists"]})
         incremental_info = None

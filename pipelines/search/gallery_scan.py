@@ -50,6 +50,7 @@ import torch
 
 from mga.errors import InputError
 from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, kth_of, merge_top_k, tie_keys
+from pipelines.memory import release_freed_memory
 from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
 from pipelines.schemas import column_matrix
@@ -123,7 +124,8 @@ class GalleryScanner:
     def _cached(self, name: str, shared: Shared, build: Any) -> Any:
         """`build(value)` of the `shared` value, kept until another comes under `name`."""
         if self.cached.get(name, ("",))[0] != shared.key:
-            self.cached.pop(name, None)  # free the previous chunk's arrays first
+            if self.cached.pop(name, None) is not None:  # free the previous chunk's arrays first
+                release_freed_memory()
             self.cached[name] = (shared.key, build(shared.get()))
         return self.cached[name][1]
 

@@ -47,8 +47,9 @@ def pack_artifact(model: MGAModel, extra: dict[str, Any] | None = None) -> dict[
 
 
 def verify_artifact(files: dict[str, bytes], where: str = "artifact") -> tuple[str, dict[str, Any]]:
-    """(model_id, config dict) of artifact files whose hash matches their recorded id, without
-    building the model; `where` names it in errors."""
+    """(model_id, config dict) of artifact files whose hash matches their recorded id and whose
+    weights are a safetensors file (its header parses: nothing is loaded, nothing unpickled),
+    without building the model; `where` names it in errors."""
     missing = [name for name in (WEIGHTS, CONFIG, INDEX) if name not in files]
     if missing:
         raise ArtifactError(f"{where}: missing {', '.join(missing)}")
@@ -56,6 +57,10 @@ def verify_artifact(files: dict[str, bytes], where: str = "artifact") -> tuple[s
     actual = artifact_id(files[WEIGHTS], files[CONFIG])
     if recorded != actual:
         raise ArtifactError(f"{where}: model_id mismatch: {INDEX} says {recorded}, the files hash to {actual} (corrupted or modified)")
+    weights = files[WEIGHTS]
+    header_bytes = int.from_bytes(weights[:8], "little")
+    if len(weights) < 8 or not isinstance(json.loads(weights[8:8 + header_bytes]), dict):  # raises on what is not safetensors
+        raise ArtifactError(f"{where}: {WEIGHTS} is not a safetensors file")
     return actual, json.loads(files[CONFIG])
 
 

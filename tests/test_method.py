@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from mga import LossConfig, MGAModel, ModelConfig
-from mga.artifact import ArtifactError, artifact_id, pack_artifact, unpack_artifact
+from mga.artifact import ArtifactError, artifact_id, pack_artifact, unpack_artifact, verify_artifact
 from mga.fga import aggregate_tokens
 from mga.objective import MGAObjective, batch_hard_triplet_loss
 from mga.similarity import token_similarity, within_image_token_cosine
@@ -188,6 +189,12 @@ def test_artifact_round_trip_and_tamper_detection(tiny_model):
     with pytest.raises(ArtifactError, match="model_id mismatch"):
         unpack_artifact(tampered, "s3://bucket/model")
     assert b"pickle" not in files["model.safetensors"][:200]
+    # Verified without building the model (a search's driver): id and config, or a pickle refused.
+    assert verify_artifact(files) == (model_id, config)
+    pickled = dict(files, **{"model.safetensors": pickle.dumps({"weights": [1.0]})})
+    pickled["artifact.json"] = json.dumps({"model_id": artifact_id(pickled["model.safetensors"], files["config.json"])}).encode()
+    with pytest.raises((ArtifactError, ValueError)):
+        verify_artifact(pickled, "s3://bucket/model")
 
 
 def test_an_artifact_from_before_layer_scale_loads_with_plain_blocks():

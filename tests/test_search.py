@@ -260,3 +260,36 @@ def test_wrong_queries_and_filters_are_refused_before_any_work(searched, tmp_pat
         "mga: error: --gallery-where \"colour = 'red'\": unknown column 'colour': a filter takes image_id, item_id, split, domain, category, sha256"
     ]
     assert not os.path.exists(out)
+
+
+def test_queries_are_read_a_few_row_groups_ahead_of_the_chunk_not_the_whole_table(tmp_path):
+    """The driver holds one chunk: a slow consumer of QuerySource.chunks must not find the rest of the
+    table decoded behind it (Arrow's threaded scan read all of it ahead, whatever its readahead)."""
+    import time
+
+    from pipelines.filters import parse_filter
+    from pipelines.search.queries import QuerySource
+
+    count, width = 40_000, 512
+    rng = np.random.default_rng(0)
+    table = pa.table({
+        "image_id": [f"q-{i:05d}" for i in range(count)], "item_id": pa.nulls(count, pa.string()), "split": ["query"] * count,
+        "domain": ["shop"] * count, "category": ["dress"] * count, "sha256": ["0" * 64] * count, "model_id": ["m"] * count,
+        "global": pa.FixedSizeListArray.from_arrays(pa.array(rng.random(count * width, np.float32)), width),
+        "tokens_0": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(count * 8, np.float32)), 8),
+        "embedded_at": pa.array([0] * count, pa.timestamp("us", tz="UTC")),
+    }, schema=features_schema(width, [8]))
+    with TableWriter(resolve(str(tmp_path / "queries"))) as writer:
+        write_parquet(writer.file("part-0.parquet"), table, row_group_size=64)  # as embed writes: one file, 64-row row groups
+        snapshot = writer.commit(table.schema, {"table": "features", "model_id": "m", "model": "unused", "global_dim": width,
+                                                "num_tokens": 2, "token_dim": 4, "layers": [4], "token_dtype": "float32"})
+    source = QuerySource(snapshot, parse_filter("TRUE", "--queries-where"))
+    decoded = count * width * 4  # the global column alone: 80 MB
+    baseline, held, seen = pa.total_allocated_bytes(), 0, 0
+    for chunk in source.chunks(1000, None):
+        if not seen:
+            time.sleep(1.0)  # a chunk being searched: time for a scan to run ahead
+        held = max(held, pa.total_allocated_bytes() - baseline)
+        seen += len(chunk)
+    assert seen == count
+    assert held < 0.5 * decoded, f"{held / 2**20:.0f} MiB decoded ahead of 1,000-query chunks of a {decoded / 2**20:.0f} MiB table"

@@ -63,7 +63,7 @@ def column_matrix(table: pa.Table, name: str, rows_shape: tuple[int, ...] = (), 
         flat = np.frombuffer(data, "<f2", (bounds[-1] - bounds[0]) // 2, bounds[0]).astype(np.float16 if stored else np.float32, copy=not stored)
     else:
         values = column.flatten().to_numpy(zero_copy_only=False)
-        flat = values if stored and values.dtype == np.float32 else np.array(values, dtype=np.float32)  # writable: torch owns what it wraps
+        flat = values if stored and values.dtype == np.float32 else np.array(values, dtype=np.float32)  # a copy, writable: torch owns what it wraps
     return flat.reshape(rows, *(rows_shape or (-1,)))
 
 

@@ -199,7 +199,7 @@ class QuerySource(Selection):
     def chunks(self, size: int, gallery: Gallery | None) -> Iterator[QueryChunk]:
         """The selected rows in chunks of `size` (the last may be smaller), in the table's file
         order, each with its positives in `gallery` (none without). One chunk is held at a
-        time, plus the row group being read."""
+        time, plus at most READ_ROWS rows (whole row groups) decoded ahead of it."""
         columns = ["image_id", "item_id", "global", *token_columns(self.table.info)]
         # One thread: Arrow's threaded scan reads ahead of a slow consumer up to the whole table
         # (measured: all of 20,000 queries decoded while the first chunk was searched).

@@ -1,15 +1,18 @@
-"""pipelines.token_ranges: a few rows' tokens read by byte ranges from the layout embed writes equal
-the decoded rows, for both token dtypes; any other layout is recognised and left to decoding."""
+"""pipelines.token_ranges: a few rows' tokens (or global features) read by byte ranges from the
+layout embed writes equal the decoded rows, for both token dtypes; any other layout is recognised
+and left to decoding."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.schemas import column_matrix, features_schema, vector_column
-from pipelines.token_ranges import MERGE_GAP_BYTES, locate, parquet_options, read_rows
+from pipelines.token_ranges import MERGE_GAP_BYTES, fragment_rows, locate, parquet_options, read_rows
 
 WIDTHS = {"tokens_0": 64, "tokens_1": 96}
 ROWS = 2500
@@ -90,3 +93,30 @@ def test_a_row_whose_length_is_not_its_own_is_refused(tmp_path):
     assert values.shape == (4, WIDTHS["tokens_0"])
     with pytest.raises(ValueError, match="token row 700: its length is not"):
         read_rows(file, chunk, np.array([3, 699, 700, 990]))
+
+
+@pytest.mark.parametrize("layout", ["embed", "compressed"])
+def test_whole_and_selected_rows_of_a_fragment_equal_the_decoded_rows(tmp_path, layout):
+    """fragment_rows (the global features of a scan piece, a chunk's positives, a piece's
+    candidate tokens): by ranges in embed's layout, where the global column is one PLAIN page
+    too; by decoding otherwise; the same values and the rows asked for, in order, either way."""
+    table = features("float16")
+    path = tmp_path / "features.parquet"
+    options = parquet_options(table.schema) if layout == "embed" else {}
+    pq.write_table(table, path, row_group_size=700, **options)
+    metadata = pq.read_metadata(path)
+    located = locate(pa.OSFile(str(path)), metadata, 1, "global", table.schema.field("global").type, 8)
+    assert (located is not None) == (layout == "embed")
+    fragment = pads.ParquetFileFormat().make_fragment(str(path), filesystem=pafs.LocalFileSystem(), row_groups=[1, 2, 3])  # rows 700..2499
+    decoded = pq.ParquetFile(path).read_row_groups([1, 2, 3])
+    wanted = np.random.default_rng(2).random(decoded.num_rows) < 0.1
+    wanted[699:701] = True  # across a row-group boundary
+    for mask, rows in ((None, np.arange(decoded.num_rows)), (wanted, np.flatnonzero(wanted))):
+        with pa.OSFile(str(path)) as file:
+            (global_features,), global_read = fragment_rows(file, fragment, mask, ["global"], 8)
+            (tokens,), tokens_read = fragment_rows(file, fragment, mask, ["tokens_0"], WIDTHS["tokens_0"])
+        np.testing.assert_array_equal(global_features, column_matrix(decoded, "global")[rows])
+        np.testing.assert_array_equal(tokens.astype(np.float32), column_matrix(decoded, "tokens_0")[rows])
+        assert global_features.dtype == np.float32 and global_features.flags.writeable
+        if layout == "embed" and mask is None:  # the values alone: no levels, no other column
+            assert (global_read, tokens_read) == (len(rows) * 8 * 4, len(rows) * (4 + WIDTHS["tokens_0"] * 2))

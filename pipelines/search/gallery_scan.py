@@ -53,10 +53,9 @@ from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, k
 from pipelines.memory import release_freed_memory
 from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
-from pipelines.schemas import column_matrix
-from pipelines.search.queries import Piece
+from pipelines.search.queries import Piece, selected_rows
 from pipelines.storage import Location
-from pipelines.token_ranges import column_bytes, locate, read_rows
+from pipelines.token_ranges import fragment_rows
 
 # Queries scored against a block at once: bounds the [queries, block rows] score matrix.
 QUERY_TILE = 1024
@@ -174,17 +173,8 @@ class GalleryScanner:
 
     def _gallery_rows(self, piece: Piece, row_filter: pc.Expression) -> GalleryRows:
         """The piece's rows that pass `row_filter`, read."""
-        fragment = self._fragment(piece)
-        # The filter as a mask read on its own columns: filtering while reading copies every
-        # selected global feature, which doubled the read when (as usual) every row is selected.
-        keep = pc.fill_null(fragment.to_table(columns={"keep": row_filter}).column("keep"), False)
-        rows = fragment.to_table(columns=["image_id", "item_id", "global"])
-        if not pc.all(keep).as_py():
-            rows = rows.filter(keep)
-        ids = rows.column("image_id").combine_chunks()
-        width = rows.schema.field("global").type.list_size  # a shape also when no row passes
-        return GalleryRows(ids, rows.column("item_id").combine_chunks(), torch.from_numpy(tie_keys(ids.to_numpy(zero_copy_only=False))),
-                           torch.from_numpy(column_matrix(rows, "global", (width,))))
+        ids, items, features = selected_rows(self.location.fs, piece, row_filter)
+        return GalleryRows(ids, items, torch.from_numpy(tie_keys(ids.to_numpy(zero_copy_only=False))), torch.from_numpy(features))
 
     def _shortlist_block(self, block: GalleryRows, queries: dict[str, Any], depth: int, running: TopK | None) -> tuple[dict[str, Any], TopK | None]:
         """One block's result for the driver, and its top list (positions in the block) for the running one."""
@@ -238,7 +228,9 @@ class GalleryScanner:
             return {"pair": np.zeros(0, np.int64), "score_token": np.zeros(0, np.float32), "bytes_read": 0}
         # Tokens only of the candidates, from the row groups that hold one (a piece spans several).
         token_shape = (self.model.config.num_tokens, self.model.config.token_dim)
-        tokens, bytes_read = self._candidate_tokens(piece[0], fragment, wanted, token_names, token_shape)
+        with self.location.fs.open_input_file(piece[0]) as file:
+            stored, bytes_read = fragment_rows(file, fragment, wanted, token_names, token_shape[0] * token_shape[1])
+        tokens = [torch.from_numpy(layer.reshape(-1, *token_shape)) for layer in stored]
         first, per_row = first[wanted], (last - first)[wanted]
         block_row = np.repeat(np.arange(len(per_row)), per_row)
         pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
@@ -258,35 +250,6 @@ class GalleryScanner:
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
         return {"pair": pair_index[pair], "score_token": scores, "bytes_read": bytes_read}
-
-    def _candidate_tokens(self, path: str, fragment: pads.ParquetFileFragment, wanted: np.ndarray, names: list[str],
-                          token_shape: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
-        """The tokens of the piece's `wanted` rows, one [rows, M, d] tensor per column as stored (float16
-        or float32), and the bytes read: by byte ranges where the file's layout allows (pipelines.token_ranges), else by
-        decoding the row groups that hold a wanted row."""
-        metadata, schema = fragment.metadata, fragment.physical_schema
-        sizes = [group.num_rows for group in fragment.row_groups]
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
-        width = token_shape[0] * token_shape[1]
-        parts: list[list[np.ndarray]] = [[] for _ in names]
-        bytes_read = 0
-        with self.location.fs.open_input_file(path) as file:
-            for index, group in enumerate(fragment.row_groups):
-                rows = np.flatnonzero(wanted[bounds[index]:bounds[index + 1]])
-                if not len(rows):
-                    continue
-                chunks = [locate(file, metadata, group.id, name, schema.field(name).type, width) for name in names]
-                if all(chunk is not None for chunk in chunks):
-                    for part, chunk in zip(parts, chunks):
-                        values, read = read_rows(file, chunk, rows)
-                        part.append(values)
-                        bytes_read += read
-                    continue
-                decoded = fragment.subset(row_group_ids=[group.id]).to_table(columns=names).take(pa.array(rows))
-                for part, name in zip(parts, names):
-                    part.append(column_matrix(decoded, name, stored=True))
-                bytes_read += column_bytes(metadata, group.id, names)
-        return [torch.from_numpy(np.concatenate(part).reshape(-1, *token_shape)) for part in parts], bytes_read
 
 
 def _sorted_pairs(pairs: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -37,6 +37,7 @@ from pipelines.filters import RowFilter, parse_filter
 from pipelines.schemas import column_matrix, token_columns
 from pipelines.storage import StorageError, credentials_hint
 from pipelines.tables import Snapshot
+from pipelines.token_ranges import fragment_rows
 
 # A piece of a table: consecutive row groups of one data file, read by one scanner call.
 Piece = tuple[str, tuple[int, ...]]
@@ -125,25 +126,26 @@ class Gallery(Selection):
 
     def positives(self, items: pa.Array, query_global: np.ndarray) -> Positives:
         """For queries of `items` (null: unlabelled) with global features `query_global`, every
-        selected gallery row of their item. Reads only the files and row groups that may hold
-        them, a batch at a time (only the matching rows are kept)."""
+        selected gallery row of their item. Reads the identity columns of the pieces that may
+        hold them (file and row-group statistics on `item_id`), then only the matching rows'
+        global features, by byte ranges where the layout allows."""
         labelled = pc.unique(items.drop_null())
         if len(labelled) == 0:
             return Positives.empty()
-        columns = ["image_id", "item_id", "global"]
-        dataset = self.dataset(("item_id", labelled.to_pylist()))
+        of_items = self.where.expression & pc.field("item_id").isin(labelled)
         try:
-            batches = dataset.to_batches(columns=columns, filter=self.where.expression & pc.field("item_id").isin(labelled), batch_readahead=1, fragment_readahead=1)
-            rows = pa.Table.from_batches(list(batches), pa.schema([dataset.schema.field(name) for name in columns]))
+            found = [selected_rows(self.table.location.fs, piece, of_items) for piece in self.pieces(("item_id", labelled.to_pylist()))]
         except OSError as error:
             raise StorageError(f"cannot read {self.table.uri} (version {self.table.version}): {error}{credentials_hint(self.table.uri)}") from error
-        if not rows.num_rows:  # items with no image in the gallery
+        found = [rows for rows in found if len(rows[0])]
+        if not found:  # items with no image in the gallery
             return Positives.empty()
+        gallery_ids, gallery_items = (pa.concat_arrays([rows[column] for rows in found]) for column in (0, 1))
         left = pa.table({"query": pa.array(np.arange(len(items))), "item_id": items})
-        right = pa.table({"row": pa.array(np.arange(rows.num_rows)), "item_id": rows.column("item_id"), "gallery_id": rows.column("image_id")})
+        right = pa.table({"row": pa.array(np.arange(len(gallery_ids))), "item_id": gallery_items, "gallery_id": gallery_ids})
         pairs = left.join(right, "item_id", join_type="inner").sort_by([("query", "ascending"), ("gallery_id", "ascending")])
         query, row = (pairs.column(name).to_numpy().astype(np.int64) for name in ("query", "row"))  # copies torch may index with
-        query_tensor, gallery_global = torch.from_numpy(query_global), torch.from_numpy(column_matrix(rows, "global"))
+        query_tensor, gallery_global = torch.from_numpy(query_global), torch.from_numpy(np.concatenate([rows[2] for rows in found]))
         # Exact scores in float64, a bounded number of pairs at a time.
         score = np.concatenate([
             pair_scores(query_tensor[query[start:start + PAIR_BATCH]], gallery_global[row[start:start + PAIR_BATCH]]).numpy()
@@ -151,6 +153,23 @@ class Gallery(Selection):
         ] or [np.zeros(0, np.float32)])
         ids = pairs.column("gallery_id").combine_chunks()
         return Positives(query, score, tie_keys(ids.to_numpy(zero_copy_only=False)), ids)
+
+
+def selected_rows(fs: Any, piece: Piece, row_filter: pc.Expression) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """A piece's rows that pass `row_filter`: their image ids, item ids and global features
+    [rows, D] (float32, writable). The filter is read as a mask on its own columns, and the
+    features of the selected rows only, by byte ranges where the layout allows
+    (pipelines.token_ranges; filtering while decoding copied every selected feature)."""
+    path, groups = piece
+    fragment = pads.ParquetFileFormat().make_fragment(path, filesystem=fs, row_groups=list(groups))
+    keep = pc.fill_null(fragment.to_table(columns={"keep": row_filter}).column("keep"), False)
+    rows = fragment.to_table(columns=["image_id", "item_id"])
+    wanted = None if pc.all(keep).as_py() else keep.to_numpy(zero_copy_only=False)
+    if wanted is not None:
+        rows = rows.filter(keep)
+    with fs.open_input_file(path) as file:
+        (features,), _ = fragment_rows(file, fragment, wanted, ["global"], fragment.physical_schema.field("global").type.list_size)
+    return rows.column("image_id").combine_chunks(), rows.column("item_id").combine_chunks(), features
 
 
 @dataclass

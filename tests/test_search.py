@@ -23,6 +23,7 @@ from mga.retrieval import pair_scores, tie_keys
 from pipelines import cli, evaluate, search
 from pipelines.model_store import load_model
 from pipelines.schemas import POSITIVES, RANKINGS, features_schema
+from pipelines.search.gallery_scan import GalleryRows, KeptGallery
 from pipelines.storage import resolve, write_parquet
 from pipelines.token_ranges import parquet_options
 from pipelines.tables import TableWriter, companion, open_table, read_table
@@ -293,3 +294,18 @@ def test_queries_are_read_a_few_row_groups_ahead_of_the_chunk_not_the_whole_tabl
         seen += len(chunk)
     assert seen == count
     assert held < 0.5 * decoded, f"{held / 2**20:.0f} MiB decoded ahead of 1,000-query chunks of a {decoded / 2**20:.0f} MiB table"
+
+
+def test_kept_gallery_rows_read_back_equal_within_the_budget_and_leave_no_file():
+    """Between query chunks a scanner keeps the global features it read in a file of its own,
+    unlinked from the start: the same values come back, the budget holds, and nothing is left
+    on the node's disk when the process ends, however it ends."""
+    rows = GalleryRows(pa.array(["a", "b", "c"]), pa.array(["i", None, "k"]), torch.tensor([1, 2, 3]), torch.randn(3, 4))
+    kept = KeptGallery(budget=2 * rows.features.numel() * 4)  # two pieces of these rows
+    for group in range(3):
+        kept.add(("part-0.parquet", (group,)), rows)
+    back = kept.get(("part-0.parquet", (1,)))
+    assert torch.equal(back.features, rows.features) and back.features.numpy().flags.writeable
+    assert back.ids.equals(rows.ids) and back.items.equals(rows.items) and torch.equal(back.keys, rows.keys)
+    assert kept.get(("part-0.parquet", (2,))) is None and kept.get(("part-1.parquet", (0,))) is None  # over the budget; never read
+    assert os.readlink(f"/proc/self/fd/{kept.file.fileno()}").endswith("(deleted)")

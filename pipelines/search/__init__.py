@@ -62,7 +62,9 @@ DEFAULT_GALLERY_WHERE = "split = 'gallery'"
 DEFAULT_QUERIES_WHERE = "split = 'query'"
 INDEX_KINDS = ("exact", "ivf", "hnsw", "ivfpq")  # all but exact are faiss indexes (search.approximate)
 RECALL_QUERIES = 1000  # queries the approximate shortlist's recall is measured on
-GALLERY_MEMORY_SHARE = 0.3  # of the cluster's memory, for gallery rows kept by the scanners between query chunks
+# Of the cluster's memory, for the global features the scanners keep between query chunks (in
+# files on their nodes' local disks, served by the page cache while memory allows: gallery_scan.KeptGallery).
+GALLERY_MEMORY_SHARE = 0.3
 # Queries a pass over the gallery: the driver holds ~100 KB a query of a chunk (its features, the
 # shortlist merge's ids, the rankings rows; measured at 100k gallery images), ~1 GB here.
 QUERY_CHUNK = 10000
@@ -150,7 +152,7 @@ def run(
     # ... and never more actors than the smallest pieces would keep busy (a small gallery: one).
     workers = workers or min(default_actors(gpus, gpus_up, cores_up(), cpus_per_actor), busy_actors(gallery_table.rows))
     # More than one chunk of queries: the scanners keep the gallery rows they read (a share of the
-    # cluster's memory), so that every chunk after the first reads no global features again.
+    # cluster's memory, on local disk), so that every chunk after the first reads no table again.
     keep_gallery = source.count() > query_chunk
     keep_bytes = int(GALLERY_MEMORY_SHARE * ray.cluster_resources().get("memory", 0) / workers) if keep_gallery else 0
     pool = ScannerPool(workers, {"num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor)}, gallery_table.location, ModelSource(resolve(model_uri).uri, model_id),
@@ -260,7 +262,7 @@ def run(
                      f"{positives_table.uri} (version {positives_table.version}, {totals['positives']} rows); shortlists: "
                      f"{shortlists_table.uri} (version {shortlists_table.version}, {totals['shortlists']} rows)",
             "scans": f"shortlist {search.stats.shortlist_s:.1f} s, tokens {search.stats.token_s:.1f} s (ATA included) over all chunks; "
-                     f"{search.stats.pieces_read} of {search.stats.pieces_scanned} gallery pieces scored were read from storage, the rest kept in memory",
+                     f"{search.stats.pieces_read} of {search.stats.pieces_scanned} gallery pieces scored were read from the table, the rest from the scanners' local copies",
             "token reads": f"{search.stats.token_bytes / 2**20:.1f} MiB of the gallery's {token_bytes / 2**20:.1f} MiB of tokens "
                            f"({100 * search.stats.token_bytes / max(token_bytes, 1):.1f}%; by byte ranges where the files' layout allows)",
             "workers": f"{workers} x " + (f"{gpus:g} GPU" if gpus else f"{cpus_per_actor:g} CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)",

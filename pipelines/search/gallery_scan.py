@@ -38,6 +38,8 @@ process tree is within the goal of 1.2x the 250k run's.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -96,12 +98,48 @@ class GalleryRows:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
-    def nbytes(self) -> int:
-        return self.ids.nbytes + self.items.nbytes + self.keys.numel() * 8 + self.features.numel() * 4
-
     def slice(self, start: int, count: int) -> "GalleryRows":
         return GalleryRows(self.ids.slice(start, count), self.items.slice(start, count), self.keys[start:start + count], self.features[start:start + count])
+
+
+class KeptGallery:
+    """Gallery rows a scanner keeps between query chunks, up to `budget` bytes of global
+    features: ids, items and tie keys in memory, the features appended to an unlinked file on
+    the node's local disk (tempfile.TemporaryFile: its space goes with the process, however it
+    ends) and read back a piece at a time. The kernel's page cache serves them at memory speed
+    while memory allows and drops them under pressure, where an actor holding them would pin
+    them (250k images at D = 512: 0.5 GB) and a re-read would decode Parquet again."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.file: Any = None
+        self.pieces: dict[Piece, tuple[GalleryRows, int]] = {}  # (rows without features, offset)
+
+    def add(self, piece: Piece, rows: GalleryRows) -> None:
+        """Keep `rows` if the budget allows (a full disk only stops the keeping)."""
+        features = rows.features.numpy()
+        if piece in self.pieces or self.used + features.nbytes > self.budget:
+            return
+        try:
+            self.file = self.file or tempfile.TemporaryFile(prefix="mga-gallery-")
+            self.file.seek(self.used)
+            self.file.write(memoryview(np.ascontiguousarray(features)).cast("B"))
+            self.file.flush()
+        except OSError:
+            self.budget = self.used
+            return
+        self.pieces[piece] = (GalleryRows(rows.ids, rows.items, rows.keys, rows.features[:0]), self.used)
+        self.used += features.nbytes
+
+    def get(self, piece: Piece) -> GalleryRows | None:
+        """The piece's rows as kept, or None (not kept, or not read back whole)."""
+        if piece not in self.pieces:
+            return None
+        rows, offset = self.pieces[piece]
+        features = np.empty((len(rows), rows.features.shape[1]), np.float32)
+        if features.nbytes and os.preadv(self.file.fileno(), [features], offset) != features.nbytes:
+            return None
+        return GalleryRows(rows.ids, rows.items, rows.keys, torch.from_numpy(features))
 
 
 class GalleryScanner:
@@ -117,8 +155,7 @@ class GalleryScanner:
         self.running: tuple[tuple[str, int, str], set[Piece], TopK | None] | None = None
         # Gallery pieces kept for the next query chunks, up to `keep_bytes`: a search of many
         # chunks then reads the gallery's global features once (ScannerPool hands each actor its pieces).
-        self.kept: dict[Piece, GalleryRows] = {}
-        self.keep_bytes = keep_bytes
+        self.kept = KeptGallery(keep_bytes)
 
     def _cached(self, name: str, shared: Shared, build: Any) -> Any:
         """`build(value)` of the `shared` value, kept until another comes under `name`."""
@@ -141,7 +178,7 @@ class GalleryScanner:
     def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int, row_filter: pc.Expression | None = None, keep: bool = False) -> list[dict[str, Any]]:
         """The piece's gallery rows (those passing `row_filter`, default the gallery's filter) in
         blocks of `block_rows`: each block's top-`depth` per query and the positives' counts (the
-        first block also says whether the piece was `read` from storage). With `keep` (more chunks follow), the gallery's rows stay in memory while the budget lasts.
+        first block also says whether the piece was `read` from the table). With `keep` (more chunks follow), the gallery's rows are kept (KeptGallery) while the budget lasts.
 
         A block returns only the rows that rank before the k-th of every row this actor has scored
         for the same chunk, depth and filter (its running top list, `block_top_k`'s floor): the
@@ -152,8 +189,8 @@ class GalleryScanner:
         read = rows is None
         if read:
             rows = self._gallery_rows(piece, self.gallery_filter if row_filter is None else row_filter)
-            if keep and row_filter is None and sum(kept.nbytes for kept in self.kept.values()) + rows.nbytes <= self.keep_bytes:
-                self.kept[piece] = rows
+            if keep and row_filter is None:
+                self.kept.add(piece, rows)
         scan = (chunk.key, depth, str(row_filter))
         if self.running is None or self.running[0] != scan:
             self.running = (scan, set(), None)
@@ -264,7 +301,7 @@ class ScannerPool:
 
     An actor that cannot start yet (a GPU an autoscaler has still to add) gets no work until
     it can: the others go on without it. A dead actor is restarted by Ray and its call retried.
-    Each actor may keep up to `keep_bytes` of gallery rows between query chunks; a map with
+    Each actor may keep up to `keep_bytes` of gallery features between query chunks (KeptGallery); a map with
     `affinity` hands a free actor first a piece it scanned before (it may hold it), then one no
     actor scanned, then any other.
     """

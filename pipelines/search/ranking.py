@@ -37,7 +37,7 @@ class RankedChunk:
 class ScanStats:
     """What a search's scans have cost so far: seconds of the shortlist and token scans (on the
     driver's clock, actors working in parallel), the token columns' bytes read (pipelines.token_ranges),
-    and the gallery pieces the shortlist scans scored and of them those read from storage (not kept in memory)."""
+    and the gallery pieces the shortlist scans scored and of them those read from the table (not kept by the scanner)."""
 
     shortlist_s: float = 0.0
     token_s: float = 0.0

@@ -309,3 +309,5 @@ def test_kept_gallery_rows_read_back_equal_within_the_budget_and_leave_no_file()
     assert back.ids.equals(rows.ids) and back.items.equals(rows.items) and torch.equal(back.keys, rows.keys)
     assert kept.get(("part-0.parquet", (2,))) is None and kept.get(("part-1.parquet", (0,))) is None  # over the budget; never read
     assert os.readlink(f"/proc/self/fd/{kept.file.fileno()}").endswith("(deleted)")
+    # What stays in memory holds none of the features' storage.
+    assert all(kept_rows.features.untyped_storage().nbytes() == 0 for kept_rows, _ in kept.pieces.values())

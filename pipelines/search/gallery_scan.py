@@ -128,7 +128,8 @@ class KeptGallery:
         except OSError:
             self.budget = self.used
             return
-        self.pieces[piece] = (GalleryRows(rows.ids, rows.items, rows.keys, rows.features[:0]), self.used)
+        # An empty tensor of the width, not a slice: a slice would hold the features' storage.
+        self.pieces[piece] = (GalleryRows(rows.ids, rows.items, rows.keys, torch.empty((0, features.shape[1]))), self.used)
         self.used += features.nbytes
 
     def get(self, piece: Piece) -> GalleryRows | None:
@@ -286,6 +287,8 @@ class GalleryScanner:
                 )
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
+        del tokens
+        release_freed_memory()  # the piece's tokens and ATA's activations: not carried into the next scans
         return {"pair": pair_index[pair], "score_token": scores, "bytes_read": bytes_read}
 
 

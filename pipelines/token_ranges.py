@@ -21,12 +21,15 @@ the positives of a chunk's queries are a few rows of it.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.schemas import column_matrix
@@ -162,6 +165,21 @@ def read_rows(file: pa.NativeFile, chunk: TokenChunk, rows: np.ndarray) -> tuple
         bad = int(rows[np.flatnonzero(block[:, :4].copy().view("<u4")[:, 0] != chunk.stride - 4)[0]])
         raise ValueError(f"token row {bad}: its length is not {chunk.stride - 4} bytes")
     return block[:, chunk.prefix:].copy().view(chunk.dtype), len(data)
+
+
+@contextmanager
+def ranged_file(fs: Any, path: str) -> Iterator[pa.NativeFile]:
+    """`path` opened for reads by byte ranges. On a local disk the kernel is told the access is
+    random: its sequential readahead (8 MB on the benches' disk) turned one column's ranges,
+    row group after row group, into reads of the whole file (measured with the page cache: 99%
+    of a features table's bytes for its global column alone, 26% without)."""
+    if not isinstance(fs, pafs.LocalFileSystem):  # object storage reads what a range asks
+        with fs.open_input_file(path) as file:
+            yield file
+        return
+    with pa.OSFile(path) as file:  # (the filesystem's own files give no descriptor)
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        yield file
 
 
 def fragment_rows(file: pa.NativeFile, fragment: pads.ParquetFileFragment, wanted: np.ndarray | None, names: list[str], width: int) -> tuple[list[np.ndarray], int]:

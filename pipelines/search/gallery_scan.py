@@ -57,7 +57,7 @@ from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
 from pipelines.search.queries import Piece, selected_rows
 from pipelines.storage import Location
-from pipelines.token_ranges import fragment_rows
+from pipelines.token_ranges import fragment_rows, ranged_file
 
 # Queries scored against a block at once: bounds the [queries, block rows] score matrix.
 QUERY_TILE = 1024
@@ -266,7 +266,7 @@ class GalleryScanner:
             return {"pair": np.zeros(0, np.int64), "score_token": np.zeros(0, np.float32), "bytes_read": 0}
         # Tokens only of the candidates, from the row groups that hold one (a piece spans several).
         token_shape = (self.model.config.num_tokens, self.model.config.token_dim)
-        with self.location.fs.open_input_file(piece[0]) as file:
+        with ranged_file(self.location.fs, piece[0]) as file:
             stored, bytes_read = fragment_rows(file, fragment, wanted, token_names, token_shape[0] * token_shape[1])
         tokens = [torch.from_numpy(layer.reshape(-1, *token_shape)) for layer in stored]
         first, per_row = first[wanted], (last - first)[wanted]

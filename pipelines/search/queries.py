@@ -37,7 +37,7 @@ from pipelines.filters import RowFilter, parse_filter
 from pipelines.schemas import column_matrix, token_columns
 from pipelines.storage import StorageError, credentials_hint
 from pipelines.tables import Snapshot
-from pipelines.token_ranges import fragment_rows
+from pipelines.token_ranges import fragment_rows, ranged_file
 
 # A piece of a table: consecutive row groups of one data file, read by one scanner call.
 Piece = tuple[str, tuple[int, ...]]
@@ -167,7 +167,7 @@ def selected_rows(fs: Any, piece: Piece, row_filter: pc.Expression) -> tuple[pa.
     wanted = None if pc.all(keep).as_py() else keep.to_numpy(zero_copy_only=False)
     if wanted is not None:
         rows = rows.filter(keep)
-    with fs.open_input_file(path) as file:
+    with ranged_file(fs, path) as file:
         (features,), _ = fragment_rows(file, fragment, wanted, ["global"], fragment.physical_schema.field("global").type.list_size)
     return rows.column("image_id").combine_chunks(), rows.column("item_id").combine_chunks(), features
 

@@ -47,7 +47,6 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import torch
 
 from mga.errors import InputError
@@ -55,7 +54,7 @@ from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, k
 from pipelines.memory import release_freed_memory
 from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
-from pipelines.search.queries import Piece, selected_rows
+from pipelines.search.queries import Piece, piece_fragment, selected_rows
 from pipelines.storage import Location
 from pipelines.token_ranges import fragment_rows, ranged_file
 
@@ -166,10 +165,6 @@ class GalleryScanner:
             self.cached[name] = (shared.key, build(shared.get()))
         return self.cached[name][1]
 
-    def _fragment(self, piece: Piece) -> pads.ParquetFileFragment:
-        path, groups = piece
-        return pads.ParquetFileFormat().make_fragment(path, filesystem=self.location.fs, row_groups=list(groups))
-
     def _queries(self, chunk: dict[str, Any]) -> dict[str, Any]:
         arrays = {name: _tensor(chunk[name], self.device) for name in ("global", "positive_query", "positive_score", "positive_key")}
         # As stored (float16 or float32), made float32 a batch at a time: a chunk's tokens at float32 cost 2x.
@@ -257,7 +252,7 @@ class GalleryScanner:
             self.model = self.source.load()[0].to(self.device).eval()
         queries = self._cached("chunk", chunk, self._queries)
         pair_ids, pair_query, pair_index = self._cached("pairs", pairs, _sorted_pairs)
-        fragment = self._fragment(piece)
+        fragment = piece_fragment(self.location.fs, piece)
         block_ids = fragment.to_table(columns=["image_id"]).column("image_id").to_numpy(zero_copy_only=False).astype(str)
         first = np.searchsorted(pair_ids, block_ids, "left")
         last = np.searchsorted(pair_ids, block_ids, "right")
@@ -287,7 +282,7 @@ class GalleryScanner:
                 )
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
-        del tokens
+        del tokens, stored  # (the tensors share the arrays' memory)
         release_freed_memory()  # the piece's tokens and ATA's activations: not carried into the next scans
         return {"pair": pair_index[pair], "score_token": scores, "bytes_read": bytes_read}
 

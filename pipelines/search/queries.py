@@ -47,6 +47,12 @@ READ_ROWS = 4096  # query rows decoded ahead of the chunk being filled (a fragme
 PAIR_BATCH = 8192  # (query, positive) pairs scored in float64 at a time: bounds the driver's memory
 
 
+def piece_fragment(fs: Any, piece: Piece) -> pads.ParquetFileFragment:
+    """The Parquet fragment of a piece: its file, only its row groups."""
+    path, groups = piece
+    return pads.ParquetFileFormat().make_fragment(path, filesystem=fs, row_groups=list(groups))
+
+
 def features_table(snapshot: Snapshot) -> Snapshot:
     """`snapshot`, refused in one line unless `mga embed` wrote it."""
     if snapshot.info.get("table") != "features":
@@ -73,11 +79,10 @@ class Selection:
         """The files and row groups that may hold selected rows (and `more`, as `pieces`), as one
         dataset (filter it with `where.expression`) of fragments of about `max_rows` rows: a scan
         with `fragment_readahead=1` decodes about that many rows ahead (a whole file otherwise)."""
-        parquet = pads.ParquetFileFormat()
         fs = self.table.location.fs
-        fragments = [parquet.make_fragment(path, filesystem=fs, row_groups=list(groups)) for path, groups in self.pieces(*more, max_rows=max_rows)]
+        fragments = [piece_fragment(fs, piece) for piece in self.pieces(*more, max_rows=max_rows)]
         schema = pq.read_schema(self.table.files.column("path")[0].as_py(), filesystem=fs)
-        return pads.FileSystemDataset(fragments, schema, parquet, fs)
+        return pads.FileSystemDataset(fragments, schema, pads.ParquetFileFormat(), fs)
 
     def restricted(self, ids: pa.Array, table: Snapshot | None = None) -> "Selection":
         """The selected rows whose `image_id` is in `ids` (of `table`: this version or another
@@ -160,14 +165,13 @@ def selected_rows(fs: Any, piece: Piece, row_filter: pc.Expression) -> tuple[pa.
     [rows, D] (float32, writable). The filter is read as a mask on its own columns, and the
     features of the selected rows only, by byte ranges where the layout allows
     (pipelines.token_ranges; filtering while decoding copied every selected feature)."""
-    path, groups = piece
-    fragment = pads.ParquetFileFormat().make_fragment(path, filesystem=fs, row_groups=list(groups))
+    fragment = piece_fragment(fs, piece)
     keep = pc.fill_null(fragment.to_table(columns={"keep": row_filter}).column("keep"), False)
     rows = fragment.to_table(columns=["image_id", "item_id"])
     wanted = None if pc.all(keep).as_py() else keep.to_numpy(zero_copy_only=False)
     if wanted is not None:
         rows = rows.filter(keep)
-    with ranged_file(fs, path) as file:
+    with ranged_file(fs, piece[0]) as file:
         (features,), _ = fragment_rows(file, fragment, wanted, ["global"], fragment.physical_schema.field("global").type.list_size)
     return rows.column("image_id").combine_chunks(), rows.column("item_id").combine_chunks(), features
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn as nn
 
@@ -25,6 +24,8 @@ class Backbone(nn.Module):
         """`hub`: timm's ImageNet weights from the Hugging Face hub; `weights_file`: a local
         state dict (timm or EfficientNet-PyTorch names), loaded strictly; neither: random init."""
         super().__init__()
+        import timm  # here: timm and torchvision take ~1.7 s to import, which readers of artifacts and search drivers never need
+
         self.body = timm.create_model(name, features_only=True, out_indices=layers, pretrained=hub and not weights_file)
         if weights_file:
             self.load_weights(weights_file)

@@ -173,6 +173,11 @@ def test_all_at_once_then_nothing(chain):
     # Nothing changed since: nothing is committed.
     again = search.run(str(root / "features"), str(root / "rankings"), incremental=True, **chain["settings"])
     assert again["committed"] is False and open_table(resolve(str(root / "rankings"))).version == before + 1
+    # A new version whose change is outside both selections (a training image): nothing to commit either.
+    training = moved(gallery.slice(500, 1), chain["rng"], prefix="train")
+    change(str(root / "features"), [], training.set_column(training.schema.get_field_index("split"), "split", pa.array(["train"])))
+    again = search.run(str(root / "features"), str(root / "rankings"), incremental=True, **chain["settings"])
+    assert again["committed"] is False and open_table(resolve(str(root / "rankings"))).version == before + 1
 
 
 def _first_chunk_written(rankings: str, job: subprocess.Popen, timeout: float = 300) -> None:

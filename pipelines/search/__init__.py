@@ -103,7 +103,7 @@ def run(
     from pipelines.runtime import cores_up, init_ray
     from pipelines.search.approximate import build_index, shortlist_recall
     from pipelines.search.gallery_scan import ScannerPool
-    from pipelines.search.incremental import IncrementalSearch, reserve, token_reserve
+    from pipelines.search.incremental import IncrementalSearch, find_changes, previous_search, reserve, token_reserve
     from pipelines.search.queries import selections
     from pipelines.search.ranking import ChunkSearch, busy_actors, piece_rows_for
     from pipelines.token_ranges import stored_bytes
@@ -133,15 +133,11 @@ def run(
         "model_id": model_id, "alpha": alpha, "depth": depth, "rerank_top": rerank_top, "index": index,
     }
     table = resolve(out)
-    update, why_full = _incremental_plan(table, settings, gallery, source) if incremental else (None, None)
-    if update is not None and not update[1]:
-        previous = update[0]
-        print_summary("mga search --incremental", {
-            "nothing to do": f"no row of the gallery ({gallery_table.uri} version {gallery_table.version}) or the queries "
-                             f"({queries_table.uri} version {queries_table.version}) changed since {table.uri} version {previous.rankings.version}: nothing committed",
-            "wall time": f"{time.time() - started:.1f} s",
-        })
-        return {**previous.info, "version": previous.rankings.version, "committed": False}
+    previous, why_full = previous_search(table, settings) if incremental else None, None
+    if isinstance(previous, str):  # what rules an update out: a full search
+        previous, why_full = None, previous
+    if previous is not None and (previous.info["features_version"], previous.info["queries_version"]) == (gallery_table.version, queries_table.version):
+        return _nothing_to_do(previous, gallery_table, queries_table, table, started)
 
     init_ray(storage=[gallery_table.uri, queries_table.uri, table.uri, resolve(model_uri).uri])
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
@@ -153,10 +149,21 @@ def run(
     workers = workers or min(default_actors(gpus, gpus_up, cores_up(), cpus_per_actor), busy_actors(gallery_table.rows))
     # More than one chunk of queries: the scanners keep the gallery rows they read (a share of the
     # cluster's memory, on local disk), so that every chunk after the first reads no table again.
-    keep_gallery = source.count() > query_chunk
-    keep_bytes = int(GALLERY_MEMORY_SHARE * ray.cluster_resources().get("memory", 0) / workers) if keep_gallery else 0
+    keep_bytes = int(GALLERY_MEMORY_SHARE * ray.cluster_resources().get("memory", 0) / workers) if source.count() > query_chunk else 0
+    # The actors start (seconds: a process, torch) while an incremental run finds what changed.
     pool = ScannerPool(workers, {"num_gpus": gpus, "num_cpus": actor_cpus(gpus, cpus_per_actor)}, gallery_table.location, ModelSource(resolve(model_uri).uri, model_id),
                        gallery.where.expression, gpus > 0, keep_bytes)
+    update = None
+    if previous is not None:
+        changes = find_changes(previous, gallery, source)
+        if isinstance(changes, str):
+            why_full = changes
+        elif not changes:
+            return _nothing_to_do(previous, gallery_table, queries_table, table, started)
+        else:
+            update = (previous, changes)
+    # An incremental run searches in full only its new queries (and the few whose lists ran out).
+    keep_gallery = bool(keep_bytes) and (update is None or update[1].queries.added.num_rows > query_chunk)
     # Pairs per ATA call: an H100 saturates at about 4096 (bench/retrieval_device.py); a CPU at ~128.
     rerank_batch = rerank_batch or (4096 if gpus else 128)
     reading = gallery_table.uri if queries_table is gallery_table else f"{gallery_table.uri} and {queries_table.uri}"
@@ -272,17 +279,14 @@ def run(
     return {**result.info, "version": result.version, "committed": True}
 
 
-def _incremental_plan(table: Any, settings: dict[str, Any], gallery: Any, source: Any) -> tuple[tuple[Any, Any] | None, str | None]:
-    """(previous search, its changes) to update, or (None, why a full search is run instead)."""
-    from pipelines.search.incremental import find_changes, previous_search
-
-    previous = previous_search(table, settings)
-    if isinstance(previous, str):
-        return None, previous
-    changes = find_changes(previous, gallery, source)
-    if isinstance(changes, str):
-        return None, changes
-    return (previous, changes), None
+def _nothing_to_do(previous: Any, gallery_table: Any, queries_table: Any, table: Any, started: float) -> dict[str, Any]:
+    """An incremental run whose selections did not change since `previous`: says so, commits nothing."""
+    print_summary("mga search --incremental", {
+        "nothing to do": f"no row of the gallery ({gallery_table.uri} version {gallery_table.version}) or the queries "
+                         f"({queries_table.uri} version {queries_table.version}) changed since {table.uri} version {previous.rankings.version}: nothing committed",
+        "wall time": f"{time.time() - started:.1f} s",
+    })
+    return {**previous.info, "version": previous.rankings.version, "committed": False}
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:

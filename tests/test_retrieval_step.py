@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mga.metrics import RetrievalMetrics, rank_metrics
-from mga.retrieval import count_ranked_above, exact_top_k, pair_scores, reranked_ranks, retrieve, tie_keys
+from mga.retrieval import block_pair_scores, count_ranked_above, exact_top_k, pair_scores, reranked_ranks, retrieve, tie_keys
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -56,6 +56,24 @@ def test_blocked_top_k_and_positive_ranks_equal_brute_force(device):
         counts += count_ranked_above(q @ block.t(), q, block, k[start:start + 700], on(pq), score, k[on(pg)])
     position = np.argsort(truth, axis=1)  # position[q, g] = 0-based place of gallery row g
     assert np.array_equal(counts.cpu().numpy() + 1, position[pq, pg] + 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_pair_scores_equal_pair_scores_in_any_order(device):
+    """The sampled float64 matmul (CPU, with the block in float64) and the gathered rows give
+    pair_scores' values for pairs in any order, repeated pairs and queries without pairs."""
+    gallery, _ = gallery_with_ties(3000, 96, seed=3)
+    queries = gallery[::50][:40]
+    rng = np.random.default_rng(4)
+    query = torch.from_numpy(rng.integers(0, 30, 5000))  # queries 30-39 have no pair
+    row = torch.from_numpy(rng.integers(0, len(gallery), 5000))
+    query[-10:], row[-10:] = query[0], row[0]  # one pair ten times more
+    q, g = queries.to(device), gallery.to(device)
+    truth = pair_scores(queries[query], gallery[row])
+    for block_double in (None, g.double()):
+        scores = block_pair_scores(q, g, query.to(device), row.to(device), block_double).cpu()
+        assert scores.dtype == torch.float32 and torch.equal(scores, truth)
+    assert len(block_pair_scores(q, g, query[:0].to(device), row[:0].to(device), g.double())) == 0
 
 
 def test_rerank_reorders_only_the_head_and_ranks_follow():

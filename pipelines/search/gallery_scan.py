@@ -217,13 +217,15 @@ class GalleryScanner:
             return {"rows": 0, "counts": counts.cpu().numpy()}, None
         keys, gallery = block.keys.to(self.device), block.features.to(self.device)
         floor = None if running is None else kth_of(running, depth)
+        # The block in float64 once for all query tiles: their exact scores (mga.retrieval.block_pair_scores).
+        gallery_double = gallery.double() if gallery.device.type == "cpu" else None
         tiles = []
         with torch.inference_mode():
             for start in range(0, len(queries["global"]), QUERY_TILE):
                 tile = queries["global"][start:start + QUERY_TILE]
                 scores = block_scores(tile, gallery)
                 tile_floor = None if floor is None else (floor[0][start:start + QUERY_TILE], floor[1][start:start + QUERY_TILE])
-                tiles.append(block_top_k(tile, gallery, keys, depth, scores=scores, floor=tile_floor))
+                tiles.append(block_top_k(tile, gallery, keys, depth, scores=scores, floor=tile_floor, block_double=gallery_double))
                 # This tile's positives (sorted by query), renumbered within the tile.
                 first, last = (int(torch.searchsorted(positive_query, bound)) for bound in (start, start + len(tile)))
                 if last > first:

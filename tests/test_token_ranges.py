@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.schemas import column_matrix, features_schema, vector_column
-from pipelines.token_ranges import MERGE_GAP_BYTES, fragment_rows, locate, parquet_options, read_rows
+from pipelines.token_ranges import MERGE_GAP_BYTES, RowReads, fragment_rows, locate, parquet_options
 
 WIDTHS = {"tokens_0": 64, "tokens_1": 96}
 ROWS = 2500
@@ -36,6 +36,12 @@ def chunks(path, table: pa.Table) -> list:
     metadata, file = pq.read_metadata(path), pa.OSFile(str(path))
     return [locate(file, metadata, group, name, table.schema.field(name).type, width)
             for group in range(metadata.num_row_groups) for name, width in WIDTHS.items()]
+
+
+def read_rows(file: pa.NativeFile, chunk, rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rows of one located chunk, its ranges read one after another (fragment_rows fetches them on threads)."""
+    reads = RowReads.of(chunk, rows)
+    return reads.values([file.read_at(*request) for request in reads.requests])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

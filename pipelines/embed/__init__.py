@@ -52,6 +52,8 @@ from pipelines.storage import resolve, write_parquet
 from pipelines.token_ranges import parquet_options
 from pipelines.tables import TableWriter, companion, read_table
 
+DECODE_SIDES = ("auto", "tasks", "actors")
+
 
 def run(
     model: str,
@@ -65,12 +67,14 @@ def run(
     use_gpu: str = "auto",
     gpus_per_actor: float = 1.0,
     cpus_per_actor: float = 2.0,
+    decode: str = "auto",
 ) -> dict[str, Any]:
     # Here, not at the top: `mga embed --help` and a usage error must not wait for torch and Ray.
     import ray
 
     from pipelines.catalog import open_catalog, rewrite_without, table_dataset
     from pipelines.embed.decoding import prepare_batch, staged_rejects
+    from pipelines.embed.device_decoding import ActorDecoding
     from pipelines.embed.embedder import Embedder, model_schema
     from pipelines.model_store import ModelSource, load_model
     from pipelines.runtime import init_ray
@@ -83,6 +87,8 @@ def run(
         raise InputError(f"--actors must be positive, got {actors}")
     if max_pixels < 1:
         raise InputError(f"--max-pixels must be positive, got {max_pixels}")
+    if decode not in DECODE_SIDES:
+        raise InputError(f"--decode must be one of {list(DECODE_SIDES)}, got {decode!r}")
     actor_gpus(use_gpu, 0, gpus_per_actor), actor_cpus(0, cpus_per_actor)  # validate before anything runs
     started = time.time()
     catalog_table = open_catalog(catalog)
@@ -96,6 +102,7 @@ def run(
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
     actors = actors or default_actors(gpus, gpus_up)
+    in_actors = decode == "actors" or (decode == "auto" and gpus > 0)
     with TableWriter(table) as writer, TableWriter(companion(table, "rejects")) as rejects_writer:
         merge = incremental and writer.base is not None and mergeable(writer.base, model_id, token_dtype)
         if merge:
@@ -110,21 +117,24 @@ def run(
 
             def job() -> None:
                 dataset = table_dataset(source, [*IDENTITY_COLUMNS, "image", "bbox", "source_path"], *where)
-                dataset = dataset.map_batches(
-                    prepare_batch,
-                    fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "rejects_uri": staging.uri},
-                    batch_size=batch_size,
-                    batch_format="pyarrow",
-                    num_cpus=0.5,
-                )
+                decoding = ActorDecoding(image_size, max_pixels, staging.uri) if in_actors else None
+                if decoding is None:
+                    dataset = dataset.map_batches(
+                        prepare_batch,
+                        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "rejects_uri": staging.uri},
+                        batch_size=batch_size,
+                        batch_format="pyarrow",
+                        num_cpus=0.5,
+                    )
                 # Ray Data restarts a dead actor and retries its batches (max_restarts=-1 and
                 # max_task_retries=-1 are its defaults for actor pools); check_exactly_once
                 # below proves nothing was lost or written twice.
                 dataset = dataset.map_batches(
                     Embedder,
-                    fn_constructor_kwargs={"model": ModelSource(resolve(model).uri, model_id), "token_dtype": token_dtype, "use_gpu": gpus > 0},
+                    fn_constructor_kwargs={"model": ModelSource(resolve(model).uri, model_id), "token_dtype": token_dtype, "use_gpu": gpus > 0,
+                                           "decoding": decoding},
                     batch_size=batch_size,
-                    batch_format="numpy",
+                    batch_format="numpy" if decoding is None else "pyarrow",
                     compute=actor_pool(actors),
                     num_gpus=gpus,
                     num_cpus=actor_cpus(gpus, cpus_per_actor),
@@ -181,6 +191,7 @@ def run(
             if plan is not None else "no features of this model and token dtype to merge with: embedded everything"
         )
     rows["actors"] = f"{actors} x " + (f"{gpus:g} GPU" if gpus else "CPU") + f" (--use-gpu {use_gpu}, {gpus_up} GPUs up at start)"
+    rows["decoding"] = ("in the model actors, JPEGs on their " + ("GPUs" if gpus else "CPUs") if in_actors else "in CPU tasks") + f" (--decode {decode})"
     rows["wall time"] = f"{time.time() - started:.1f} s"
     print_summary("mga embed", rows)
     return {**info, "version": snapshot.version, "rows": snapshot.rows}
@@ -195,13 +206,15 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=None, help="most model actors: the pool starts with one and grows while work queues (default: one per GPU up, else 1)")
     parser.add_argument("--token-dtype", default="float32", choices=sorted(TOKEN_DTYPES), help="dtype of the token columns (float16 halves them)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject images with more pixels than this")
+    parser.add_argument("--decode", default="auto", choices=DECODE_SIDES,
+                        help="where images are decoded: CPU tasks feeding the model actors, or the actors themselves (JPEGs on their GPU); auto: the actors when they have GPUs")
     add_gpu_arguments(parser, "model")
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:
     return run(
         args.model, args.catalog, args.out, args.incremental, args.batch_size, args.actors, args.token_dtype, args.max_pixels,
-        use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+        use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, decode=args.decode,
     )
 
 

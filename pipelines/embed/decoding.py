@@ -32,20 +32,37 @@ def prepare_batch(batch: pa.Table, image_size: int, max_pixels: int, rejects_uri
         try:
             pixels.append(preprocess(images[row].as_py(), bboxes[row], image_size, None, max_pixels))
             kept.append(row)
-        except ImageDecodeError as error:
-            rejected.append((row, str(error)))
         except Exception as error:  # noqa: BLE001 - one odd file must not fail the job; it is reported
-            rejected.append((row, f"cannot decode: unexpected {type(error).__name__}: {error}"))
-    if rejected:
-        rows = pa.array([row for row, _ in rejected], pa.int64())
-        staged = pa.table({"image_id": batch.column("image_id").take(rows), "source_path": batch.column("source_path").take(rows),
-                           "reason": pa.array([reason for _, reason in rejected], pa.string())}, schema=STAGED_REJECTS)
-        name = hashlib.sha256("\n".join(batch.column("image_id").to_pylist()).encode()).hexdigest()[:32]
-        write_parquet(resolve(rejects_uri).join(f"{name}.parquet"), staged)
-    rows = pa.array(kept, pa.int64())  # typed: a batch whose rows were all rejected takes nothing
-    output = {name: np.array(batch.column(name).take(rows).to_pylist(), dtype=object) for name in IDENTITY_COLUMNS}
+            rejected.append((row, reject_reason(error)))
+    stage_rejects(batch, rejected, rejects_uri)
+    output = identity_columns(batch, kept)
     output["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, image_size, image_size), np.uint8)
     return output
+
+
+def reject_reason(error: Exception) -> str:
+    """Why an image was set aside: an ImageDecodeError says it; anything else is named as unexpected."""
+    if isinstance(error, ImageDecodeError):
+        return str(error)
+    return f"cannot decode: unexpected {type(error).__name__}: {error}"
+
+
+def stage_rejects(batch: pa.Table, rejected: list[tuple[int, str]], rejects_uri: str) -> None:
+    """Stage the batch's `rejected` (row, reason) as one file under `rejects_uri`, named by the
+    batch's image ids (a retried batch rewrites its file)."""
+    if not rejected:
+        return
+    rows = pa.array([row for row, _ in rejected], pa.int64())
+    staged = pa.table({"image_id": batch.column("image_id").take(rows), "source_path": batch.column("source_path").take(rows),
+                       "reason": pa.array([reason for _, reason in rejected], pa.string())}, schema=STAGED_REJECTS)
+    name = hashlib.sha256("\n".join(batch.column("image_id").to_pylist()).encode()).hexdigest()[:32]
+    write_parquet(resolve(rejects_uri).join(f"{name}.parquet"), staged)
+
+
+def identity_columns(batch: pa.Table, kept: list[int]) -> dict[str, np.ndarray]:
+    """The identity columns of the batch's `kept` rows, as the model actors take them."""
+    rows = pa.array(kept, pa.int64())  # typed: a batch whose rows were all rejected takes nothing
+    return {name: np.array(batch.column(name).take(rows).to_pylist(), dtype=object) for name in IDENTITY_COLUMNS}
 
 
 def staged_rejects(location: Location, paths: list[str]) -> pa.Table:

@@ -391,41 +391,59 @@ class Shortlisted:
 
 
 class ShortlistMerge:
-    """Driver side of the shortlist scan: folds block results into the chunk's exact top-`depth`."""
+    """Driver side of the shortlist scan: folds block results into the chunk's exact top-`depth`.
+
+    A fold sorts the list with the new columns (0.1 s at 10^4 queries x depth 100, however few
+    columns a block adds: after an actor's first pieces a block adds a few), and a gallery of
+    10^8 images sends thousands of blocks a chunk: blocks wait until their columns add up to
+    the depth and are folded together (the top-k of a union is the same whatever the grouping).
+    Memory stays O(queries x depth)."""
 
     def __init__(self, num_queries: int, depth: int, num_positives: int) -> None:
         self.num_queries, self.depth = num_queries, depth
-        self.shortlist: TopK | None = None
+        empty = torch.zeros(num_queries, 0)
+        self.shortlist = TopK(empty, empty.long(), empty.long())
         self.ids = pa.array([], pa.string())
         self.items = pa.array([], pa.string())
         self.counts = np.zeros(num_positives, dtype=np.int64)
         self.gallery_rows = 0
+        self.pending: list[dict[str, Any]] = []
+        self.pending_columns = 0
 
     def add(self, block: dict[str, Any]) -> None:
-        """Fold in one block's result (GalleryScanner.shortlist)."""
+        """Take in one block's result (GalleryScanner.shortlist)."""
         self.gallery_rows += int(block["rows"])
         self.counts += block["counts"]
         if not block["rows"]:
             return
+        self.pending.append(block)
+        self.pending_columns += block["scores"].shape[1]
+        if self.pending_columns >= self.depth:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self.pending:
+            return
         cpu = torch.device("cpu")
-        scores, keys = _tensor(block["scores"], cpu), _tensor(block["keys"], cpu)
-        offset = len(self.ids)
-        found = TopK(scores, keys, torch.arange(offset, offset + scores.numel()).reshape(scores.shape))
-        ids = pa.concat_arrays([self.ids, block["ids"]])
-        items = pa.concat_arrays([self.items, block["items"]])
-        merged = found if self.shortlist is None else merge_top_k(self.shortlist, found, self.depth)
-        # Keep only the ids and items of what survived: memory stays O(queries x depth).
+        offset, parts = len(self.ids), []
+        for block in self.pending:
+            scores, keys = _tensor(block["scores"], cpu), _tensor(block["keys"], cpu)
+            parts.append(TopK(scores, keys, torch.arange(offset, offset + scores.numel()).reshape(scores.shape)))
+            offset += scores.numel()
+        found = TopK(*(torch.cat(values, dim=1) for values in zip(*((part.scores, part.keys, part.rows) for part in parts))))
+        ids = pa.concat_arrays([self.ids, *(block["ids"] for block in self.pending)])
+        items = pa.concat_arrays([self.items, *(block["items"] for block in self.pending)])
+        merged = merge_top_k(self.shortlist, found, self.depth)
+        # Keep only the ids and items of what survived.
         take = pa.array(merged.rows.reshape(-1).numpy())
         self.ids, self.items = ids.take(take), items.take(take)
         merged.rows = torch.arange(len(self.ids)).reshape(merged.rows.shape)
-        self.shortlist = merged
+        self.shortlist, self.pending, self.pending_columns = merged, [], 0
 
     def result(self, gallery_uri: str, allow_empty: bool = False) -> Shortlisted:
         """The merged shortlist; with `allow_empty`, no rows give empty lists (else an error)."""
-        if self.shortlist is None:
-            if not allow_empty:
-                raise InputError(f"{gallery_uri}: no gallery rows to search")
-            empty = torch.zeros(self.num_queries, 0)
-            self.shortlist = TopK(empty, empty.long(), empty.long())
+        self._fold()
+        if not self.gallery_rows and not allow_empty:
+            raise InputError(f"{gallery_uri}: no gallery rows to search")
         return Shortlisted(self.shortlist, self.ids, self.items, self.gallery_rows, self.counts + 1)
 

@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 import torch
 
 from mga.errors import InputError
-from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, kth_of, merge_top_k, tie_keys
+from mga.retrieval import TopK, at_or_before, block_scores, block_top_k, count_ranked_above, kth_of, merge_top_k, tie_keys
 from pipelines.memory import release_freed_memory
 from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
@@ -393,11 +393,13 @@ class Shortlisted:
 class ShortlistMerge:
     """Driver side of the shortlist scan: folds block results into the chunk's exact top-`depth`.
 
-    A fold sorts the list with the new columns (0.1 s at 10^4 queries x depth 100, however few
-    columns a block adds: after an actor's first pieces a block adds a few), and a gallery of
-    10^8 images sends thousands of blocks a chunk: blocks wait until their columns add up to
-    the depth and are folded together (the top-k of a union is the same whatever the grouping).
-    Memory stays O(queries x depth)."""
+    Each actor sends the rows that rank before the k-th of what *it* has scanned; with A actors
+    over a gallery of N rows in blocks of b, that is ~A x depth x (1 + ln(N / (A b))) rows a
+    query, most of them after the k-th of the list merged here: those are dropped on arrival
+    (a compare: they cannot enter it). The others wait, as (query, entry) pairs, until they add
+    up to half the list's size, and are folded in together: a fold sorts the whole list with
+    them (0.1 s at 10^4 queries x depth 100, however few they are), and the top-k of a union is
+    the same whatever the grouping. Memory stays O(queries x depth)."""
 
     def __init__(self, num_queries: int, depth: int, num_positives: int) -> None:
         self.num_queries, self.depth = num_queries, depth
@@ -407,8 +409,8 @@ class ShortlistMerge:
         self.items = pa.array([], pa.string())
         self.counts = np.zeros(num_positives, dtype=np.int64)
         self.gallery_rows = 0
-        self.pending: list[dict[str, Any]] = []
-        self.pending_columns = 0
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, pa.Array, pa.Array]] = []  # query, score, key, id, item
+        self.pending_entries = 0
 
     def add(self, block: dict[str, Any]) -> None:
         """Take in one block's result (GalleryScanner.shortlist)."""
@@ -416,29 +418,41 @@ class ShortlistMerge:
         self.counts += block["counts"]
         if not block["rows"]:
             return
-        self.pending.append(block)
-        self.pending_columns += block["scores"].shape[1]
-        if self.pending_columns >= self.depth:
+        cpu = torch.device("cpu")
+        scores, keys = _tensor(block["scores"], cpu), _tensor(block["keys"], cpu)
+        floor = kth_of(self.shortlist, self.depth)
+        kept = torch.isfinite(scores) if floor is None else at_or_before(scores, keys, *floor) & torch.isfinite(scores)
+        query, column = kept.nonzero(as_tuple=True)
+        if not len(query):
+            return
+        take = pa.array((query * scores.shape[1] + column).numpy())  # the block's entries are query-major
+        self.pending.append((query, scores[query, column], keys[query, column], block["ids"].take(take), block["items"].take(take)))
+        self.pending_entries += len(query)
+        if 2 * self.pending_entries >= self.num_queries * self.depth:
             self._fold()
 
     def _fold(self) -> None:
         if not self.pending:
             return
-        cpu = torch.device("cpu")
-        offset, parts = len(self.ids), []
-        for block in self.pending:
-            scores, keys = _tensor(block["scores"], cpu), _tensor(block["keys"], cpu)
-            parts.append(TopK(scores, keys, torch.arange(offset, offset + scores.numel()).reshape(scores.shape)))
-            offset += scores.numel()
-        found = TopK(*(torch.cat(values, dim=1) for values in zip(*((part.scores, part.keys, part.rows) for part in parts))))
-        ids = pa.concat_arrays([self.ids, *(block["ids"] for block in self.pending)])
-        items = pa.concat_arrays([self.items, *(block["items"] for block in self.pending)])
+        query, scores, keys = (torch.cat([part[index] for part in self.pending]) for index in range(3))
+        # The entries as a [Q, w] list (w: the most any query has), each query's in arrival order, -inf padding after.
+        by_query = torch.sort(query, stable=True).indices
+        query = query[by_query]
+        per_query = torch.bincount(query, minlength=self.num_queries)
+        column = torch.arange(len(query)) - (torch.cumsum(per_query, 0) - per_query)[query]
+        width = int(per_query.max())
+        found = TopK(torch.full((self.num_queries, width), float("-inf")), torch.full((self.num_queries, width), torch.iinfo(torch.int64).max),
+                     torch.zeros((self.num_queries, width), dtype=torch.int64))
+        found.scores[query, column], found.keys[query, column] = scores[by_query], keys[by_query]
+        found.rows[query, column] = len(self.ids) + by_query
+        ids = pa.concat_arrays([self.ids, *(part[3] for part in self.pending)])
+        items = pa.concat_arrays([self.items, *(part[4] for part in self.pending)])
         merged = merge_top_k(self.shortlist, found, self.depth)
         # Keep only the ids and items of what survived.
         take = pa.array(merged.rows.reshape(-1).numpy())
         self.ids, self.items = ids.take(take), items.take(take)
         merged.rows = torch.arange(len(self.ids)).reshape(merged.rows.shape)
-        self.shortlist, self.pending, self.pending_columns = merged, [], 0
+        self.shortlist, self.pending, self.pending_entries = merged, [], 0
 
     def result(self, gallery_uri: str, allow_empty: bool = False) -> Shortlisted:
         """The merged shortlist; with `allow_empty`, no rows give empty lists (else an error)."""

@@ -1,11 +1,14 @@
 """The search driver's share of the shortlist scan at scale: A actors each scan their part of the
-gallery in blocks and send the entries before their own running k-th (as GalleryScanner does);
+gallery in blocks and send the entries before their running k-th (as GalleryScanner does), or
+before the driver's merged k-th as it stood when their piece was sent, where that is higher;
 the driver folds them into each query's exact top-`depth` (pipelines.search.gallery_scan.ShortlistMerge).
 
-What it measures: entries a query reaches the driver (~A x depth x (1 + ln(rows an actor
-scans / block))) and the driver's cost an entry, from which bench/RESULTS.md projects the
-driver's time at 10^8 gallery images. Scores are random (the gallery's order is random with
-respect to a query); the ratio of an actor's rows to the block size is what sets the count.
+What it measures, with and without the driver's floor sent along: entries a query that reach
+the driver (~A x depth x (1 + ln(rows an actor scans / block)) without it) and the driver's
+time, from which bench/RESULTS.md projects the driver's share at 10^8 gallery images. Scores
+are random (the gallery's order is random with respect to a query); the ratio of an actor's
+rows to the block size is what sets the count. A piece is sent while the A before it are
+still running, so the floor it carries is A results old.
 Usage: python -m bench.shortlist_merge [--queries 500] [--actors 16] [--blocks-per-actor 190] [--block 512]
 """
 
@@ -13,35 +16,49 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import deque
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from bench.common import machine
-from mga.retrieval import TopK, kth_of, merge_top_k
-from pipelines.search.gallery_scan import ShortlistMerge
+from mga.retrieval import TopK, at_or_before, kth_of, merge_top_k, stricter_floor
+from pipelines.search.shortlist_merge import ShortlistMerge, block_entries
 
 
-def actor_stream(queries: int, depth: int, actors: int, blocks_per_actor: int, block: int, seed: int = 0) -> list[dict]:
-    """The blocks' results in the order they would arrive, actors taking turns."""
+def simulate(queries: int, depth: int, actors: int, blocks_per_actor: int, block: int, driver_floor: bool, seed: int = 0) -> tuple[int, int, float]:
+    """(blocks, entries sent to the driver, seconds the driver spent folding them)."""
     rng = np.random.default_rng(seed)
     running: list[TopK | None] = [None] * actors
-    stream = []
+    merge = ShortlistMerge(queries, depth, 0)
+    floors = deque([None] * actors, maxlen=actors)  # the driver's floor as each of the last A results arrived
+    blocks = entries = 0
+    folding = 0.0
     for _ in range(blocks_per_actor):
         for actor in range(actors):
             scores = torch.from_numpy(rng.random((queries, block), dtype=np.float32))
             keys = torch.from_numpy(rng.integers(0, 2**62, (queries, block)))
             top = torch.topk(scores, depth, dim=1)
             found = TopK(top.values, keys.gather(1, top.indices), top.indices)
-            floor = None if running[actor] is None else kth_of(running[actor], depth)
-            if floor is not None:  # the entries after the actor's own k-th stay with it
-                kept = found.scores > floor[0][:, None]
+            sent = floors[0] if driver_floor else None
+            floor = stricter_floor(None if running[actor] is None else kth_of(running[actor], depth),
+                                   None if sent is None else tuple(torch.from_numpy(part) for part in sent))
+            if floor is not None:  # the entries after the floor stay with the actor
+                kept = at_or_before(found.scores, found.keys, *floor)
                 found = TopK(torch.where(kept, found.scores, float("-inf")), found.keys, found.rows).first(int(kept.sum(1).max()))
             running[actor] = found if running[actor] is None else merge_top_k(running[actor], found, depth)
-            ids = pa.array([f"{len(stream)}-{row}" for row in range(found.scores.numel())])
-            stream.append({"rows": block, "counts": np.zeros(0, np.int64), "scores": found.scores.numpy(), "keys": found.keys.numpy(), "ids": ids, "items": ids})
-    return stream
+            ids = pa.array([f"{blocks}-{row}" for row in range(block)])
+            result = {"rows": block, "counts": np.zeros(0, np.int64), **block_entries(found, ids, ids)}
+            blocks += 1
+            entries += len(result["query"])
+            started = time.perf_counter()
+            merge.add(result)
+            floors.append(merge.floor())
+            folding += time.perf_counter() - started
+    started = time.perf_counter()
+    merge.result("simulated")
+    return blocks, entries, folding + time.perf_counter() - started
 
 
 def main() -> None:
@@ -53,19 +70,14 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=512, help="rows a simulated block (the count depends on the ratio above)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the driver folds on one thread
-    stream = actor_stream(args.queries, args.depth, args.actors, args.blocks_per_actor, args.block)
-    entries = sum(int(np.isfinite(block["scores"]).sum()) for block in stream)
-    merge = ShortlistMerge(args.queries, args.depth, 0)
-    started = time.perf_counter()
-    for block in stream:
-        merge.add(block)
-    merge.result("simulated")
-    elapsed = time.perf_counter() - started
     print(f"\nmachine: {machine()}")
     print(f"{args.actors} actors x {args.blocks_per_actor} blocks, {args.queries} queries, depth {args.depth}")
-    print("| blocks | entries a query | driver fold s | ns an entry |")
-    print("|---|---|---|---|")
-    print(f"| {len(stream)} | {entries / args.queries:.0f} | {elapsed:.2f} | {elapsed / entries * 1e9:.0f} |")
+    print("| actors' floor | blocks | entries a query | driver fold s | ns an entry |")
+    print("|---|---|---|---|---|")
+    for driver_floor in (False, True):
+        blocks, entries, seconds = simulate(args.queries, args.depth, args.actors, args.blocks_per_actor, args.block, driver_floor)
+        label = "own, or the driver's when higher" if driver_floor else "own"
+        print(f"| {label} | {blocks} | {entries / args.queries:.0f} | {seconds:.2f} | {seconds / entries * 1e9:.0f} |")
 
 
 if __name__ == "__main__":

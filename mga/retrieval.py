@@ -210,6 +210,17 @@ def kth_of(top: TopK, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     return top.scores[:, k - 1], top.keys[:, k - 1]
 
 
+def stricter_floor(
+    first: tuple[torch.Tensor, torch.Tensor] | None, second: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per query, whichever of two floors (`kth_of`s of lists of the same queries and depth, or
+    None) comes first in the global order: both are valid, the earlier one leaves out more."""
+    if first is None or second is None:
+        return second if first is None else first
+    second_first = at_or_before(second[0][:, None], second[1][:, None], *first)[:, 0]
+    return torch.where(second_first, second[0], first[0]), torch.where(second_first, second[1], first[1])
+
+
 def merge_top_k(first: TopK, second: TopK, k: int) -> TopK:
     """The exact top-k of two exact top-k lists of the same queries (e.g. two gallery blocks)."""
     joined = TopK(*(torch.cat(pair, dim=1) for pair in zip(

@@ -4,7 +4,6 @@ where torchvision decodes with nvjpeg; bench/RESULTS.md has the figures from one
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from mga.metrics import RetrievalMetrics, rank_metrics
-from mga.retrieval import block_pair_scores, count_ranked_above, exact_top_k, pair_scores, reranked_ranks, retrieve, tie_keys
+from mga.retrieval import (
+    block_pair_scores, block_top_k, count_ranked_above, exact_top_k, kth_of, merge_top_k, pair_scores, reranked_ranks, retrieve, stricter_floor, tie_keys,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -56,6 +58,34 @@ def test_blocked_top_k_and_positive_ranks_equal_brute_force(device):
         counts += count_ranked_above(q @ block.t(), q, block, k[start:start + 700], on(pq), score, k[on(pg)])
     position = np.argsort(truth, axis=1)  # position[q, g] = 0-based place of gallery row g
     assert np.array_equal(counts.cpu().numpy() + 1, position[pq, pg] + 1)
+
+
+def test_blocks_cut_at_another_scans_floor_still_merge_to_the_exact_top_k():
+    """Two scanners take turns over their halves of a gallery; each block is cut at the stricter
+    of the scanner's own k-th and the merged list's k-th (what search's actors get from the
+    driver with each piece): the merged list equals brute force, ties included."""
+    gallery, ids = gallery_with_ties(4000, 32, seed=1)
+    keys = tie_keys(ids)
+    queries = torch.cat([gallery[:4], gallery[2000:2004]])
+    truth = brute_force_order(queries, gallery, keys)
+    keys = torch.as_tensor(keys)
+    depth, merged, running = 50, None, [None, None]
+    for step in range(4):
+        for scanner in (0, 1):
+            start = scanner * 2000 + step * 500
+            own = None if running[scanner] is None else kth_of(running[scanner], depth)
+            floor = stricter_floor(own, None if merged is None else kth_of(merged, depth))
+            found = block_top_k(queries, gallery[start:start + 500], keys[start:start + 500], depth, torch.arange(start, start + 500), floor=floor)
+            running[scanner] = found if running[scanner] is None else merge_top_k(running[scanner], found, depth)
+            merged = found if merged is None else merge_top_k(merged, found, depth)
+    assert np.array_equal(merged.rows.numpy(), truth[:, :depth])
+
+    # The stricter floor is the one earlier in the global order: a higher score, or on equal scores the lower key.
+    first = (torch.tensor([0.5, 0.5, 0.7]), torch.tensor([3, 3, 1]))
+    second = (torch.tensor([0.6, 0.5, 0.6]), torch.tensor([9, 2, 0]))
+    score, key = stricter_floor(first, second)
+    assert score.tolist() == pytest.approx([0.6, 0.5, 0.7]) and key.tolist() == [9, 2, 1]
+    assert stricter_floor(None, second) is second and stricter_floor(first, None) is first
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -39,8 +39,6 @@ import argparse
 import time
 from typing import Any
 
-import pyarrow as pa
-
 from mga.errors import InputError
 from mga.transforms import DEFAULT_MAX_PIXELS
 from pipelines.command import module_main

@@ -27,7 +27,7 @@ import torch
 from mga.retrieval import TopK, order_by_score, tie_keys
 from pipelines.schemas import column_matrix
 from pipelines.search import INDEX_KINDS
-from pipelines.search.gallery_scan import Shortlisted
+from pipelines.search.shortlist_merge import Shortlisted
 from pipelines.search.queries import Gallery, QueryChunk
 
 APPROXIMATE = tuple(kind for kind in INDEX_KINDS if kind != "exact")

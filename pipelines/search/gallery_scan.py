@@ -6,10 +6,11 @@ job's `GalleryScanner` actors (`ScannerPool` hands each free actor the next piec
 
 1. **Shortlist scan** (`GalleryScanner.shortlist`): the piece's `image_id, item_id, global`
    rows that pass the gallery's filter, in blocks of `block_rows`, against the chunk's query features and its positives
-   (O(queries)). For each block the actor returns the block's exact top-`depth` per query
-   and, per positive, how many of the block's rows come before it in the global order
-   (mga.retrieval). The driver folds the blocks in as they arrive (`ShortlistMerge`):
-   O(queries x depth).
+   (O(queries)). For each block the actor returns the entries of the block's exact
+   top-`depth` per query that beat the floor (the k-th of what the actor has scanned, or of
+   the driver's merged list when the piece was sent) and, per positive, how many of the
+   block's rows come before it in the global order (mga.retrieval). The driver folds the
+   blocks in as they arrive (pipelines.search.shortlist_merge): O(queries x depth).
 2. **Token scan** (`GalleryScanner.score_tokens`): only the pieces whose statistics may hold
    a candidate some query shortlisted into its reranked head are read, and in them only
    those rows' `tokens_*`; the actor scores every (query, candidate) pair whose candidate is
@@ -42,29 +43,24 @@ import os
 import tempfile
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mga.errors import InputError
-from mga.retrieval import TopK, at_or_before, block_scores, block_top_k, count_ranked_above, kth_of, merge_top_k, tie_keys
+from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, kth_of, merge_top_k, stricter_floor, tie_keys
 from pipelines.memory import release_freed_memory
 from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
 from pipelines.search.queries import Piece, piece_fragment, selected_rows
+from pipelines.search.shortlist_merge import block_entries, owned_tensor
 from pipelines.storage import Location
 from pipelines.token_ranges import fragment_rows, ranged_file
 
 # Queries scored against a block at once: bounds the [queries, block rows] score matrix.
 QUERY_TILE = 1024
-
-
-def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A tensor of its own: arrays from the object store are read-only views."""
-    return torch.from_numpy(np.array(array)).to(device)
 
 
 @dataclass(frozen=True)
@@ -166,20 +162,23 @@ class GalleryScanner:
         return self.cached[name][1]
 
     def _queries(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        arrays = {name: _tensor(chunk[name], self.device) for name in ("global", "positive_query", "positive_score", "positive_key")}
+        arrays = {name: owned_tensor(chunk[name], self.device) for name in ("global", "positive_query", "positive_score", "positive_key")}
         # As stored (float16 or float32), made float32 a batch at a time: a chunk's tokens at float32 cost 2x.
-        arrays["tokens"] = [_tensor(layer, self.device) for layer in chunk["tokens"]]
+        arrays["tokens"] = [owned_tensor(layer, self.device) for layer in chunk["tokens"]]
         return arrays
 
-    def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int, row_filter: pc.Expression | None = None, keep: bool = False) -> list[dict[str, Any]]:
+    def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int, row_filter: pc.Expression | None = None, keep: bool = False,
+                  merged_floor: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
         """The piece's gallery rows (those passing `row_filter`, default the gallery's filter) in
         blocks of `block_rows`: each block's top-`depth` per query and the positives' counts (the
         first block also says whether the piece was `read` from the table). With `keep` (more chunks follow), the gallery's rows are kept (KeptGallery) while the budget lasts.
 
         A block returns only the rows that rank before the k-th of every row this actor has scored
-        for the same chunk, depth and filter (its running top list, `block_top_k`'s floor): the
-        others cannot be in the gallery's top-`depth`. After its first blocks an actor sends the
-        driver a few rows a query instead of `depth`, and recomputes that few exactly."""
+        for the same chunk, depth and filter (its running top list, `block_top_k`'s floor), or
+        before `merged_floor` (the k-th of the driver's merged list when the call was sent) where
+        that comes first: the others cannot be in the gallery's top-`depth`. After the first
+        pieces an actor sends the driver a few rows a query instead of `depth`, and recomputes
+        that few exactly; with the driver's floor, a few however many actors scan."""
         queries = self._cached("chunk", chunk, self._queries)
         rows = self.kept.get(piece) if row_filter is None else None
         read = rows is None
@@ -192,9 +191,10 @@ class GalleryScanner:
             self.running = (scan, set(), None)
         # A piece scanned twice (a retried call) must not count its rows twice in the floor.
         seen, running = self.running[1], self.running[2] if piece not in self.running[1] else None
+        merged = None if merged_floor is None else tuple(owned_tensor(part, self.device) for part in merged_floor)
         blocks = []
         for start in range(0, max(len(rows), 1), block_rows):
-            block, found = self._shortlist_block(rows.slice(start, block_rows), queries, depth, running)
+            block, found = self._shortlist_block(rows.slice(start, block_rows), queries, depth, running, merged)
             blocks.append(block)
             if found is not None and piece not in seen:
                 running = found if running is None else merge_top_k(running, found, depth)
@@ -209,14 +209,15 @@ class GalleryScanner:
         ids, items, features = selected_rows(self.location.fs, piece, row_filter)
         return GalleryRows(ids, items, torch.from_numpy(tie_keys(ids.to_numpy(zero_copy_only=False))), torch.from_numpy(features))
 
-    def _shortlist_block(self, block: GalleryRows, queries: dict[str, Any], depth: int, running: TopK | None) -> tuple[dict[str, Any], TopK | None]:
+    def _shortlist_block(self, block: GalleryRows, queries: dict[str, Any], depth: int, running: TopK | None,
+                         merged_floor: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[dict[str, Any], TopK | None]:
         """One block's result for the driver, and its top list (positions in the block) for the running one."""
         positive_query = queries["positive_query"]
         counts = torch.zeros(len(positive_query), dtype=torch.int64, device=self.device)
         if len(block) == 0:
             return {"rows": 0, "counts": counts.cpu().numpy()}, None
         keys, gallery = block.keys.to(self.device), block.features.to(self.device)
-        floor = None if running is None else kth_of(running, depth)
+        floor = stricter_floor(None if running is None else kth_of(running, depth), merged_floor)
         # The block in float64 once for all query tiles: their exact scores (mga.retrieval.block_pair_scores).
         gallery_double = gallery.double() if gallery.device.type == "cpu" else None
         tiles = []
@@ -236,16 +237,7 @@ class GalleryScanner:
         found = TopK(*(torch.cat(parts) for parts in zip(*((t.scores, t.keys, t.rows) for t in tiles))))
         # Padding (rows after the floor) is ordered last: send only the columns some query fills.
         found = found.first(int(torch.isfinite(found.scores).sum(1).max()))
-        take = pa.array(found.rows.reshape(-1).cpu().numpy())
-        result = {
-            "rows": len(block),
-            "counts": counts.cpu().numpy(),
-            "scores": found.scores.cpu().numpy(),
-            "keys": found.keys.cpu().numpy(),
-            "ids": block.ids.take(take),
-            "items": block.items.take(take),
-        }
-        return result, found
+        return {"rows": len(block), "counts": counts.cpu().numpy(), **block_entries(found, block.ids, block.items)}, found
 
     def score_tokens(self, piece: Piece, chunk: Shared, pairs: Shared, token_names: list[str], rerank_batch: int) -> dict[str, np.ndarray]:
         """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA:
@@ -326,8 +318,9 @@ class ScannerPool:
         reference = ray.put(value)
         return Shared(reference.hex(), reference, in_object_store=True)
 
-    def map(self, method: str, pieces: Iterable[Piece], *args: Any, affinity: bool = False) -> Iterator[Any]:
-        """`method(piece, *args)` on the actors for every piece; the results in the order they finish."""
+    def map(self, method: str, pieces: Iterable[Piece], *args: Any, affinity: bool = False, latest: Callable[[], Any] | None = None) -> Iterator[Any]:
+        """`method(piece, *args)` on the actors for every piece (with `latest()`, read as each call
+        is sent, as a last argument); the results in the order they finish."""
         import ray
 
         queue = list(pieces)[::-1]
@@ -339,7 +332,7 @@ class ScannerPool:
                 piece = queue.pop(index)
                 if affinity:
                     self.scanned_by[piece] = handle
-                running[getattr(handle, method).remote(piece, *args)] = handle
+                running[getattr(handle, method).remote(piece, *args, *(() if latest is None else (latest(),)))] = handle
             done = ray.wait([*running, *self.starting], num_returns=1)[0][0]
             if done in self.starting:
                 ray.get(done)  # an actor that failed to start raises here
@@ -371,93 +364,7 @@ class LocalScanner:
     def share(value: Any) -> Shared:
         return Shared(uuid.uuid4().hex, value)
 
-    def map(self, method: str, pieces: Iterable[Piece], *args: Any, affinity: bool = False) -> Iterator[Any]:
-        """`method(piece, *args)` for every piece, one after another."""
+    def map(self, method: str, pieces: Iterable[Piece], *args: Any, affinity: bool = False, latest: Callable[[], Any] | None = None) -> Iterator[Any]:
+        """`method(piece, *args[, latest()])` for every piece, one after another."""
         for piece in pieces:
-            yield getattr(self.scanner, method)(piece, *args)
-
-
-@dataclass
-class Shortlisted:
-    """A query chunk's shortlist in global order: `top` (exact S_global, tie keys, rows as flat
-    indices into `ids`/`items`), the gallery's size, and each positive's global rank over the
-    whole gallery (0 where the shortlist cannot tell: below an approximate index's list)."""
-
-    top: TopK
-    ids: pa.Array
-    items: pa.Array
-    gallery_rows: int
-    rank_global: np.ndarray
-
-
-class ShortlistMerge:
-    """Driver side of the shortlist scan: folds block results into the chunk's exact top-`depth`.
-
-    Each actor sends the rows that rank before the k-th of what *it* has scanned; with A actors
-    over a gallery of N rows in blocks of b, that is ~A x depth x (1 + ln(N / (A b))) rows a
-    query, most of them after the k-th of the list merged here: those are dropped on arrival
-    (a compare: they cannot enter it). The others wait, as (query, entry) pairs, until they add
-    up to half the list's size, and are folded in together: a fold sorts the whole list with
-    them (0.1 s at 10^4 queries x depth 100, however few they are), and the top-k of a union is
-    the same whatever the grouping. Memory stays O(queries x depth)."""
-
-    def __init__(self, num_queries: int, depth: int, num_positives: int) -> None:
-        self.num_queries, self.depth = num_queries, depth
-        empty = torch.zeros(num_queries, 0)
-        self.shortlist = TopK(empty, empty.long(), empty.long())
-        self.ids = pa.array([], pa.string())
-        self.items = pa.array([], pa.string())
-        self.counts = np.zeros(num_positives, dtype=np.int64)
-        self.gallery_rows = 0
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, pa.Array, pa.Array]] = []  # query, score, key, id, item
-        self.pending_entries = 0
-
-    def add(self, block: dict[str, Any]) -> None:
-        """Take in one block's result (GalleryScanner.shortlist)."""
-        self.gallery_rows += int(block["rows"])
-        self.counts += block["counts"]
-        if not block["rows"]:
-            return
-        cpu = torch.device("cpu")
-        scores, keys = _tensor(block["scores"], cpu), _tensor(block["keys"], cpu)
-        floor = kth_of(self.shortlist, self.depth)
-        kept = torch.isfinite(scores) if floor is None else at_or_before(scores, keys, *floor) & torch.isfinite(scores)
-        query, column = kept.nonzero(as_tuple=True)
-        if not len(query):
-            return
-        take = pa.array((query * scores.shape[1] + column).numpy())  # the block's entries are query-major
-        self.pending.append((query, scores[query, column], keys[query, column], block["ids"].take(take), block["items"].take(take)))
-        self.pending_entries += len(query)
-        if 2 * self.pending_entries >= self.num_queries * self.depth:
-            self._fold()
-
-    def _fold(self) -> None:
-        if not self.pending:
-            return
-        query, scores, keys = (torch.cat([part[index] for part in self.pending]) for index in range(3))
-        # The entries as a [Q, w] list (w: the most any query has), each query's in arrival order, -inf padding after.
-        by_query = torch.sort(query, stable=True).indices
-        query = query[by_query]
-        per_query = torch.bincount(query, minlength=self.num_queries)
-        column = torch.arange(len(query)) - (torch.cumsum(per_query, 0) - per_query)[query]
-        width = int(per_query.max())
-        found = TopK(torch.full((self.num_queries, width), float("-inf")), torch.full((self.num_queries, width), torch.iinfo(torch.int64).max),
-                     torch.zeros((self.num_queries, width), dtype=torch.int64))
-        found.scores[query, column], found.keys[query, column] = scores[by_query], keys[by_query]
-        found.rows[query, column] = len(self.ids) + by_query
-        ids = pa.concat_arrays([self.ids, *(part[3] for part in self.pending)])
-        items = pa.concat_arrays([self.items, *(part[4] for part in self.pending)])
-        merged = merge_top_k(self.shortlist, found, self.depth)
-        # Keep only the ids and items of what survived.
-        take = pa.array(merged.rows.reshape(-1).numpy())
-        self.ids, self.items = ids.take(take), items.take(take)
-        merged.rows = torch.arange(len(self.ids)).reshape(merged.rows.shape)
-        self.shortlist, self.pending, self.pending_entries = merged, [], 0
-
-    def result(self, gallery_uri: str, allow_empty: bool = False) -> Shortlisted:
-        """The merged shortlist; with `allow_empty`, no rows give empty lists (else an error)."""
-        self._fold()
-        if not self.gallery_rows and not allow_empty:
-            raise InputError(f"{gallery_uri}: no gallery rows to search")
-        return Shortlisted(self.shortlist, self.ids, self.items, self.gallery_rows, self.counts + 1)
-
+            yield getattr(self.scanner, method)(piece, *args, *(() if latest is None else (latest(),)))

@@ -50,7 +50,7 @@ import torch
 from mga.retrieval import TopK, merge_known_top_k, order_by_score, tie_keys
 from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS
 from pipelines.search.changes import RowChanges, VersionGone, row_changes
-from pipelines.search.gallery_scan import Shortlisted
+from pipelines.search.shortlist_merge import Shortlisted
 from pipelines.search.queries import Gallery, Positives, QueryChunk, QuerySource
 from pipelines.search.ranking import ChunkSearch, RankedChunk, rank_chunk
 from pipelines.tables import Snapshot, TableNotFound, companion, open_table, read_table

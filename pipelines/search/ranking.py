@@ -15,7 +15,8 @@ import torch
 
 from mga.retrieval import rerank, reranked_ranks
 from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS, token_columns
-from pipelines.search.gallery_scan import LocalScanner, ScannerPool, Shared, ShortlistMerge, Shortlisted
+from pipelines.search.gallery_scan import LocalScanner, ScannerPool, Shared
+from pipelines.search.shortlist_merge import ShortlistMerge, Shortlisted
 from pipelines.search.queries import MIN_PIECE_ROWS, PIECE_ROWS, Gallery, QueryChunk, Selection
 
 
@@ -106,7 +107,8 @@ class ChunkSearch:
         rows = within or self.gallery
         merge = ShortlistMerge(len(chunk), depth, len(chunk.positives.query))
         pieces, row_filter = rows.pieces(max_rows=self.piece_rows), None if within is None else within.where.expression
-        for blocks in self.pool.map("shortlist", pieces, shared, depth, self.block_rows, row_filter, self.keep_gallery and within is None, affinity=True):
+        for blocks in self.pool.map("shortlist", pieces, shared, depth, self.block_rows, row_filter, self.keep_gallery and within is None,
+                                    affinity=True, latest=merge.floor):
             self.stats.pieces_scanned += 1
             self.stats.pieces_read += int(blocks[0]["read"])
             for block in blocks:

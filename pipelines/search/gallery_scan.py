@@ -235,7 +235,7 @@ class GalleryScanner:
                         queries["positive_score"][first:last], queries["positive_key"][first:last],
                     )
         found = TopK(*(torch.cat(parts) for parts in zip(*((t.scores, t.keys, t.rows) for t in tiles))))
-        # Padding (rows after the floor) is ordered last: send only the columns some query fills.
+        # Padding (rows after the floor) is ordered last: the running list merges only the columns some query fills.
         found = found.first(int(torch.isfinite(found.scores).sum(1).max()))
         return {"rows": len(block), "counts": counts.cpu().numpy(), **block_entries(found, block.ids, block.items)}, found
 

@@ -103,7 +103,7 @@ def run(
     from pipelines.runtime import cores_up, init_ray
     from pipelines.search.approximate import build_index, shortlist_recall
     from pipelines.search.gallery_scan import ScannerPool
-    from pipelines.search.incremental import IncrementalSearch, find_changes, previous_search, reserve, token_reserve
+    from pipelines.search.incremental import IncrementalSearch, find_changes, previous_search, reserve
     from pipelines.search.queries import selections
     from pipelines.search.ranking import ChunkSearch, busy_actors, piece_rows_for
     from pipelines.token_ranges import stored_bytes
@@ -170,8 +170,7 @@ def run(
     reading = gallery_table.uri if queries_table is gallery_table else f"{gallery_table.uri} and {queries_table.uri}"
     approximate = execute(lambda: build_index(gallery, index), reading, table.uri) if index != "exact" else None
     # An exact search keeps deeper shortlists, for the next incremental run (search.incremental).
-    reserves = (0, 0) if approximate is not None else (reserve(depth), token_reserve(rerank_top))
-    search = ChunkSearch(gallery, pool, depth, rerank_top, alpha, block_rows, rerank_batch, approximate, *reserves, keep_gallery=keep_gallery,
+    search = ChunkSearch(gallery, pool, depth, rerank_top, alpha, block_rows, rerank_batch, approximate, 0 if approximate is not None else reserve(depth), keep_gallery=keep_gallery,
                          piece_rows=piece_rows_for(gallery_table.rows, workers))
     recall = None
     if approximate is not None:  # against the exact scan, on the first queries

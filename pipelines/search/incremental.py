@@ -2,8 +2,8 @@
 and queries tables, with the rows a full search from scratch would write.
 
 Every search keeps, beside the rankings, each query's **shortlist**: its list in global order
-`reserve(depth)` rows deeper than the rankings, with S_token `token_reserve(rerank_top)` rows
-below the reranked head (`<out>_shortlists`), and each positive's exact S_global (in `<out>_positives`). From the
+`reserve(depth)` rows deeper than the rankings, with S_token for the reranked head
+(`<out>_shortlists`), and each positive's exact S_global (in `<out>_positives`). From the
 Delta log and the rows' identity (search.changes) an incremental run knows which gallery rows
 were removed (deleted, changed, filtered out) and added, and which queries; then:
 
@@ -61,11 +61,6 @@ def reserve(depth: int) -> int:
     """Shortlist rows kept below the rankings: a query loses rows to deletions before it needs a
     full search again (at 1% churn a night, a list of 150 loses ~1 a night and gains ~1)."""
     return max(8, depth // 2)
-
-
-def token_reserve(rerank_top: int) -> int:
-    """Rows below the reranked head whose S_token is kept: they move up when head rows go."""
-    return max(2, rerank_top // 8)
 
 
 @dataclass(frozen=True)
@@ -230,16 +225,15 @@ class IncrementalSearch:
 
     def _token_scores(self, chunk: QueryChunk, shared: Any, merged: TopK, ids: pa.Array, state: pa.Table, offset: int,
                       complete: np.ndarray) -> tuple[torch.Tensor, int]:
-        """S_token of each query's first rows (head and reserve): stored where the state has it,
-        computed for the rest of the complete queries' ([Q, N], the head's size)."""
+        """S_token of each query's head: stored where the state has it, computed for the rest
+        of the complete queries' ([Q, head]), and the head's size."""
         search = self.search
         width = merged.rows.shape[1]
         head = min(search.rerank_top, width) if search.alpha < 1.0 else 0
-        scored = min(head + search.token_reserve, width) if head else 0
-        rows = merged.rows[:, :scored]
+        rows = merged.rows[:, :head]
         stored = torch.from_numpy(pc.fill_null(state.column("score_token"), float("nan")).to_numpy(zero_copy_only=False).astype(np.float32))
         scores = torch.where(rows < offset, stored[rows.clamp(max=max(offset - 1, 0))] if offset else float("nan"), float("nan"))
-        needed = torch.isnan(scores) & torch.isfinite(merged.scores[:, :scored]) & torch.from_numpy(complete)[:, None]
+        needed = torch.isnan(scores) & torch.isfinite(merged.scores[:, :head]) & torch.from_numpy(complete)[:, None]
         query, position = needed.nonzero(as_tuple=True)
         computed = search.score_pairs(shared, query.numpy(), ids.take(pa.array(rows[query, position].numpy())))
         self.counts["token scores computed"] += len(computed)

@@ -63,8 +63,8 @@ class ChunkSearch:
     """How every query chunk of a search is searched: against `gallery`, on `pool`'s scanners,
     the exact top-`depth` (or `index`'s approximate one: (faiss index, ids, items)), the first
     `rerank_top` reranked by S with `alpha`, `rerank_batch` pairs an ATA call. The shortlist
-    goes `reserve` rows deeper than the rankings, and S_token is computed `token_reserve` rows
-    below the head: what an incremental search draws on when the gallery loses rows. With
+    goes `reserve` rows deeper than the rankings: what an incremental search draws on when the
+    gallery loses rows. With
     `keep_gallery` (more than one chunk to search) the scanners keep the gallery rows they read
     for the next chunks, as far as their memory budget goes. The gallery is scanned in pieces
     of at most `piece_rows` rows (`piece_rows_for`: fine enough that every actor gets several)."""
@@ -78,7 +78,6 @@ class ChunkSearch:
     rerank_batch: int
     index: tuple[Any, pa.Array, pa.Array] | None = None
     reserve: int = 0
-    token_reserve: int = 0
     keep_gallery: bool = False
     piece_rows: int = PIECE_ROWS
     stats: ScanStats = field(default_factory=lambda: ScanStats())
@@ -88,10 +87,9 @@ class ChunkSearch:
         shortlisted = self.shortlist(chunk, shared, self.depth + self.reserve)
         width = shortlisted.top.rows.shape[1]
         head = min(self.rerank_top, width) if self.alpha < 1.0 else 0
-        scored = min(head + self.token_reserve, width) if head else 0
-        query_rows = np.repeat(np.arange(len(chunk)), scored)
-        candidates = shortlisted.ids.take(pa.array(shortlisted.top.rows[:, :scored].reshape(-1).numpy()))
-        token_scores = torch.from_numpy(self.score_pairs(shared, query_rows, candidates).reshape(len(chunk), scored))
+        query_rows = np.repeat(np.arange(len(chunk)), head)
+        candidates = shortlisted.ids.take(pa.array(shortlisted.top.rows[:, :head].reshape(-1).numpy()))
+        token_scores = torch.from_numpy(self.score_pairs(shared, query_rows, candidates).reshape(len(chunk), head))
         rankings, positives, shortlists = rank_chunk(chunk, shortlisted, token_scores, head, self.alpha, min(self.depth, width))
         return RankedChunk(rankings, positives, shortlists, min(self.depth, width), head, shortlisted.gallery_rows)
 

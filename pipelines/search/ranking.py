@@ -64,9 +64,8 @@ class ChunkSearch:
     the exact top-`depth` (or `index`'s approximate one: (faiss index, ids, items)), the first
     `rerank_top` reranked by S with `alpha`, `rerank_batch` pairs an ATA call. The shortlist
     goes `reserve` rows deeper than the rankings: what an incremental search draws on when the
-    gallery loses rows. With
-    `keep_gallery` (more than one chunk to search) the scanners keep the gallery rows they read
-    for the next chunks, as far as their memory budget goes. The gallery is scanned in pieces
+    gallery loses rows. With `keep_gallery` (more than one chunk to search) the scanners keep
+    the gallery rows they read for the next chunks, as far as their memory budget goes. The gallery is scanned in pieces
     of at most `piece_rows` rows (`piece_rows_for`: fine enough that every actor gets several)."""
 
     gallery: Gallery

@@ -11,6 +11,7 @@ the rejects table's own file, they are all the Parquet its run directory holds."
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -26,18 +27,25 @@ STAGED_REJECTS = pa.schema([("image_id", pa.string()), ("source_path", pa.string
 
 def prepare_batch(batch: pa.Table, image_size: int, max_pixels: int, rejects_uri: str) -> dict[str, np.ndarray]:
     """Ray Data task: decode, crop and resize; rows that cannot be decoded are staged under `rejects_uri`."""
-    images, bboxes = batch.column("image"), batch.column("bbox").to_pylist()
-    kept, pixels, rejected = [], [], []
-    for row in range(batch.num_rows):
+    images, bboxes = batch.column("image").to_pylist(), batch.column("bbox").to_pylist()
+    pixels, rejected = cpu_pixels(images, bboxes, range(batch.num_rows), image_size, max_pixels)
+    stage_rejects(batch, rejected, rejects_uri)
+    output = identity_columns(batch, list(pixels))
+    output["pixels"] = np.stack(list(pixels.values())) if pixels else np.zeros((0, 3, image_size, image_size), np.uint8)
+    return output
+
+
+def cpu_pixels(images: list[bytes | None], bboxes: list[list[int] | None], rows: Iterable[int], size: int, max_pixels: int
+               ) -> tuple[dict[int, np.ndarray], list[tuple[int, str]]]:
+    """The CPU path (mga.transforms.preprocess) for `rows` of a batch: uint8 [3, size, size] by
+    row, in the rows' order, and (row, reason) for each row set aside."""
+    pixels, rejected = {}, []
+    for row in rows:
         try:
-            pixels.append(preprocess(images[row].as_py(), bboxes[row], image_size, None, max_pixels))
-            kept.append(row)
+            pixels[row] = preprocess(images[row], bboxes[row], size, None, max_pixels)
         except Exception as error:  # noqa: BLE001 - one odd file must not fail the job; it is reported
             rejected.append((row, reject_reason(error)))
-    stage_rejects(batch, rejected, rejects_uri)
-    output = identity_columns(batch, kept)
-    output["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, image_size, image_size), np.uint8)
-    return output
+    return pixels, rejected
 
 
 def reject_reason(error: Exception) -> str:

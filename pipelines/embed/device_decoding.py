@@ -23,8 +23,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mga.device_transforms import apply_orientation, crop_tensor, letterbox_tensor
-from mga.transforms import preprocess
-from pipelines.embed.decoding import identity_columns, reject_reason, stage_rejects
+from pipelines.embed.decoding import cpu_pixels, identity_columns, stage_rejects
 
 JPEG_END = b"\xff\xd9"
 EXIF_ORIENTATION = 0x0112
@@ -95,14 +94,8 @@ def device_pixels(
     for row, image in zip(on_device, decode_jpegs([images[row] for row in on_device], device)):
         if image is not None:
             pixels[row] = letterbox_tensor(crop_tensor(apply_orientation(image, orientations[row]), bboxes[row]), size)
-    rejected = []
-    for row in range(len(images)):
-        if row in pixels:
-            continue
-        try:
-            pixels[row] = torch.from_numpy(preprocess(images[row] or b"", bboxes[row], size, None, max_pixels)).to(device)
-        except Exception as error:  # noqa: BLE001 - one odd file must not fail the job; it is reported
-            rejected.append((row, reject_reason(error)))
+    on_cpu, rejected = cpu_pixels(images, bboxes, [row for row in range(len(images)) if row not in pixels], size, max_pixels)
+    pixels.update((row, torch.from_numpy(array).to(device)) for row, array in on_cpu.items())
     kept = sorted(pixels)
     stacked = torch.stack([pixels[row] for row in kept]) if kept else torch.zeros((0, 3, size, size), dtype=torch.uint8, device=device)
     return stacked, kept, rejected

@@ -185,15 +185,22 @@ def block_top_k(
     fast = block_scores(query_global, block_global) if scores is None else scores
     tolerance = score_tolerance(query_global.shape[1])
     take = min(count, k + TOP_K_MARGIN)
-    values, candidates = torch.topk(fast, take, dim=1)
-    threshold = values[:, k - 1] - 2 * tolerance  # anything below cannot reach the exact top k
-    if floor is not None:
-        threshold = torch.maximum(threshold, floor[0] - tolerance)  # nor anything whose exact score is below the floor's
-    if take < count and bool((values[:, -1] >= threshold).any()):
-        take = int((fast >= threshold[:, None]).sum(1).max())
+    # A row whose fast score is below the floor's by more than the tolerance scores below it exactly.
+    candidates = None if floor is None else rows_at_or_above(fast, floor[0] - tolerance, take, k)
+    if candidates is not None:
+        scored = candidates >= 0
+        candidates = candidates.clamp(min=0)  # padding: a valid position, its score stays -inf
+    else:
         values, candidates = torch.topk(fast, take, dim=1)
+        threshold = values[:, k - 1] - 2 * tolerance  # anything below cannot reach the exact top k
+        if floor is not None:
+            threshold = torch.maximum(threshold, floor[0] - tolerance)  # nor anything whose exact score is below the floor's
+        if take < count and bool((values[:, -1] >= threshold).any()):
+            take = int((fast >= threshold[:, None]).sum(1).max())
+            values, candidates = torch.topk(fast, take, dim=1)
+        scored = values >= threshold[:, None]
     # Exact scores only where a row may be kept: with a floor, a few per query.
-    query, column = (values >= threshold[:, None]).nonzero(as_tuple=True)
+    query, column = scored.nonzero(as_tuple=True)
     exact = torch.full(candidates.shape, float("-inf"), dtype=torch.float32, device=fast.device)
     if block_double is None and block_global.device.type == "cpu":
         block_double = block_global.double()
@@ -204,6 +211,26 @@ def block_top_k(
     keys = keys.masked_fill(torch.isneginf(exact), torch.iinfo(torch.int64).max)
     found = TopK(exact, keys, rows[candidates])
     return found.take(order_by_score(found.scores, found.keys)[:, :k])
+
+
+def rows_at_or_above(scores: torch.Tensor, bound: torch.Tensor, limit: int, width: int) -> torch.Tensor | None:
+    """Per query, the positions of a block's rows scoring at least `bound` [Q] in `scores` [Q, G],
+    in block order, as [Q, max(width, most a query has)] padded with -1; None where some query
+    has more than `limit`. Once a floor leaves out all but a few rows a query, this is one
+    comparison a row where a top-k costs ~9x (a 1,024-query tile x 28k rows on one CPU thread:
+    0.009 s against torch.topk's 0.082 s at k = 116)."""
+    if scores.device.type == "cpu":
+        flat = torch.from_numpy(np.flatnonzero(scores.numpy() >= bound.numpy()[:, None]))
+    else:
+        flat = (scores >= bound[:, None]).reshape(-1).nonzero().squeeze(1)
+    query, row = flat // scores.shape[1], flat % scores.shape[1]
+    per_query = torch.bincount(query, minlength=scores.shape[0])
+    most = int(per_query.max()) if len(query) else 0
+    if most > limit:
+        return None
+    positions = torch.full((scores.shape[0], max(width, most)), -1, dtype=torch.int64, device=scores.device)
+    positions[query, torch.arange(len(query), device=scores.device) - (torch.cumsum(per_query, 0) - per_query)[query]] = row
+    return positions
 
 
 def at_or_before(scores: torch.Tensor, keys: torch.Tensor, boundary_score: torch.Tensor, boundary_key: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from mga.metrics import RetrievalMetrics, rank_metrics
 from mga.retrieval import (
-    block_pair_scores, block_top_k, count_ranked_above, exact_top_k, kth_of, merge_top_k, pair_scores, reranked_ranks, retrieve, stricter_floor, tie_keys,
+    block_pair_scores, block_top_k, count_ranked_above, exact_top_k, kth_of, merge_top_k, pair_scores, reranked_ranks, retrieve, rows_at_or_above, stricter_floor, tie_keys,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -88,6 +88,18 @@ def test_blocks_cut_at_another_scans_floor_still_merge_to_the_exact_top_k():
     score, key = stricter_floor(first, second)
     assert score.tolist() == pytest.approx([0.6, 0.5, 0.7]) and key.tolist() == [9, 2, 1]
     assert stricter_floor(None, second) is second and stricter_floor(first, None) is first
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_at_or_above_a_floor_in_block_order_padded_or_none_past_the_limit(device):
+    """The floor's shortcut of block_top_k: each query's rows at or above its bound, in block
+    order, padded with -1 to the widest query (at least `width`); None once a query has more than `limit`."""
+    scores = torch.tensor([[0.1, 0.5, 0.3, 0.5], [0.9, 0.8, 0.7, 0.6], [0.0, 0.0, 0.0, 0.0]], device=device)
+    bound = torch.tensor([0.3, 0.75, 0.1], device=device)
+    assert rows_at_or_above(scores, bound, 4, 1).tolist() == [[1, 2, 3], [0, 1, -1], [-1, -1, -1]]
+    assert rows_at_or_above(scores, bound, 4, 5).tolist() == [[1, 2, 3, -1, -1], [0, 1, -1, -1, -1], [-1] * 5]
+    assert rows_at_or_above(scores, bound, 2, 1) is None
+    assert rows_at_or_above(scores, torch.ones(3, device=device), 2, 0).shape == (3, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -22,7 +22,8 @@ from safetensors.torch import save as save_safetensors
 
 from mga.config import ModelConfig
 from mga.errors import InputError
-from mga.model import MGAModel
+from mga.ata import AttentionTokenAlignment
+from mga.model import MGAModel, token_alignment
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -67,11 +68,32 @@ def verify_artifact(files: dict[str, bytes], where: str = "artifact") -> tuple[s
 def unpack_artifact(files: dict[str, bytes], where: str = "artifact") -> tuple[MGAModel, str, dict[str, Any]]:
     """(model in eval mode, model_id, config dict) from artifact files; `where` names it in errors."""
     actual, config = verify_artifact(files, where)
+    model = MGAModel(_model_config(config))
+    _load_weights(model, load_safetensors(files[WEIGHTS]), where)
+    return model, actual, config
+
+
+def unpack_alignment(files: dict[str, bytes], where: str = "artifact") -> tuple[AttentionTokenAlignment, ModelConfig, str]:
+    """(the model's ATA head in eval mode, its config, model_id) from artifact files: what a rerank
+    needs, without building the backbone (at tf_efficientnetv2_s: timm's import and the build,
+    ~2 s of CPU, and ~0.1 GB of weights)."""
+    actual, config = verify_artifact(files, where)
+    model_config = _model_config(config)
+    alignment = token_alignment(model_config)
+    prefix = "alignment."
+    state = {name.removeprefix(prefix): tensor for name, tensor in load_safetensors(files[WEIGHTS]).items() if name.startswith(prefix)}
+    _load_weights(alignment, state, where)
+    return alignment, model_config, actual
+
+
+def _model_config(config: dict[str, Any]) -> ModelConfig:
     # Artifacts from before `ata_layer_scale` existed were built with plain blocks (0).
-    model = MGAModel(ModelConfig(**{"ata_layer_scale": 0.0, **config["model"]}))
-    state = load_safetensors(files[WEIGHTS])
-    result = model.load_state_dict(state, strict=False)
+    return ModelConfig(**{"ata_layer_scale": 0.0, **config["model"]})
+
+
+def _load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load `state` into `module` (eval mode), refusing weights that do not fit it."""
+    result = module.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ArtifactError(f"{where}: weights do not fit the config: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-    model.eval()
-    return model, actual, config
+    module.eval()

@@ -39,6 +39,20 @@ class PairScores:
     score: torch.Tensor
 
 
+def token_alignment(config: ModelConfig) -> AttentionTokenAlignment:
+    """The ATA head of a model of `config`: all of the model a rerank runs (S_token, eqs. 4-6)."""
+    return AttentionTokenAlignment(
+        num_layers=len(config.layers),
+        token_dim=config.token_dim,
+        heads=config.heads,
+        mlp_ratio=config.mlp_ratio,
+        temperature=config.temperature,
+        token_reduce=config.token_reduce,
+        stage2_keys=config.stage2_keys,
+        layer_scale=config.ata_layer_scale,
+    )
+
+
 class MGAModel(nn.Module):
     def __init__(self, config: ModelConfig, hub: bool = False, weights_file: str | Path | None = None) -> None:
         super().__init__()
@@ -47,16 +61,7 @@ class MGAModel(nn.Module):
         self.aggregators = nn.ModuleList(
             FineGranularAggregator(channels, config.token_dim, config.num_tokens) for channels in self.backbone.channels
         )
-        self.alignment = AttentionTokenAlignment(
-            num_layers=len(config.layers),
-            token_dim=config.token_dim,
-            heads=config.heads,
-            mlp_ratio=config.mlp_ratio,
-            temperature=config.temperature,
-            token_reduce=config.token_reduce,
-            stage2_keys=config.stage2_keys,
-            layer_scale=config.ata_layer_scale,
-        )
+        self.alignment = token_alignment(config)
 
     def forward(self, images: torch.Tensor) -> tuple[Embedding, torch.Tensor]:
         """uint8 images [B, 3, H, W] -> (embedding, global feature before normalisation)."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mga.artifact import CONFIG, INDEX, WEIGHTS, ArtifactError, unpack_artifact, verify_artifact
+from mga.artifact import CONFIG, INDEX, WEIGHTS, ArtifactError, unpack_alignment, unpack_artifact, verify_artifact
+from mga.ata import AttentionTokenAlignment
+from mga.config import ModelConfig
 from mga.model import MGAModel
 from pipelines.storage import StorageError, resolve
 
@@ -67,9 +69,18 @@ class ModelSource:
 
     def load(self) -> tuple[MGAModel, dict[str, Any]]:
         model, model_id, config = load_model(self.uri)
+        self._check(model_id)
+        return model, config
+
+    def load_alignment(self) -> tuple[AttentionTokenAlignment, ModelConfig]:
+        """The model's ATA head alone and its config (mga.artifact.unpack_alignment): what a rerank runs."""
+        alignment, config, model_id = _one_line(unpack_alignment, read_artifact_files(self.uri), resolve(self.uri).uri)
+        self._check(model_id)
+        return alignment, config
+
+    def _check(self, model_id: str) -> None:
         if model_id != self.model_id:
             raise ArtifactError(f"{resolve(self.uri).uri} now holds model_id {model_id}, not {self.model_id} the job started with (replaced mid-job?): run the job again")
-        return model, config
 
 
 __all__ = ["ArtifactError", "ModelSource", "load_artifact", "load_model", "model_info", "read_artifact_files", "write_artifact"]

@@ -14,7 +14,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from mga import LossConfig, MGAModel, ModelConfig
-from mga.artifact import ArtifactError, artifact_id, pack_artifact, unpack_artifact, verify_artifact
+from mga.artifact import ArtifactError, artifact_id, pack_artifact, unpack_alignment, unpack_artifact, verify_artifact
 from mga.fga import aggregate_tokens
 from mga.objective import MGAObjective, batch_hard_triplet_loss
 from mga.similarity import token_similarity, within_image_token_cosine
@@ -184,6 +184,13 @@ def test_artifact_round_trip_and_tamper_detection(tiny_model):
     batch = images(2)
     with torch.no_grad():
         assert torch.allclose(loaded.embed(batch).global_feature, tiny_model.embed(batch).global_feature, atol=1e-6)
+    # A rerank's load: the ATA head alone, no backbone, the same S_token as the whole model's.
+    alignment, model_config, alignment_id = unpack_alignment(files)
+    assert alignment_id == model_id and model_config == tiny_model.config and not alignment.training
+    tokens = tiny_model.embed(batch).tokens
+    with torch.no_grad():
+        swapped = [layer.flip(0) for layer in tokens]
+        assert torch.equal(alignment(tokens, swapped), tiny_model.align_tokens(tokens, swapped))
     tampered = dict(files)
     tampered["config.json"] = files["config.json"].replace(b'"alpha": 0.5', b'"alpha": 0.9')
     with pytest.raises(ArtifactError, match="model_id mismatch"):

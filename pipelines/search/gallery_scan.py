@@ -50,6 +50,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from mga.config import ModelConfig
+from mga.model import MGAModel
 from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, kth_of, merge_top_k, stricter_floor, tie_keys
 from pipelines.memory import release_freed_memory
 from pipelines.model_store import ModelSource
@@ -142,11 +144,11 @@ class GalleryScanner:
     """Reads gallery pieces and scores them against the current query chunk, for the whole job:
     a Ray actor (ScannerPool), or an object in the calling process given its model (LocalScanner)."""
 
-    def __init__(self, location: Location, model: ModelSource | torch.nn.Module, gallery_filter: pc.Expression, use_gpu: bool, keep_bytes: int = 0) -> None:
+    def __init__(self, location: Location, model: ModelSource | MGAModel, gallery_filter: pc.Expression, use_gpu: bool, keep_bytes: int = 0) -> None:
         self.location, self.gallery_filter = location, gallery_filter
-        # A source is loaded at the first token scan (ScannerPool's actors); a model is used as it is (LocalScanner).
-        self.source, self.model = (model, None) if isinstance(model, ModelSource) else (None, model)
-        self.device = actor_device(use_gpu) if self.model is None else next(self.model.parameters()).device
+        # A source's ATA head is loaded at the first token scan (ScannerPool's actors); a model's is used as it is (LocalScanner).
+        self.source, self.alignment, self.token_shape = (model, None, None) if isinstance(model, ModelSource) else (None, model.alignment, _token_shape(model.config))
+        self.device = actor_device(use_gpu) if self.alignment is None else next(model.parameters()).device
         self.cached: dict[str, tuple[str, Any]] = {}
         self.running: tuple[tuple[str, int, str], set[Piece], TopK | None] | None = None
         # Gallery pieces kept for the next query chunks, up to `keep_bytes`: a search of many
@@ -242,8 +244,9 @@ class GalleryScanner:
     def score_tokens(self, piece: Piece, chunk: Shared, pairs: Shared, token_names: list[str], rerank_batch: int) -> dict[str, np.ndarray]:
         """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA:
         {"pair": the pairs' positions in `pairs`, "score_token", "bytes_read": of the token columns}."""
-        if self.model is None:  # here, not at __init__: a search that reranks nothing never needs it
-            self.model = self.source.load()[0].to(self.device).eval()
+        if self.alignment is None:  # here, not at __init__: a search that reranks nothing never needs it
+            alignment, config = self.source.load_alignment()
+            self.alignment, self.token_shape = alignment.to(self.device), _token_shape(config)
         queries = self._cached("chunk", chunk, self._queries)
         pair_ids, pair_query, pair_index = self._cached("pairs", pairs, _sorted_pairs)
         fragment = piece_fragment(self.location.fs, piece)
@@ -254,10 +257,9 @@ class GalleryScanner:
         if not wanted.any():
             return {"pair": np.zeros(0, np.int64), "score_token": np.zeros(0, np.float32), "bytes_read": 0}
         # Tokens only of the candidates, from the row groups that hold one (a piece spans several).
-        token_shape = (self.model.config.num_tokens, self.model.config.token_dim)
         with ranged_file(self.location.fs, piece[0]) as file:
-            stored, bytes_read = fragment_rows(file, fragment, wanted, token_names, token_shape[0] * token_shape[1])
-        tokens = [torch.from_numpy(layer.reshape(-1, *token_shape)) for layer in stored]
+            stored, bytes_read = fragment_rows(file, fragment, wanted, token_names, self.token_shape[0] * self.token_shape[1])
+        tokens = [torch.from_numpy(layer.reshape(-1, *self.token_shape)) for layer in stored]
         first, per_row = first[wanted], (last - first)[wanted]
         block_row = np.repeat(np.arange(len(per_row)), per_row)
         pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
@@ -271,7 +273,7 @@ class GalleryScanner:
             # bf16 on a GPU, as embed does: 1.5x the pairs/s at 4096 pairs a call on an H100,
             # S_token within 0.005 of fp32 (bench/RESULTS.md).
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                result = self.model.align_tokens(
+                result = self.alignment(
                     [layer[query].float() for layer in queries["tokens"]], [layer[gallery_rows].to(self.device).float() for layer in tokens]
                 )
             valid = min(rerank_batch, len(pair) - start)
@@ -279,6 +281,11 @@ class GalleryScanner:
         del tokens, stored  # (the tensors share the arrays' memory)
         release_freed_memory()  # the piece's tokens and ATA's activations: not carried into the next scans
         return {"pair": pair_index[pair], "score_token": scores, "bytes_read": bytes_read}
+
+
+def _token_shape(config: ModelConfig) -> tuple[int, int]:
+    """(tokens a layer, token width) of an image's stored tokens."""
+    return config.num_tokens, config.token_dim
 
 
 def _sorted_pairs(pairs: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -47,6 +47,12 @@ class ScanStats:
     pieces_read: int = 0
 
 
+# The token scan's pieces are a quarter of the shortlist's: on a CPU, ATA on a piece's pairs costs
+# ~2.5x its shortlist scan, and the last piece to finish holds up the chunk (250k x 10^4 in ten
+# pieces: 57k or 43k pairs each, one actor idle for the last 3 s).
+TOKEN_PIECE_SPLIT = 4
+
+
 def busy_actors(gallery_rows: int) -> int:
     """The most scan actors a gallery keeps busy: one per smallest piece (more would have none to scan)."""
     return max(1, -(-gallery_rows // MIN_PIECE_ROWS))
@@ -66,7 +72,8 @@ class ChunkSearch:
     goes `reserve` rows deeper than the rankings: what an incremental search draws on when the
     gallery loses rows. With `keep_gallery` (more than one chunk to search) the scanners keep
     the gallery rows they read for the next chunks, as far as their memory budget goes. The gallery is scanned in pieces
-    of at most `piece_rows` rows (`piece_rows_for`: fine enough that every actor gets several)."""
+    of at most `piece_rows` rows (`piece_rows_for`: fine enough that every actor gets several), the
+    token scan in pieces of a `TOKEN_PIECE_SPLIT`th of that."""
 
     gallery: Gallery
     pool: ScannerPool | LocalScanner
@@ -121,7 +128,7 @@ class ChunkSearch:
             return scores
         started = time.perf_counter()
         pairs = pa.table({"gallery_id": gallery_ids, "query": pa.array(query_rows, pa.int32())})
-        pieces = self.gallery.pieces(("image_id", pc.unique(gallery_ids).to_pylist()), max_rows=self.piece_rows)
+        pieces = self.gallery.pieces(("image_id", pc.unique(gallery_ids).to_pylist()), max_rows=max(MIN_PIECE_ROWS, self.piece_rows // TOKEN_PIECE_SPLIT))
         names = token_columns(self.gallery.table.info)
         for scored in self.pool.map("score_tokens", pieces, shared, self.pool.share(pairs), names, self.rerank_batch):
             scores[scored["pair"]] = scored["score_token"]

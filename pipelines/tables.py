@@ -33,7 +33,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
@@ -114,7 +114,16 @@ def _file_path(location: Location, path: str) -> str:
     return posixpath.join(location.path, unquote(path))
 
 
-def _may_hold(wanted: list, low: Any, high: Any) -> bool:
+class _SortedValues(tuple):
+    """A condition's values, sorted and unique: sorted once for every file and row group a
+    listing prunes (216k candidate ids sorted again for each file cost a search 0.65 s)."""
+
+
+def _sorted_conditions(where: Iterable[tuple[str, Iterable[str]]]) -> list[tuple[str, _SortedValues]]:
+    return [(column, values if isinstance(values, _SortedValues) else _SortedValues(sorted(set(values)))) for column, values in where]
+
+
+def _may_hold(wanted: Sequence[Any], low: Any, high: Any) -> bool:
     """Whether sorted `wanted` has a value in [low, high] (unknown bounds: maybe)."""
     if low is None or high is None:
         return True
@@ -146,10 +155,9 @@ class Snapshot:
         binary search per file); files without statistics are always read.
         """
         keep = [True] * self.files.num_rows
-        for column, values in where:
+        for column, wanted in _sorted_conditions(where):
             if f"min.{column}" not in self.files.column_names:
                 continue
-            wanted = sorted(set(values))
             lows, highs = self.files.column(f"min.{column}").to_pylist(), self.files.column(f"max.{column}").to_pylist()
             keep = [kept and _may_hold(wanted, low, high) for kept, low, high in zip(keep, lows, highs)]
         return [path for path, kept in zip(self.files.column("path").to_pylist(), keep) if kept]
@@ -158,11 +166,13 @@ class Snapshot:
         """(path, row groups) of the data files that may hold rows with `column in values` for
         every condition: the files by `paths`, then their row groups by their footers'
         statistics (`row_groups`); a file with no such row group is left out."""
+        where = _sorted_conditions(where)
         return [(path, groups) for path in self.paths(*where) if (groups := row_groups(self.location, path, where))]
 
     def runs(self, *where: tuple[str, Iterable[str]], max_rows: int) -> list[tuple[str, tuple[int, ...]]]:
         """(path, row groups) pieces of at most `max_rows` rows (`row_group_runs`) that may hold
         rows with `column in values` for every condition, by file and row-group statistics."""
+        where = _sorted_conditions(where)
         return [(path, run) for path in self.paths(*where) for run in row_group_runs(self.location, path, where, max_rows)]
 
     def only(self, paths: Iterable[str]) -> "Snapshot":
@@ -242,7 +252,7 @@ def row_group_runs(location: Location, path: str, where: Iterable[tuple[str, Ite
 def _kept_row_groups(metadata: pq.FileMetaData, where: Iterable[tuple[str, Iterable[str]]]) -> list[tuple[int, int]]:
     """(row group, rows) of the groups whose statistics may hold every `column in values`."""
     names = metadata.schema.to_arrow_schema().names
-    conditions = [(names.index(column), sorted(set(values))) for column, values in where if column in names]
+    conditions = [(names.index(column), values) for column, values in _sorted_conditions(where) if column in names]
     kept = []
     for group in range(metadata.num_row_groups):
         chunks = metadata.row_group(group)

@@ -1,7 +1,7 @@
 """Search's two kernels on one device: the blocked exact shortlist and the ATA rerank.
 
 1. Shortlist: exact top-k of Q queries over a G x D gallery, scanned in blocks as a search
-   actor does (mga.retrieval.exact_top_k), at depth 100 and at a depth beyond
+   actor does (mga.shortlist.exact_top_k), at depth 100 and at a depth beyond
    faiss's GPU cap of 2048; gallery scores per second, and (optionally) faiss IndexFlatIP
    on the same data at depth 100 for comparison, in the same run.
 2. Rerank: ATA pairs/s with the paper's token sizes (3 layers x M 8 x d 128) against the
@@ -21,7 +21,7 @@ import torch
 
 from mga.ata import AttentionTokenAlignment
 from mga.config import ModelConfig
-from mga.retrieval import exact_top_k
+from mga.shortlist import exact_top_k
 
 
 def synchronize(device: torch.device) -> None:
@@ -65,7 +65,7 @@ def main() -> None:
     shortlist_rate(queries[:8], gallery[: args.block * 2], keys[: args.block * 2], 100, args.block)  # warm-up
     for depth in (100, args.deep):
         seconds = shortlist_rate(queries, gallery, keys, depth, args.block)
-        print(f"| blocked exact (mga.retrieval), {args.gallery:,} x {config.global_dim}, {args.queries} queries | {depth} | {seconds:.2f} | {args.queries * args.gallery / seconds:.3g} |")
+        print(f"| blocked exact (mga.shortlist), {args.gallery:,} x {config.global_dim}, {args.queries} queries | {depth} | {seconds:.2f} | {args.queries * args.gallery / seconds:.3g} |")
     try:
         import faiss
     except ImportError:

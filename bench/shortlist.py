@@ -1,4 +1,4 @@
-"""Shortlist: search's exact blocked top-k (mga.retrieval) and faiss indexes against a NumPy top-k.
+"""Shortlist: search's exact blocked top-k (mga.shortlist) and faiss indexes against a NumPy top-k.
 
 Prints time ratios and recall@100 measured side by side on the same 100k x D vectors.
 Usage: python bench/shortlist.py [--gallery 100000] [--dim 128] [--queries 1000]
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bench.common import machine, timed
-from mga.retrieval import exact_top_k
+from mga.shortlist import exact_top_k
 from pipelines.search.approximate import new_index
 
 
@@ -61,7 +61,7 @@ def main() -> None:
     with timed() as search_time:
         found = blocked_exact(gallery, queries, args.k)
     recall = np.mean([len(set(t) & set(f)) / args.k for t, f in zip(truth, found)])
-    print(f"| exact, blocked (mga.retrieval) | - | {search_time[0]:.3f} | {brute_time[0] / search_time[0]:.1f}x | {recall:.4f} |")
+    print(f"| exact, blocked (mga.shortlist) | - | {search_time[0]:.3f} | {brute_time[0] / search_time[0]:.1f}x | {recall:.4f} |")
     for kind in ("flat", "ivf", "hnsw", "ivfpq"):
         with timed() as build_time:
             index = faiss.IndexFlatIP(args.dim) if kind == "flat" else new_index(kind, args.dim, len(gallery))

@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from bench.common import machine
-from mga.retrieval import TopK, at_or_before, kth_of, merge_top_k, stricter_floor
+from mga.shortlist import TopK, at_or_before, kth_of, merge_top_k, stricter_floor
 from pipelines.search.shortlist_merge import ShortlistMerge, block_entries
 
 

@@ -4,8 +4,11 @@ The modules follow the paper (Zhu et al., "Fashion Image Retrieval with Multi-Gr
 Alignment"): `backbone` (Sec. 2.1 image encoder), `fga` (Fine-Granular Aggregator,
 eqs. 1-2), `similarity` (eqs. 3-6), `ata` (Attention-based Token Alignment), `model`
 (the whole network), `objective` (identity + multi-granular triplet loss, Sec. 2.3),
-`metrics` (R@K, mAP), `transforms` (decoding and augmentation), `artifact` (weights
-and config without pickles), `sampling` (P x K batches).
+`global_scores` (eq. 3 exactly, and the fast matmul's error bound), `shortlist` (the exact
+blocked top-k and every positive's full-gallery rank), `retrieval` (rank, then rerank: the
+one step training validation and search share), `metrics` (R@K, mAP), `transforms`
+(decoding and augmentation), `artifact` (weights and config without pickles), `sampling`
+(P x K batches).
 """
 
 from typing import Any

@@ -1,4 +1,4 @@
-"""mga.retrieval: the blocked exact shortlist, positive ranks and the rerank, against brute force.
+"""mga.shortlist and mga.retrieval: the blocked exact shortlist, positive ranks and the rerank, against brute force.
 
 Runs on the CPU and, where CUDA is present, on the GPU too (at a depth above faiss's
 GPU cap of 2048).
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mga.metrics import RetrievalMetrics, rank_metrics
-from mga.retrieval import (
-    block_pair_scores, block_top_k, count_ranked_above, exact_top_k, kth_of, merge_top_k, pair_scores, reranked_ranks, retrieve, rows_at_or_above, stricter_floor, tie_keys,
-)
+from mga.global_scores import block_pair_scores, pair_scores
+from mga.retrieval import reranked_ranks, retrieve, tie_keys
+from mga.shortlist import block_top_k, count_ranked_above, exact_top_k, kth_of, merge_top_k, rows_at_or_above, stricter_floor
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -19,7 +19,8 @@ import torch
 
 from mga.errors import InputError
 from mga.metrics import RetrievalMetrics
-from mga.retrieval import pair_scores, tie_keys
+from mga.global_scores import pair_scores
+from mga.retrieval import tie_keys
 from pipelines import cli, evaluate, search
 from pipelines.model_store import load_model
 from pipelines.schemas import POSITIVES, RANKINGS, features_schema

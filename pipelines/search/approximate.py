@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mga.retrieval import TopK, order_by_score, tie_keys
+from mga.retrieval import tie_keys
+from mga.shortlist import TopK, order_by_score
 from pipelines.schemas import column_matrix
 from pipelines.search import INDEX_KINDS
 from pipelines.search.shortlist_merge import Shortlisted

@@ -9,7 +9,7 @@ job's `GalleryScanner` actors (`ScannerPool` hands each free actor the next piec
    (O(queries)). For each block the actor returns the entries of the block's exact
    top-`depth` per query that beat the floor (the k-th of what the actor has scanned, or of
    the driver's merged list when the piece was sent) and, per positive, how many of the
-   block's rows come before it in the global order (mga.retrieval). The driver folds the
+   block's rows come before it in the global order (mga.shortlist). The driver folds the
    blocks in as they arrive (pipelines.search.shortlist_merge): O(queries x depth).
 2. **Token scan** (`GalleryScanner.score_tokens`): only the pieces whose statistics may hold
    a candidate some query shortlisted into its reranked head are read, and in them only
@@ -52,7 +52,9 @@ import torch
 
 from mga.config import ModelConfig
 from mga.model import MGAModel
-from mga.retrieval import TopK, block_scores, block_top_k, count_ranked_above, kth_of, merge_top_k, stricter_floor, tie_keys
+from mga.global_scores import block_scores
+from mga.retrieval import tie_keys
+from mga.shortlist import TopK, block_top_k, count_ranked_above, kth_of, merge_top_k, stricter_floor
 from pipelines.memory import release_freed_memory
 from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
@@ -220,7 +222,7 @@ class GalleryScanner:
             return {"rows": 0, "counts": counts.cpu().numpy()}, None
         keys, gallery = block.keys.to(self.device), block.features.to(self.device)
         floor = stricter_floor(None if running is None else kth_of(running, depth), merged_floor)
-        # The block in float64 once for all query tiles: their exact scores (mga.retrieval.block_pair_scores).
+        # The block in float64 once for all query tiles: their exact scores (mga.global_scores.block_pair_scores).
         gallery_double = gallery.double() if gallery.device.type == "cpu" else None
         tiles = []
         with torch.inference_mode():

@@ -12,7 +12,7 @@ were removed (deleted, changed, filtered out) and added, and which queries; then
   last entry in the global order (or the whole gallery, when it is as long as the gallery
   was). Dropping the removed rows leaves every remaining row at or before that boundary; the
   added rows are scanned (their files only) for each query's top, and those at or before the
-  boundary merged in (mga.retrieval.merge_known_top_k). The merged list is exactly the new
+  boundary merged in (mga.shortlist.merge_known_top_k). The merged list is exactly the new
   gallery's top as deep as it reaches; a query whose list no longer reaches `--depth` is
   searched again in full. The head is reranked with the stored S_token and, for rows that
   lack one (added rows, rows moved up into the head), S_token computed from those rows' tokens.
@@ -47,7 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mga.retrieval import TopK, merge_known_top_k, order_by_score, tie_keys
+from mga.retrieval import tie_keys
+from mga.shortlist import TopK, merge_known_top_k, order_by_score
 from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS
 from pipelines.search.changes import RowChanges, VersionGone, row_changes
 from pipelines.search.shortlist_merge import Shortlisted

@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mga.errors import InputError
-from mga.retrieval import pair_scores, tie_keys
+from mga.global_scores import pair_scores
+from mga.retrieval import tie_keys
 from pipelines.filters import RowFilter, parse_filter
 from pipelines.schemas import column_matrix, token_columns
 from pipelines.storage import StorageError, credentials_hint

@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 
 from mga.errors import InputError
-from mga.retrieval import TopK, at_or_before, kth_of, merge_top_k
+from mga.shortlist import TopK, at_or_before, kth_of, merge_top_k
 
 
 def owned_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -222,6 +222,8 @@ def count_ranked_above(
     positive_score: torch.Tensor,
     positive_key: torch.Tensor,
     block_double: torch.Tensor | None = None,
+    listed: TopK | None = None,
+    floor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """How many rows of a gallery block come before each positive in the global order.
 
@@ -229,14 +231,24 @@ def count_ranked_above(
     belongs to query `positive_query[p]`, has exact score `positive_score[p]` (pair_scores)
     and tie key `positive_key[p]`; `block_double` as `block_top_k` takes it. Summed over every
     block, plus one, this is the positive's full-gallery global rank. Returns [P] int64.
+
+    `listed` is `block_top_k`'s list of the same queries over this block (cut at `floor`): a
+    positive that every row missing from its query's list comes after is counted off the list
+    (with a trained model, nearly every positive: they rank near the top); the others by
+    comparing its query's scores over the whole block (all of them in random data).
     """
+    counts = torch.zeros(len(positive_query), dtype=torch.int64, device=scores.device)
+    todo = torch.arange(len(positive_query), device=scores.device)
+    if listed is not None and len(positive_query):
+        on_list, listed_before = _counted_on_list(listed, floor, scores.shape[1], positive_query, positive_score, positive_key)
+        counts[on_list] = listed_before[on_list]
+        todo = todo[~on_list]
     tolerance = score_tolerance(query_global.shape[1])
     width = scores.shape[1]
-    counts = torch.zeros(len(positive_query), dtype=torch.int64, device=scores.device)
-    for start in range(0, len(positive_query), COUNT_CHUNK):
-        part = slice(start, start + COUNT_CHUNK)
-        query, score, key = positive_query[part], positive_score[part], positive_key[part]
-        counts[part], near = _above_and_near(scores, query, score[:, None], tolerance)
+    for start in range(0, len(todo), COUNT_CHUNK):
+        index = todo[start:start + COUNT_CHUNK]
+        query, score, key = positive_query[index], positive_score[index], positive_key[index]
+        above, near = _above_and_near(scores, query, score[:, None], tolerance)
         # Rows within the tolerance of a positive's score (the positive itself among them when it
         # is in this block) are decided exactly: ~20 a positive scoring near the middle of a
         # 50k-row block of random vectors, where rows are densest; a few near the top.
@@ -246,5 +258,24 @@ def count_ranked_above(
         if len(pair):
             exact = block_pair_scores(query_global, block_global, query[pair], row, block_double)
             before = (exact > score[pair]) | ((exact == score[pair]) & (block_keys[row] < key[pair]))
-            counts[part].index_add_(0, pair, before.long())  # a slice is a view: adds in place
+            above.index_add_(0, pair, before.long())
+        counts[index] = above
     return counts
+
+
+def _counted_on_list(
+    listed: TopK, floor: tuple[torch.Tensor, torch.Tensor] | None, rows: int, query: torch.Tensor, score: torch.Tensor, key: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per positive: whether every block row before it is on its query's list, and how many
+    listed rows come before it. A row missing from a list comes after its last entry (the list
+    is the block's top k of the rows at or before the floor), so a positive with a listed row
+    at or after it is decided; so is one at or before the floor when fewer than k rows made
+    the list (all rows at or before the floor did), and any positive when every row did."""
+    scores, keys = listed.scores[query], listed.keys[query]
+    before = (scores > score[:, None]) | ((scores == score[:, None]) & (keys < key[:, None]))  # padding (-inf) never is
+    count, length = before.sum(1), torch.isfinite(scores).sum(1)
+    decided = (count < length) | (length == rows)
+    if floor is not None:
+        within = at_or_before(score[:, None], key[:, None], floor[0][query], floor[1][query])[:, 0]
+        decided |= (length < scores.shape[1]) & within
+    return decided, count

@@ -47,19 +47,26 @@ def test_blocked_top_k_and_positive_ranks_equal_brute_force(device):
     shortlist = exact_top_k(q, g, k, depth, gallery_block=700)  # blocks of 700, the last one shorter
     assert np.array_equal(shortlist.rows.cpu().numpy(), truth[:, :depth])
 
-    # Every 97th gallery image as a "positive" of every query: its rank, counted blockwise.
-    positive_rows = np.arange(0, len(gallery), 97)
-    pq = np.repeat(np.arange(len(queries)), len(positive_rows))
-    pg = np.tile(positive_rows, len(queries))
+    # As "positives" of every query: every 97th gallery image, and its first 20 in the global order
+    # (ties and duplicates among them): their ranks, counted blockwise, by comparing each positive's
+    # scores over the block, or off the block's top list (cut at a running floor, as the scan does) where it can.
+    pq = np.repeat(np.arange(len(queries)), 52 + 20)
+    pg = np.concatenate([np.concatenate([np.arange(0, len(gallery), 97), truth[query, :20]]) for query in range(len(queries))])
     score = pair_scores(q[on(pq)], g[on(pg)])
     counts = torch.zeros(len(pq), dtype=torch.int64, device=device)
+    counts_with_lists, running = torch.zeros_like(counts), None
     for start in range(0, len(gallery), 700):
-        block = g[start:start + 700]
+        block, block_keys = g[start:start + 700], k[start:start + 700]
         # On a CPU the near rows' exact scores come from the block in float64, as the search's scan passes it.
         block_double = block.double() if device == "cpu" else None
-        counts += count_ranked_above(q @ block.t(), q, block, k[start:start + 700], on(pq), score, k[on(pg)], block_double)
+        counts += count_ranked_above(q @ block.t(), q, block, block_keys, on(pq), score, k[on(pg)], block_double)
+        floor = None if running is None else kth_of(running, 60)
+        listed = block_top_k(q, block, block_keys, 60, torch.arange(start, start + len(block), device=device), floor=floor)
+        counts_with_lists += count_ranked_above(q @ block.t(), q, block, block_keys, on(pq), score, k[on(pg)], block_double, listed=listed, floor=floor)
+        running = listed if running is None else merge_top_k(running, listed, 60)
     position = np.argsort(truth, axis=1)  # position[q, g] = 0-based place of gallery row g
     assert np.array_equal(counts.cpu().numpy() + 1, position[pq, pg] + 1)
+    assert np.array_equal(counts_with_lists.cpu().numpy(), counts.cpu().numpy())
 
 
 def test_blocks_cut_at_another_scans_floor_still_merge_to_the_exact_top_k():

@@ -236,7 +236,7 @@ class GalleryScanner:
                 if last > first:
                     counts[first:last] = count_ranked_above(
                         scores, tile, gallery, keys, positive_query[first:last] - start,
-                        queries["positive_score"][first:last], queries["positive_key"][first:last], gallery_double,
+                        queries["positive_score"][first:last], queries["positive_key"][first:last], gallery_double, listed=tiles[-1], floor=tile_floor,
                     )
         found = TopK(*(torch.cat(parts) for parts in zip(*((t.scores, t.keys, t.rows) for t in tiles))))
         # Padding (rows after the floor) is ordered last: the running list merges only the columns some query fills.

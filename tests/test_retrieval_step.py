@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mga.metrics import RetrievalMetrics, rank_metrics
 from mga.global_scores import block_pair_scores, pair_scores
+from mga.metrics import RetrievalMetrics, rank_metrics
 from mga.retrieval import reranked_ranks, retrieve, tie_keys
 from mga.shortlist import block_top_k, count_ranked_above, exact_top_k, kth_of, merge_top_k, rows_at_or_above, stricter_floor
 

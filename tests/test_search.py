@@ -18,13 +18,14 @@ import pytest
 import torch
 
 from mga.errors import InputError
-from mga.metrics import RetrievalMetrics
 from mga.global_scores import pair_scores
+from mga.metrics import RetrievalMetrics
 from mga.retrieval import tie_keys
 from pipelines import cli, evaluate, search
 from pipelines.model_store import load_model
 from pipelines.schemas import POSITIVES, RANKINGS, features_schema
 from pipelines.search.gallery_scan import GalleryRows, KeptGallery
+from pipelines.search.ranking import token_piece_rows
 from pipelines.storage import resolve, write_parquet
 from pipelines.token_ranges import parquet_options
 from pipelines.tables import TableWriter, companion, open_table, read_table
@@ -312,3 +313,13 @@ def test_kept_gallery_rows_read_back_equal_within_the_budget_and_leave_no_file()
     assert os.readlink(f"/proc/self/fd/{kept.file.fileno()}").endswith("(deleted)")
     # What stays in memory holds none of the features' storage.
     assert all(kept_rows.features.untyped_storage().nbytes() == 0 for kept_rows, _ in kept.pieces.values())
+
+
+def test_token_scan_pieces_are_finer_than_the_shortlists_unless_their_pairs_are_sparse():
+    """A quarter of a shortlist piece where pairs are dense (250k x 10^4 on a CPU: ~16k pairs a
+    piece); enough rows for four full ATA calls where they are sparse, never past a shortlist
+    piece (10^8 x 10^4 on GPUs: 4,096 pairs a call), never under a row group's 4,096 rows."""
+    assert token_piece_rows(32500, 500_000, 260_000, 128) == 8125
+    assert token_piece_rows(32500, 5_394, 260_000, 128) == -(-4 * 128 * 260_000 // 5_394)  # an incremental run's few pairs
+    assert token_piece_rows(65536, 500_000, 10**8, 4096) == 65536
+    assert token_piece_rows(4096, 10, 1_000, 128) == 4096

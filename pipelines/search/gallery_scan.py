@@ -51,8 +51,8 @@ import pyarrow.compute as pc
 import torch
 
 from mga.config import ModelConfig
-from mga.model import MGAModel
 from mga.global_scores import block_scores
+from mga.model import MGAModel
 from mga.retrieval import tie_keys
 from mga.shortlist import TopK, block_top_k, count_ranked_above, kth_of, merge_top_k, stricter_floor
 from pipelines.memory import release_freed_memory

@@ -49,13 +49,23 @@ class ScanStats:
 
 # The token scan's pieces are a quarter of the shortlist's: on a CPU, ATA on a piece's pairs costs
 # ~2.5x its shortlist scan, and the last piece to finish holds up the chunk (250k x 10^4 in ten
-# pieces: 57k or 43k pairs each, one actor idle for the last 3 s).
+# pieces: 57k or 43k pairs each, one actor idle for the last 3 s) ...
 TOKEN_PIECE_SPLIT = 4
+# ... unless that leaves a piece fewer pairs than this many ATA calls: every call is padded to
+# the batch (4,096 pairs on a GPU), and sparse pairs (a large gallery, few queries) are cheap to scan.
+TOKEN_PIECE_CALLS = 4
 
 
 def busy_actors(gallery_rows: int) -> int:
     """The most scan actors a gallery keeps busy: one per smallest piece (more would have none to scan)."""
     return max(1, -(-gallery_rows // MIN_PIECE_ROWS))
+
+
+def token_piece_rows(piece_rows: int, pairs: int, gallery_rows: int, rerank_batch: int) -> int:
+    """Rows a token-scan piece holds: a TOKEN_PIECE_SPLIT-th of a shortlist piece, or where the
+    pairs are sparse enough rows for TOKEN_PIECE_CALLS full ATA calls; between MIN_PIECE_ROWS and `piece_rows`."""
+    for_calls = -(-TOKEN_PIECE_CALLS * rerank_batch * gallery_rows // max(pairs, 1))
+    return min(max(piece_rows, MIN_PIECE_ROWS), max(MIN_PIECE_ROWS, piece_rows // TOKEN_PIECE_SPLIT, for_calls))
 
 
 def piece_rows_for(gallery_rows: int, workers: int) -> int:
@@ -73,7 +83,7 @@ class ChunkSearch:
     gallery loses rows. With `keep_gallery` (more than one chunk to search) the scanners keep
     the gallery rows they read for the next chunks, as far as their memory budget goes. The gallery is scanned in pieces
     of at most `piece_rows` rows (`piece_rows_for`: fine enough that every actor gets several), the
-    token scan in pieces of a `TOKEN_PIECE_SPLIT`th of that."""
+    token scan in smaller ones (`token_piece_rows`)."""
 
     gallery: Gallery
     pool: ScannerPool | LocalScanner
@@ -128,7 +138,8 @@ class ChunkSearch:
             return scores
         started = time.perf_counter()
         pairs = pa.table({"gallery_id": gallery_ids, "query": pa.array(query_rows, pa.int32())})
-        pieces = self.gallery.pieces(("image_id", pc.unique(gallery_ids).to_pylist()), max_rows=max(MIN_PIECE_ROWS, self.piece_rows // TOKEN_PIECE_SPLIT))
+        rows = token_piece_rows(self.piece_rows, len(query_rows), self.gallery.table.rows, self.rerank_batch)
+        pieces = self.gallery.pieces(("image_id", pc.unique(gallery_ids).to_pylist()), max_rows=rows)
         names = token_columns(self.gallery.table.info)
         for scored in self.pool.map("score_tokens", pieces, shared, self.pool.share(pairs), names, self.rerank_batch):
             scores[scored["pair"]] = scored["score_token"]

@@ -7,7 +7,6 @@ from typing import Any, Callable
 
 from mga.artifact import CONFIG, INDEX, WEIGHTS, ArtifactError, unpack_alignment, unpack_artifact, verify_artifact
 from mga.ata import AttentionTokenAlignment
-from mga.config import ModelConfig
 from mga.model import MGAModel
 from pipelines.storage import StorageError, resolve
 
@@ -72,11 +71,11 @@ class ModelSource:
         self._check(model_id)
         return model, config
 
-    def load_alignment(self) -> tuple[AttentionTokenAlignment, ModelConfig]:
-        """The model's ATA head alone and its config (mga.artifact.unpack_alignment): what a rerank runs."""
-        alignment, config, model_id = _one_line(unpack_alignment, read_artifact_files(self.uri), resolve(self.uri).uri)
+    def load_alignment(self) -> AttentionTokenAlignment:
+        """The model's ATA head alone (mga.artifact.unpack_alignment): what a rerank runs."""
+        alignment, _, model_id = _one_line(unpack_alignment, read_artifact_files(self.uri), resolve(self.uri).uri)
         self._check(model_id)
-        return alignment, config
+        return alignment
 
     def _check(self, model_id: str) -> None:
         if model_id != self.model_id:

@@ -50,7 +50,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mga.config import ModelConfig
 from mga.global_scores import block_scores
 from mga.model import MGAModel
 from mga.retrieval import tie_keys
@@ -149,7 +148,7 @@ class GalleryScanner:
     def __init__(self, location: Location, model: ModelSource | MGAModel, gallery_filter: pc.Expression, use_gpu: bool, keep_bytes: int = 0) -> None:
         self.location, self.gallery_filter = location, gallery_filter
         # A source's ATA head is loaded at the first token scan (ScannerPool's actors); a model's is used as it is (LocalScanner).
-        self.source, self.alignment, self.token_shape = (model, None, None) if isinstance(model, ModelSource) else (None, model.alignment, _token_shape(model.config))
+        self.source, self.alignment = (model, None) if isinstance(model, ModelSource) else (None, model.alignment)
         self.device = actor_device(use_gpu) if self.alignment is None else next(model.parameters()).device
         self.cached: dict[str, tuple[str, Any]] = {}
         self.running: tuple[tuple[str, int, str], set[Piece], TopK | None] | None = None
@@ -247,8 +246,7 @@ class GalleryScanner:
         """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA:
         {"pair": the pairs' positions in `pairs`, "score_token", "bytes_read": of the token columns}."""
         if self.alignment is None:  # here, not at __init__: a search that reranks nothing never needs it
-            alignment, config = self.source.load_alignment()
-            self.alignment, self.token_shape = alignment.to(self.device), _token_shape(config)
+            self.alignment = self.source.load_alignment().to(self.device)
         queries = self._cached("chunk", chunk, self._queries)
         pair_ids, pair_query, pair_index = self._cached("pairs", pairs, _sorted_pairs)
         fragment = piece_fragment(self.location.fs, piece)
@@ -258,10 +256,12 @@ class GalleryScanner:
         wanted = last > first
         if not wanted.any():
             return {"pair": np.zeros(0, np.int64), "score_token": np.zeros(0, np.float32), "bytes_read": 0}
-        # Tokens only of the candidates, from the row groups that hold one (a piece spans several).
+        # Tokens only of the candidates, from the row groups that hold one (a piece spans several),
+        # each image's [M, d] as the chunk's queries have them (the tables share the model).
+        token_shape = queries["tokens"][0].shape[1:]
         with ranged_file(self.location.fs, piece[0]) as file:
-            stored, bytes_read = fragment_rows(file, fragment, wanted, token_names, self.token_shape[0] * self.token_shape[1])
-        tokens = [torch.from_numpy(layer.reshape(-1, *self.token_shape)) for layer in stored]
+            stored, bytes_read = fragment_rows(file, fragment, wanted, token_names, token_shape.numel())
+        tokens = [torch.from_numpy(layer.reshape(-1, *token_shape)) for layer in stored]
         first, per_row = first[wanted], (last - first)[wanted]
         block_row = np.repeat(np.arange(len(per_row)), per_row)
         pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
@@ -283,11 +283,6 @@ class GalleryScanner:
         del tokens, stored  # (the tensors share the arrays' memory)
         release_freed_memory()  # the piece's tokens and ATA's activations: not carried into the next scans
         return {"pair": pair_index[pair], "score_token": scores, "bytes_read": bytes_read}
-
-
-def _token_shape(config: ModelConfig) -> tuple[int, int]:
-    """(tokens a layer, token width) of an image's stored tokens."""
-    return config.num_tokens, config.token_dim
 
 
 def _sorted_pairs(pairs: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,14 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mga.similarity import token_similarity
 
 
+@dataclass
+class PreparedTokens:
+    """ATA's part of a set of images that does not depend on the pair: the coarsest layer's
+    tokens (stage 1's residual) and every projection of an image's own tokens — stage 1's
+    queries, keys and values of its coarse tokens, and each stage-2 block's keys and values of
+    its layer's tokens. A search computes it once per image however many pairs the image is in
+    (a query is in `rerank` pairs); AttentionTokenAlignment.score does the rest per pair."""
+
+    coarse: torch.Tensor  # [N, M, d]
+    coarse_projected: torch.Tensor  # [N, M, 3d]: q, k, v
+    context_projected: list[torch.Tensor]  # per stage-2 block, [N, M, 2d]: k, v
+
+    def __len__(self) -> int:
+        return self.coarse.shape[0]
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> PreparedTokens:
+        return PreparedTokens(self.coarse[rows], self.coarse_projected[rows], [layer[rows] for layer in self.context_projected])
+
+    def to(self, device: torch.device) -> PreparedTokens:
+        return PreparedTokens(self.coarse.to(device), self.coarse_projected.to(device), [layer.to(device) for layer in self.context_projected])
+
+    @staticmethod
+    def cat(parts: list[PreparedTokens]) -> PreparedTokens:
+        return PreparedTokens(
+            torch.cat([part.coarse for part in parts]),
+            torch.cat([part.coarse_projected for part in parts]),
+            [torch.cat(layers) for layers in zip(*(part.context_projected for part in parts))],
+        )
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block: self-attention, or with `cross` attention over a context.
+
+    Its attention is split where ATA shares work between pairs: the projections of a token
+    (`project`, `project_query`, `project_context`) depend on that token alone, `attend` takes them and does
+    the rest (scaled dot-product attention over the heads, output projection, MLP). The
+    weights are nn.MultiheadAttention's, so stored models load unchanged.
 
     `layer_scale` > 0 multiplies each branch by a learnable per-channel gain initialised to
     it (LayerScale, Touvron et al. 2021): the block starts near the identity. Without it,
@@ -21,6 +59,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, cross: bool = False, layer_scale: float = 0.0) -> None:
         super().__init__()
+        self.heads = heads
         self.norm_query = nn.LayerNorm(width)
         self.norm_context = nn.LayerNorm(width) if cross else None
         self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
@@ -30,13 +69,34 @@ class TransformerBlock(nn.Module):
         self.gain_attention = nn.Parameter(torch.full((width,), layer_scale)) if layer_scale > 0 else None
         self.gain_mlp = nn.Parameter(torch.full((width,), layer_scale)) if layer_scale > 0 else None
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        normed = self.norm_query(query)
-        keys = normed if self.norm_context is None else self.norm_context(context)
-        attended = self.attention(normed, keys, keys, need_weights=False)[0]
-        query = query + (attended if self.gain_attention is None else self.gain_attention * attended)
-        refined = self.mlp(self.norm_mlp(query))
-        return query + (refined if self.gain_mlp is None else self.gain_mlp * refined)
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The normalised tokens' queries, keys and values, [..., n, 3d]."""
+        return self._projection(self.norm_query(tokens), 0, 3)
+
+    def project_query(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The normalised tokens' queries, [..., n, d]."""
+        return self._projection(self.norm_query(tokens), 0, 1)
+
+    def project_context(self, context: torch.Tensor) -> torch.Tensor:
+        """A cross block's keys and values of its context tokens, [..., n, 2d]."""
+        return self._projection(self.norm_context(context), 1, 3)
+
+    def _projection(self, normed: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        width = normed.shape[-1]
+        rows = slice(first * width, last * width)  # of in_proj's stacked q, k, v
+        return F.linear(normed, self.attention.in_proj_weight[rows], self.attention.in_proj_bias[rows])
+
+    def attend(self, residual: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The block's output for `residual` [B, n, d], given its projected queries [B, n, d] and
+        the keys and values [B, m, d] it attends."""
+        attended = F.scaled_dot_product_attention(*(self._split_heads(part) for part in (query, keys, values)))
+        attended = self.attention.out_proj(attended.transpose(1, 2).flatten(2))
+        residual = residual + (attended if self.gain_attention is None else self.gain_attention * attended)
+        refined = self.mlp(self.norm_mlp(residual))
+        return residual + (refined if self.gain_mlp is None else self.gain_mlp * refined)
+
+    def _split_heads(self, projected: torch.Tensor) -> torch.Tensor:
+        return projected.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, heads, n, d / heads]
 
 
 class AttentionTokenAlignment(nn.Module):
@@ -47,6 +107,9 @@ class AttentionTokenAlignment(nn.Module):
     the query of one block per finer layer (coarse to fine), whose keys and values are
     that layer's tokens of the same image (`stage2_keys="same"`) or of both ("pair").
     No segment embedding marks which image a token came from, so the score is symmetric.
+
+    `prepare` computes what each image brings to any pair, `score` / `align` the rest;
+    `forward(a, b)` is `score(prepare(a), prepare(b))`.
     """
 
     def __init__(
@@ -69,23 +132,40 @@ class AttentionTokenAlignment(nn.Module):
         self.token_reduce = token_reduce
         self.stage2_keys = stage2_keys
 
-    def attend(self, tokens_a: list[torch.Tensor], tokens_b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attended tokens of aligned pairs. tokens_*: per layer [P, M, d], finest first."""
-        count = tokens_a[-1].shape[1]
-        joint = self.pair_block(torch.cat([tokens_a[-1], tokens_b[-1]], dim=1))  # stage 1
+    def prepare(self, tokens: list[torch.Tensor]) -> PreparedTokens:
+        """The pair-independent part of ATA for N images. tokens: per layer [N, M, d], finest first."""
+        return PreparedTokens(
+            tokens[-1],
+            self.pair_block.project(tokens[-1]),
+            [block.project_context(finer) for block, finer in zip(self.detail_blocks, reversed(tokens[:-1]))],
+        )
+
+    def align(self, first: PreparedTokens, second: PreparedTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attended tokens [P, M, d] of the aligned pairs (first[p], second[p])."""
+        count, pairs = first.coarse.shape[1], len(first)
+        query, keys, values = torch.cat([first.coarse_projected, second.coarse_projected], dim=1).chunk(3, dim=-1)
+        joint = self.pair_block.attend(torch.cat([first.coarse, second.coarse], dim=1), query, keys, values)  # stage 1
         # Both images go through each stage-2 block as one batch.
         attended = torch.cat([joint[:, :count], joint[:, count:]], dim=0)
-        pairs = tokens_a[-1].shape[0]
-        for block, finer_a, finer_b in zip(self.detail_blocks, reversed(tokens_a[:-1]), reversed(tokens_b[:-1])):
+        for block, context_a, context_b in zip(self.detail_blocks, first.context_projected, second.context_projected):
             if self.stage2_keys == "same":
-                context = torch.cat([finer_a, finer_b], dim=0)
+                context = torch.cat([context_a, context_b], dim=0)
             else:
-                both = torch.cat([finer_a, finer_b], dim=1)
+                both = torch.cat([context_a, context_b], dim=1)
                 context = torch.cat([both, both], dim=0)
-            attended = block(attended, context)
+            keys, values = context.chunk(2, dim=-1)
+            attended = block.attend(attended, block.project_query(attended), keys, values)
         return attended[:pairs], attended[pairs:]
+
+    def score(self, first: PreparedTokens, second: PreparedTokens) -> torch.Tensor:
+        """S_token (eqs. 4-6) of the aligned pairs (first[p], second[p]), [P]."""
+        attended_a, attended_b = self.align(first, second)
+        return token_similarity(attended_a, attended_b, self.temperature, self.token_reduce)
+
+    def attend(self, tokens_a: list[torch.Tensor], tokens_b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attended tokens of aligned pairs. tokens_*: per layer [P, M, d], finest first."""
+        return self.align(self.prepare(tokens_a), self.prepare(tokens_b))
 
     def forward(self, tokens_a: list[torch.Tensor], tokens_b: list[torch.Tensor]) -> torch.Tensor:
         """S_token of aligned pairs, [P]."""
-        attended_a, attended_b = self.attend(tokens_a, tokens_b)
-        return token_similarity(attended_a, attended_b, self.temperature, self.token_reduce)
+        return self.score(self.prepare(tokens_a), self.prepare(tokens_b))

@@ -177,6 +177,38 @@ def test_batch_hard_triplet_by_hand():
     assert batch_hard_triplet_loss(similarity, labels, 0.5).item() == pytest.approx((0.3 + 0.2) / 4)
 
 
+def test_ata_prepared_once_per_image_scores_each_pair_as_the_pair_alone(tiny_model):
+    # A search prepares each image once (mga.ata.PreparedTokens) and scores pairs of prepared rows:
+    # the same S_token as ATA on the pairs' own tokens, in whichever batch, for both stage-2
+    # modes; LayerScale at 0.5, so that attention moves the scores without making every token one.
+    generator = torch.Generator().manual_seed(5)
+    queries, gallery = ([torch.nn.functional.normalize(torch.randn(count, 4, 16, generator=generator), dim=-1) for _ in TINY["layers"]] for count in (2, 3))
+    query_rows, gallery_rows = torch.tensor([0, 0, 1, 1, 0]), torch.tensor([2, 0, 1, 2, 1])
+    for stage2_keys in ("same", "pair"):
+        torch.manual_seed(1)
+        alignment = MGAModel(ModelConfig(**TINY, stage2_keys=stage2_keys, ata_layer_scale=0.5)).eval().alignment
+        for norm in (module for module in alignment.modules() if isinstance(module, torch.nn.LayerNorm)):  # not all the identity
+            norm.weight.data.uniform_(0.5, 1.5, generator=generator), norm.bias.data.normal_(0.0, 0.1, generator=generator)
+        with torch.no_grad():
+            pairwise = alignment([layer[query_rows] for layer in queries], [layer[gallery_rows] for layer in gallery])
+            prepared = alignment.score(alignment.prepare(queries)[query_rows], alignment.prepare(gallery)[gallery_rows])
+            alone = torch.cat([alignment([layer[q, None] for layer in queries], [layer[g, None] for layer in gallery]) for q, g in zip(query_rows, gallery_rows)])
+        assert torch.allclose(prepared, pairwise, atol=1e-6) and torch.allclose(prepared, alone, atol=1e-6)
+        assert pairwise.std() > 1e-3  # pairs that differ score differently
+    # Each block's split attention is nn.MultiheadAttention's, whose weights (and names) it uses.
+    blocks = (alignment.pair_block, alignment.detail_blocks[0])
+    tokens, context = (torch.randn(2, 4, 16, generator=generator) for _ in range(2))
+    with torch.no_grad():
+        for block, keys_from in zip(blocks, (tokens, context)):
+            normed, keys = block.norm_query(tokens), (block.norm_context or block.norm_query)(keys_from)
+            expected = tokens + block.gain_attention * block.attention(normed, keys, keys, need_weights=False)[0]
+            expected = expected + block.gain_mlp * block.mlp(block.norm_mlp(expected))
+            projected = block.project(tokens).chunk(3, -1) if block.norm_context is None else (block.project_query(tokens), *block.project_context(context).chunk(2, -1))
+            assert torch.allclose(block.attend(tokens, *projected), expected, atol=1e-6)
+    # The weights keep nn.MultiheadAttention's names: models stored before the split load unchanged.
+    assert {"alignment.pair_block.attention.in_proj_weight", "alignment.detail_blocks.0.attention.out_proj.weight"} <= tiny_model.state_dict().keys()
+
+
 def test_artifact_round_trip_and_tamper_detection(tiny_model):
     files = pack_artifact(tiny_model, {"image_size": 64})
     loaded, model_id, config = unpack_artifact(files)

@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from mga.ata import PreparedTokens
 from mga.global_scores import block_scores
 from mga.model import MGAModel
 from mga.retrieval import tie_keys
@@ -262,6 +263,10 @@ class GalleryScanner:
         with ranged_file(self.location.fs, piece[0]) as file:
             stored, bytes_read = fragment_rows(file, fragment, wanted, token_names, token_shape.numel())
         tokens = [torch.from_numpy(layer.reshape(-1, *token_shape)) for layer in stored]
+        # ATA's per-image part once per image: a query is in `rerank` pairs, a candidate in one
+        # per query that shortlisted it (mga.ata.PreparedTokens).
+        prepared_queries = self._cached("prepared queries", chunk, lambda _: self._prepare(queries["tokens"], rerank_batch))
+        candidates = self._prepare(tokens, rerank_batch)
         first, per_row = first[wanted], (last - first)[wanted]
         block_row = np.repeat(np.arange(len(per_row)), per_row)
         pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
@@ -271,18 +276,29 @@ class GalleryScanner:
             # not depend on which pairs share its batch.
             rows = np.arange(start, start + rerank_batch).clip(max=len(pair) - 1)
             query = torch.from_numpy(pair_query[pair[rows]]).to(self.device)
-            gallery_rows = torch.from_numpy(block_row[rows])
-            # bf16 on a GPU, as embed does: 1.5x the pairs/s at 4096 pairs a call on an H100,
-            # S_token within 0.005 of fp32 (bench/RESULTS.md).
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                result = self.alignment(
-                    [layer[query].float() for layer in queries["tokens"]], [layer[gallery_rows].to(self.device).float() for layer in tokens]
-                )
+            gallery_rows = torch.from_numpy(block_row[rows]).to(self.device)
+            with torch.inference_mode(), self._precision():
+                result = self.alignment.score(prepared_queries[query], candidates[gallery_rows])
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
-        del tokens, stored  # (the tensors share the arrays' memory)
+        del tokens, stored, candidates  # (the tensors share the arrays' memory)
         release_freed_memory()  # the piece's tokens and ATA's activations: not carried into the next scans
         return {"pair": pair_index[pair], "score_token": scores, "bytes_read": bytes_read}
+
+    def _prepare(self, tokens: list[torch.Tensor], batch: int) -> PreparedTokens:
+        """ATA's per-image part (mga.ata.PreparedTokens) of every image of `tokens`, on the
+        device, in calls of `batch` images (the last padded), as the pairs are scored."""
+        count, parts = len(tokens[0]), []
+        for start in range(0, count, batch):
+            rows = torch.arange(start, start + batch).clamp(max=count - 1)
+            with torch.inference_mode(), self._precision():
+                parts.append(self.alignment.prepare([layer[rows].to(self.device).float() for layer in tokens])[: min(batch, count - start)])
+        return PreparedTokens.cat(parts)
+
+    def _precision(self) -> torch.autocast:
+        # bf16 on a GPU, as embed does: 1.5x the pairs/s at 4096 pairs a call on an H100,
+        # S_token within 0.005 of fp32 (bench/RESULTS.md).
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
 
 def _sorted_pairs(pairs: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

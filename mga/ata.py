@@ -32,13 +32,15 @@ class PreparedTokens:
     def to(self, device: torch.device) -> PreparedTokens:
         return PreparedTokens(self.coarse.to(device), self.coarse_projected.to(device), [layer.to(device) for layer in self.context_projected])
 
-    @staticmethod
-    def cat(parts: list[PreparedTokens]) -> PreparedTokens:
-        return PreparedTokens(
-            torch.cat([part.coarse for part in parts]),
-            torch.cat([part.coarse_projected for part in parts]),
-            [torch.cat(layers) for layers in zip(*(part.context_projected for part in parts))],
-        )
+    def empty(self, count: int) -> PreparedTokens:
+        """Room for `count` images of this one's shapes and dtypes, to fill by slices."""
+        return PreparedTokens(*(part.new_empty((count, *part.shape[1:])) for part in (self.coarse, self.coarse_projected)),
+                              [layer.new_empty((count, *layer.shape[1:])) for layer in self.context_projected])
+
+    def __setitem__(self, rows: slice, value: PreparedTokens) -> None:
+        self.coarse[rows], self.coarse_projected[rows] = value.coarse, value.coarse_projected
+        for layer, part in zip(self.context_projected, value.context_projected):
+            layer[rows] = part
 
 
 class TransformerBlock(nn.Module):

@@ -263,10 +263,10 @@ class GalleryScanner:
         with ranged_file(self.location.fs, piece[0]) as file:
             stored, bytes_read = fragment_rows(file, fragment, wanted, token_names, token_shape.numel())
         tokens = [torch.from_numpy(layer.reshape(-1, *token_shape)) for layer in stored]
-        # ATA's per-image part once per image: a query is in `rerank` pairs, a candidate in one
-        # per query that shortlisted it (mga.ata.PreparedTokens).
+        # ATA's part of a query that no pair changes (mga.ata.PreparedTokens), once a chunk: a query is
+        # in `rerank` pairs (~8% of ATA's time at 50). A candidate is in few (1-3 at 10^3-10^4 queries):
+        # its part is computed in each of its pairs' batches, not kept.
         prepared_queries = self._cached("prepared queries", chunk, lambda _: self._prepare(queries["tokens"], rerank_batch))
-        candidates = self._prepare(tokens, rerank_batch)
         first, per_row = first[wanted], (last - first)[wanted]
         block_row = np.repeat(np.arange(len(per_row)), per_row)
         pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
@@ -276,24 +276,27 @@ class GalleryScanner:
             # not depend on which pairs share its batch.
             rows = np.arange(start, start + rerank_batch).clip(max=len(pair) - 1)
             query = torch.from_numpy(pair_query[pair[rows]]).to(self.device)
-            gallery_rows = torch.from_numpy(block_row[rows]).to(self.device)
+            gallery_rows = torch.from_numpy(block_row[rows])
             with torch.inference_mode(), self._precision():
-                result = self.alignment.score(prepared_queries[query], candidates[gallery_rows])
+                result = self.alignment.score(prepared_queries[query], self.alignment.prepare([layer[gallery_rows].to(self.device).float() for layer in tokens]))
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
-        del tokens, stored, candidates  # (the tensors share the arrays' memory)
+        del tokens, stored  # (the tensors share the arrays' memory)
         release_freed_memory()  # the piece's tokens and ATA's activations: not carried into the next scans
         return {"pair": pair_index[pair], "score_token": scores, "bytes_read": bytes_read}
 
     def _prepare(self, tokens: list[torch.Tensor], batch: int) -> PreparedTokens:
-        """ATA's per-image part (mga.ata.PreparedTokens) of every image of `tokens`, on the
-        device, in calls of `batch` images (the last padded), as the pairs are scored."""
-        count, parts = len(tokens[0]), []
+        """ATA's per-image part (mga.ata.PreparedTokens) of every image of `tokens`, on the device,
+        in calls of `batch` images (the last padded): the shapes a pair's batch has."""
+        count = len(tokens[0])
+        prepared: PreparedTokens | None = None
         for start in range(0, count, batch):
             rows = torch.arange(start, start + batch).clamp(max=count - 1)
             with torch.inference_mode(), self._precision():
-                parts.append(self.alignment.prepare([layer[rows].to(self.device).float() for layer in tokens])[: min(batch, count - start)])
-        return PreparedTokens.cat(parts)
+                part = self.alignment.prepare([layer[rows].to(self.device).float() for layer in tokens])
+                prepared = part.empty(count) if prepared is None else prepared
+                prepared[start:start + batch] = part[:count - start]
+        return prepared
 
     def _precision(self) -> torch.autocast:
         # bf16 on a GPU, as embed does: 1.5x the pairs/s at 4096 pairs a call on an H100,

@@ -5,7 +5,8 @@ features with pyarrow, faiss `IndexFlatIP` top-`depth` of the queries, read the 
 each query's first `rerank` candidates row group by row group (only the token columns, only
 the row groups that hold a candidate), then ATA on those pairs with the project's model in
 batches of `--rerank-batch` (the search's CPU default) and the fused score's rerank. No Ray,
-no positives' full-gallery ranks, no tie rule, no output table.
+no positives' full-gallery ranks, no tie rule, no output table, float32 (where `mga search`'s
+`auto` picks bfloat16 for ATA, the bench runs it at float32 too).
 
 Both run as fresh processes after the page cache is dropped (as root; else said, and both
 read from the cache) and their code loaded again (imports, a Ray start), on a features table of `bench.search_scale`'s writer (the paper's
@@ -198,6 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines.tables import open_table, read_table
 
     snapshot = open_table(resolve(rankings))
+    # Where `auto` chose bfloat16 (a CPU with bfloat16 dot products), also at the peer's float32.
+    float32 = None
+    if snapshot.info["search"]["rerank_precision"] != "float32":
+        shutil.rmtree(f"{rankings}_float32", ignore_errors=True)
+        cold_data()
+        float32 = measure([sys.executable, "-m", "pipelines.search", "--features", features, "--out", f"{rankings}_float32", "--rerank-precision", "float32"])
     ours = read_table(snapshot, ["query_id", "rank", "gallery_id"]).sort_by([("query_id", "ascending"), ("rank", "ascending")])
     theirs = np.load(f"{workdir}/peer.npz")
     order = np.argsort(theirs["query_id"])
@@ -211,14 +218,18 @@ def main(argv: list[str] | None = None) -> None:
           f"page cache dropped before each run (code warm, data cold): {cold}; disk read {speed / 2**20:.0f} MiB/s (cold, sequential, {sum(map(os.path.getsize, files)) / 2**30:.2f} GiB)\n")
     print("| run | wall s | peak PSS, process tree | steps |")
     print("|---|---|---|---|")
-    print(f"| `mga search` (CLI defaults) | {search['wall']:.1f} | {search['pss'] / 2**30:.2f} GiB | scans {summary_line(search['summary'], 'scans')}; "
-          f"token reads {summary_line(search['summary'], 'token reads')} |")
+    for name, run in (("`mga search` (CLI defaults)", search), ("`mga search --rerank-precision float32` (the peer's precision)", float32)):
+        if run is not None:
+            print(f"| {name} | {run['wall']:.1f} | {run['pss'] / 2**30:.2f} GiB | rerank {summary_line(run['summary'], 'rerank')}; scans {summary_line(run['summary'], 'scans')}; "
+                  f"token reads {summary_line(run['summary'], 'token reads')} |")
     print(f"| peer (one process, faiss flat + ATA) | {peer['wall']:.1f} | {peer['pss'] / 2**30:.2f} GiB | "
           + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items()) + " |")
     print(f"\nsame gallery id at the same rank as the peer: {same.mean():.2%} of {len(same):,}")
     print(f"kernels (faiss flat top-k + ATA): {kernels:.1f} s; bytes the search needs (globals + ranged tokens): {needed / 2**30:.2f} GiB "
           f"= {needed / speed:.1f} s at disk speed")
     print(f"mga search / peer: {search['wall'] / peer['wall']:.2f} (target <= 1.0)")
+    if float32 is not None:
+        print(f"mga search at the peer's precision (--rerank-precision float32) / peer: {float32['wall'] / peer['wall']:.2f}")
     print(f"mga search / (kernels + needed bytes at disk speed): {search['wall'] / bound:.2f} (target <= 2.0)")
     if not args.keep and not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

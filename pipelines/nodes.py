@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mga.errors import InputError
 from pipelines.console import first_line
+from pipelines.resources import cpu_multiplies_bf16
 from pipelines.storage import credentials_configured, resolve
 
 # Where a node reaches the job's S3 storage (as whom: storage.credentials_configured).
@@ -100,3 +101,15 @@ def check_nodes(uris: list[str], timeout_s: float = PROBE_TIMEOUT_S) -> int:
         silent = [f"{node['NodeManagerAddress']} (node id {node['NodeID'][:12]})" for node in late]
         raise InputError(f"Ray node(s) {', '.join(silent)} ran no probe within {timeout_s:.0f} s: check that they are healthy and have the project installed")
     return len(answered)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _multiplies_bf16() -> bool:
+    return cpu_multiplies_bf16()
+
+
+def every_node_multiplies_bf16(timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the CPU of every alive node has bfloat16 dot products (cpu_multiplies_bf16); a
+    node that does not answer counts as one without."""
+    answered, late = on_every_node(_multiplies_bf16, timeout_s=timeout_s)
+    return not late and all(result is True for _, result in answered)

@@ -36,6 +36,7 @@ from mga.errors import InputError
 from mga.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 from pipelines.command import module_main
 from pipelines.console import print_summary
+from pipelines.resources import RERANK_PRECISIONS
 from pipelines.search import DEFAULT_GALLERY_WHERE, INDEX_KINDS
 from pipelines.storage import Location, StorageError, resolve
 
@@ -115,6 +116,7 @@ def run(
     block_rows: int = 32768,
     rerank_batch: int = 128,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    rerank_precision: str = "auto",
 ) -> dict[str, Any]:
     """Match `photos` against the gallery of the features table `features`; returns the
     results (`results`: the first `top` rankings rows per photo, with `category`), the photos
@@ -123,7 +125,7 @@ def run(
     from pipelines.embed.embedder import feature_rows, model_schema
     from pipelines.filters import parse_filter
     from pipelines.model_store import load_artifact, read_artifact_files
-    from pipelines.resources import execute
+    from pipelines.resources import cpu_multiplies_bf16, execute
     from pipelines.search.approximate import build_index
     from pipelines.search.gallery_scan import LocalScanner
     from pipelines.search.queries import Gallery, QueryChunk, features_table
@@ -133,6 +135,8 @@ def run(
     for name, value in (("--top", top), ("--block-rows", block_rows), ("--rerank-batch", rerank_batch), ("--max-pixels", max_pixels)):
         if value < 1:
             raise InputError(f"{name} must be positive, got {value}")
+    if rerank_precision not in RERANK_PRECISIONS:
+        raise InputError(f"--rerank-precision must be one of {', '.join(RERANK_PRECISIONS)}, got {rerank_precision!r}")
     if rerank_top < 0:
         raise InputError(f"--rerank-top must be non-negative, got {rerank_top}")
     if index not in INDEX_KINDS:
@@ -161,7 +165,8 @@ def run(
     chunk = QueryChunk.from_rows(rows, table.info, gallery)
     alpha = float(model_config["model"]["alpha"])
     approximate = execute(lambda: build_index(gallery, index), table.uri, "(nothing)") if index != "exact" else None
-    search = ChunkSearch(gallery, LocalScanner(table.location, model, gallery.where.expression), max(top, rerank_top), rerank_top, alpha, block_rows, rerank_batch, approximate)
+    search = ChunkSearch(gallery, LocalScanner(table.location, model, gallery.where.expression), max(top, rerank_top), rerank_top, alpha, block_rows, rerank_batch, approximate,
+                         rerank_precision=rerank_precision if rerank_precision != "auto" else ("bfloat16" if cpu_multiplies_bf16() else "float32"))
     ranked = execute(lambda: search(chunk), table.uri, "(nothing)")
     results = ranked.rankings.filter(pc.field("rank") <= top)
     ids = pc.unique(results.column("gallery_id"))
@@ -174,7 +179,7 @@ def run(
         {
             "photos": f"{len(encoded)} answered, {len(unreadable)} unreadable",
             "gallery": f"{table.uri} version {table.version} where {gallery.where.text} ({ranked.gallery_rows} images, model_id {model_id})",
-            "ranking": f"{'exact' if index == 'exact' else 'faiss ' + index} shortlist, top {ranked.head} reranked by ATA (alpha {alpha}), first {top} shown",
+            "ranking": f"{'exact' if index == 'exact' else 'faiss ' + index} shortlist, top {ranked.head} reranked by ATA (alpha {alpha}, {search.rerank_precision}), first {top} shown",
             "wrote": ", ".join(written) or "nothing (no --out)",
             "wall time": f"{time.time() - started:.1f} s",
         },
@@ -242,12 +247,14 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", default="exact", choices=INDEX_KINDS, help="exact shortlist, or a faiss index built over the gallery")
     parser.add_argument("--gallery-where", default=DEFAULT_GALLERY_WHERE, help="SQL filter on the identity columns choosing the gallery rows (default: %(default)s)")
     parser.add_argument("--rerank-top", type=int, default=50, help="candidates per photo reranked by ATA, as `mga search` (default: %(default)s)")
+    parser.add_argument("--rerank-precision", default="auto", choices=RERANK_PRECISIONS,
+                        help="ATA's arithmetic, as `mga search`: auto = bfloat16 where this CPU has bfloat16 dot products, else float32")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse photos with more pixels than this")
 
 
 def run_args(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.photos, args.features, top=args.top, out=args.out, index=args.index, gallery_where=args.gallery_where,
-               rerank_top=args.rerank_top, max_pixels=args.max_pixels)
+               rerank_top=args.rerank_top, max_pixels=args.max_pixels, rerank_precision=args.rerank_precision)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 USE_GPU = ("auto", "yes", "no")
+RERANK_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def actor_gpus(use_gpu: str, gpus_up: int, gpus_per_actor: float = 1.0) -> float:
@@ -93,6 +94,18 @@ def actor_device(use_gpu: bool) -> torch.device:
     if device.type == "cpu":
         torch.set_num_threads(assigned_threads())
     return device
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this machine's CPU has bfloat16 dot products (AVX512-BF16 or AMX-BF16 in
+    /proc/cpuinfo): there ATA in bfloat16 scores ~1.3x the pairs of float32 a second
+    (bench/RESULTS.md); elsewhere torch emulates bfloat16, slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def io_failure(error: BaseException) -> OSError | None:

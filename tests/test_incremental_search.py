@@ -156,7 +156,7 @@ def test_new_changed_and_deleted_queries(chain):
     assert result["queries"] == chain["first"]["queries"] + 1
 
 
-def test_all_at_once_then_nothing(chain):
+def test_all_at_once_then_nothing(chain, capsys):
     root = chain["root"]
     table = read_table(open_table(resolve(str(root / "features"))))
     gallery = table.filter(pc.field("split") == "gallery").sort_by("image_id")
@@ -178,6 +178,16 @@ def test_all_at_once_then_nothing(chain):
     change(str(root / "features"), [], training.set_column(training.schema.get_field_index("split"), "split", pa.array(["train"])))
     again = search.run(str(root / "features"), str(root / "rankings"), incremental=True, **chain["settings"])
     assert again["committed"] is False and open_table(resolve(str(root / "rankings"))).version == before + 1
+    # Another precision of ATA than the rankings were made with: a full search, which says why;
+    # `auto` then keeps the precision the rankings have, whatever this machine's CPU does.
+    other = {"bfloat16": "float32", "float32": "bfloat16"}[again["search"]["rerank_precision"]]
+    change(str(root / "features"), [], moved(gallery.slice(501, 1), chain["rng"], prefix="precision"))
+    redone = search.run(str(root / "features"), str(root / "rankings"), incremental=True, rerank_precision=other, **chain["settings"])
+    assert redone["incremental"] is None and redone["search"]["rerank_precision"] == other
+    assert f"a full search: rerank_precision was {again['search']['rerank_precision']!r}" in capsys.readouterr().out
+    change(str(root / "features"), [], moved(gallery.slice(502, 1), chain["rng"], prefix="precision"))
+    kept = search.run(str(root / "features"), str(root / "rankings"), incremental=True, **chain["settings"])
+    assert kept["incremental"]["gallery_added"] == 1 and kept["search"]["rerank_precision"] == other
 
 
 def _first_chunk_written(rankings: str, job: subprocess.Popen, timeout: float = 300) -> None:

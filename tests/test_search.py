@@ -23,6 +23,8 @@ from mga.metrics import RetrievalMetrics
 from mga.retrieval import tie_keys
 from pipelines import cli, evaluate, search
 from pipelines.model_store import load_model
+from pipelines.nodes import every_node_multiplies_bf16
+from pipelines.resources import cpu_multiplies_bf16
 from pipelines.schemas import POSITIVES, RANKINGS, features_schema
 from pipelines.search.gallery_scan import GalleryRows, KeptGallery
 from pipelines.search.ranking import token_piece_rows
@@ -122,7 +124,7 @@ def searched(ray_local, tmp_path_factory):
     model_uri = str(root / "features-model")
     model_id = write_random_model(model_uri)
     table = write_features(str(root / "features"), model_id)
-    result = search.run(str(root / "features"), str(root / "rankings"), depth=DEPTH, rerank_top=RERANK, block_rows=128, query_chunk=12)
+    result = search.run(str(root / "features"), str(root / "rankings"), depth=DEPTH, rerank_top=RERANK, block_rows=128, query_chunk=12, rerank_precision="float32")
     return {"root": root, "model": model_uri, "result": result, "truth": brute_force(table, model_uri)}
 
 
@@ -160,11 +162,12 @@ def test_metrics_over_the_whole_gallery_equal_brute_force(searched, tmp_path):
 def test_a_query_split_across_files_and_any_blocking_give_the_same_answer(searched, tmp_path):
     root = searched["root"]
     # Another blocking, chunking and pool: the same rankings and positives.
-    again = search.run(str(root / "features"), str(tmp_path / "again"), depth=DEPTH, rerank_top=RERANK, block_rows=1000, query_chunk=100, workers=2)
+    again = search.run(str(root / "features"), str(tmp_path / "again"), depth=DEPTH, rerank_top=RERANK, block_rows=1000, query_chunk=100, workers=2,
+                       rerank_precision="float32")
     # The same features with compressed token columns (read by decoding row groups, not by ranges).
     write_features(str(tmp_path / "compressed"), searched["result"]["model_id"], ranged=False)
     decoded = search.run(str(tmp_path / "compressed"), str(tmp_path / "decoded"), depth=DEPTH, rerank_top=RERANK, block_rows=128, query_chunk=12,
-                         model=searched["model"])
+                         model=searched["model"], rerank_precision="float32")
     # Summed over the query chunks (each scans for its own candidates); decoding reads whole row groups each time.
     # (Rows of 256 bytes, most candidates within 4 KB of another: ranges save little here; bench/token_reads.py measures it at scale.)
     assert 0 < searched["result"]["token_bytes_read"] < 0.7 * decoded["token_bytes_read"]
@@ -198,6 +201,22 @@ def test_a_query_split_across_files_and_any_blocking_give_the_same_answer(search
     assert json.loads(resolve(str(tmp_path / "two")).join("metrics.json").read_bytes())["queries"] == QUERIES - 1
 
 
+def test_a_bfloat16_rerank_keeps_the_shortlist_and_moves_s_token_by_little(searched, tmp_path):
+    # bfloat16 is `auto`'s choice on CPUs with bfloat16 dot products; the float32 search is the reference.
+    result = search.run(str(searched["root"] / "features"), str(tmp_path / "bf16"), depth=DEPTH, rerank_top=RERANK, block_rows=128, query_chunk=12,
+                        rerank_precision="bfloat16")
+    assert result["search"]["rerank_precision"] == "bfloat16" and searched["result"]["search"]["rerank_precision"] == "float32"
+    assert every_node_multiplies_bf16() == cpu_multiplies_bf16()  # what `auto` asks a cluster: here one node, this machine
+    key = [("query_id", "ascending"), ("gallery_id", "ascending")]
+    bf16, fp32 = (rows(uri).sort_by(key) for uri in (str(tmp_path / "bf16"), str(searched["root"] / "rankings")))
+    for column in ("query_id", "gallery_id", "score_global"):
+        assert bf16.column(column).equals(fp32.column(column)), column  # the same shortlist, to its depth
+    token = np.array(bf16.column("score_token").to_pylist(), dtype=float), np.array(fp32.column("score_token").to_pylist(), dtype=float)
+    assert np.array_equal(np.isnan(token[0]), np.isnan(token[1])) and 0 < np.nanmax(np.abs(token[0] - token[1])) < 0.01
+    ranks = np.array(bf16.column("rank").to_pylist()), np.array(fp32.column("rank").to_pylist())
+    assert np.array_equal(ranks[0][ranks[0] > RERANK], ranks[1][ranks[1] > RERANK])  # only the reranked head may reorder
+
+
 def test_unlabelled_queries_from_another_table_against_a_filtered_gallery(searched, tmp_path):
     """A retailer's uploads: a queries table of its own (same model), a third of it unlabelled,
     against the gallery rows of two categories; every result as brute force finds it, the
@@ -216,7 +235,7 @@ def test_unlabelled_queries_from_another_table_against_a_filtered_gallery(search
 
     where = "category IN ('dress', 'skirt') AND split = 'gallery'"
     result = search.run(str(root / "features"), str(tmp_path / "rankings"), depth=DEPTH, rerank_top=RERANK, block_rows=100, query_chunk=10,
-                        queries=uploads.uri, gallery_where=where)
+                        queries=uploads.uri, gallery_where=where, rerank_precision="float32")
     gallery = features.filter((pc.field("split") == "gallery") & pc.field("category").isin(["dress", "skirt"]))
     truth = brute_force(pa.concat_tables([gallery, queries]), searched["model"])
     assert result["gallery"] == gallery.num_rows < GALLERY and result["queries"] == QUERIES and result["unlabelled_queries"] == len(unlabelled) == 8

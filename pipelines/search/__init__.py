@@ -51,7 +51,7 @@ from typing import Any
 from mga.errors import InputError
 from pipelines.command import module_main
 from pipelines.console import print_summary
-from pipelines.resources import actor_cpus, actor_gpus, add_gpu_arguments, default_actors, execute
+from pipelines.resources import RERANK_PRECISIONS, actor_cpus, actor_gpus, add_gpu_arguments, cpu_multiplies_bf16, default_actors, execute
 from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS, token_columns
 from pipelines.storage import resolve, write_parquet
 from pipelines.tables import TableWriter, companion, open_table
@@ -93,6 +93,7 @@ def run(
     gallery_where: str = DEFAULT_GALLERY_WHERE,
     queries_where: str = DEFAULT_QUERIES_WHERE,
     incremental: bool = False,
+    rerank_precision: str = "auto",
 ) -> dict[str, Any]:
     # Here, not at the top: `mga search --help` and a usage error must not wait for torch and Ray.
     import pyarrow.compute as pc
@@ -112,6 +113,8 @@ def run(
         _check_positive(name, value)
     if rerank_top < 0:
         raise InputError(f"--rerank-top must be non-negative, got {rerank_top}")
+    if rerank_precision not in RERANK_PRECISIONS:
+        raise InputError(f"--rerank-precision must be one of {', '.join(RERANK_PRECISIONS)}, got {rerank_precision!r}")
     if index not in INDEX_KINDS:
         raise InputError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
     if incremental and index != "exact":
@@ -143,6 +146,12 @@ def run(
     init_ray(storage=[gallery_table.uri, queries_table.uri, table.uri, resolve(model_uri).uri])
     gpus_up = int(ray.cluster_resources().get("GPU", 0))
     gpus = actor_gpus(use_gpu, gpus_up, gpus_per_actor)
+    # One precision for every S_token of the rankings, whatever node computes it: an update keeps
+    # the one its rankings were made with, and a change of it makes the run a full search.
+    made_with = None if previous is None else previous.info["search"].get("rerank_precision")
+    settings["rerank_precision"] = rerank_precision if rerank_precision != "auto" else made_with or _native_precision(gpus)
+    if previous is not None and made_with != settings["rerank_precision"]:
+        why_full, previous = f"rerank_precision was {made_with!r} for {table.uri} version {previous.rankings.version}, now {settings['rerank_precision']!r}", None
     # On CPU, single-threaded actors filling the cluster: at 1M gallery images they searched in
     # 0.67x the time of one actor of 2 threads on 2 cores (numpy counts and the scans' Python
     # run on one thread; ATA's small matmuls scale poorly with threads). bench/RESULTS.md.
@@ -171,7 +180,7 @@ def run(
     approximate = execute(lambda: build_index(gallery, index), reading, table.uri) if index != "exact" else None
     # An exact search keeps deeper shortlists, for the next incremental run (search.incremental).
     search = ChunkSearch(gallery, pool, depth, rerank_top, alpha, block_rows, rerank_batch, approximate, 0 if approximate is not None else reserve(depth), keep_gallery=keep_gallery,
-                         piece_rows=piece_rows_for(gallery_table.rows, workers))
+                         piece_rows=piece_rows_for(gallery_table.rows, workers), rerank_precision=settings["rerank_precision"])
     recall = None
     if approximate is not None:  # against the exact scan, on the first queries
         sample = next(source.chunks(RECALL_QUERIES, gallery))
@@ -264,7 +273,7 @@ def run(
             **lines,
             "shortlist": (f"exact (blocked matmul + top-k, {block_rows} gallery rows a block)" if recall is None
                           else f"faiss {index}, recall@100 vs exact {recall:.3f}") + f", depth {totals['depth']}",
-            "rerank": f"top {totals['head']} per query by ATA (alpha {alpha}, {rerank_batch} pairs a call)",
+            "rerank": f"top {totals['head']} per query by ATA (alpha {alpha}, {rerank_batch} pairs a call, {settings['rerank_precision']})",
             "wrote": f"{table.uri} (version {result.version}, {totals['rows']} rankings rows); positives with full-gallery ranks: "
                      f"{positives_table.uri} (version {positives_table.version}, {totals['positives']} rows); shortlists: "
                      f"{shortlists_table.uri} (version {shortlists_table.version}, {totals['shortlists']} rows)",
@@ -277,6 +286,16 @@ def run(
         },
     )
     return {**result.info, "version": result.version, "committed": True}
+
+
+def _native_precision(gpus: float) -> str:
+    """`--rerank-precision auto`: bfloat16 where the scanners' devices multiply it natively (GPUs;
+    CPUs with AVX512-BF16 or AMX on every node), else float32."""
+    from pipelines.nodes import every_node_multiplies_bf16
+    from pipelines.runtime import cluster_address
+
+    native = gpus > 0 or (every_node_multiplies_bf16() if cluster_address() else cpu_multiplies_bf16())
+    return "bfloat16" if native else "float32"
 
 
 def _nothing_to_do(previous: Any, gallery_table: Any, queries_table: Any, table: Any, started: float) -> dict[str, Any]:
@@ -302,6 +321,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-chunk", type=int, default=QUERY_CHUNK, help="queries searched per pass over the gallery (bounds the driver's memory: ~100 KB a query; default %(default)s)")
     parser.add_argument("--block-rows", type=int, default=32768, help="gallery rows scored per shortlist block")
     parser.add_argument("--rerank-batch", type=int, default=None, help="query-candidate pairs per ATA call (default: 4096 on GPU, 128 on CPU)")
+    parser.add_argument("--rerank-precision", default="auto", choices=RERANK_PRECISIONS,
+                        help="ATA's arithmetic: auto = bfloat16 on GPUs and on CPUs with bfloat16 dot products (AVX512-BF16, AMX; S_token within ~1e-3 of float32), else float32; "
+                             "an --incremental run keeps the precision its rankings were made with")
     parser.add_argument("--model", default=None, help="model artifact (default: the one the features were embedded with)")
     parser.add_argument("--incremental", action="store_true", help="update the rankings at --out to the tables' current versions (exact; a full search when they cannot be updated)")
     add_gpu_arguments(parser, "search", cpus_per_actor=1.0)
@@ -312,6 +334,7 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
         args.features, args.out, args.depth, args.rerank_top, args.index, args.workers, args.query_chunk, args.block_rows, args.rerank_batch, args.model,
         use_gpu=args.use_gpu, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
         queries=args.queries, gallery_where=args.gallery_where, queries_where=args.queries_where, incremental=args.incremental,
+        rerank_precision=args.rerank_precision,
     )
 
 

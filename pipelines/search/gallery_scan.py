@@ -243,8 +243,8 @@ class GalleryScanner:
         found = found.first(int(torch.isfinite(found.scores).sum(1).max()))
         return {"rows": len(block), "counts": counts.cpu().numpy(), **block_entries(found, block.ids, block.items)}, found
 
-    def score_tokens(self, piece: Piece, chunk: Shared, pairs: Shared, token_names: list[str], rerank_batch: int) -> dict[str, np.ndarray]:
-        """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA:
+    def score_tokens(self, piece: Piece, chunk: Shared, pairs: Shared, token_names: list[str], rerank_batch: int, precision: str) -> dict[str, np.ndarray]:
+        """S_token of the (query, candidate) pairs whose candidate is in the piece, by ATA in `precision` ("float32", "bfloat16"):
         {"pair": the pairs' positions in `pairs`, "score_token", "bytes_read": of the token columns}."""
         if self.alignment is None:  # here, not at __init__: a search that reranks nothing never needs it
             self.alignment = self.source.load_alignment().to(self.device)
@@ -266,7 +266,7 @@ class GalleryScanner:
         # ATA's part of a query that no pair changes (mga.ata.PreparedTokens), once a chunk: a query is
         # in `rerank` pairs (~8% of ATA's time at 50). A candidate is in few (1-3 at 10^3-10^4 queries):
         # its part is computed in each of its pairs' batches, not kept.
-        prepared_queries = self._cached("prepared queries", chunk, lambda _: self._prepare(queries["tokens"], rerank_batch))
+        prepared_queries = self._cached("prepared queries", chunk, lambda _: self._prepare(queries["tokens"], rerank_batch, precision))
         first, per_row = first[wanted], (last - first)[wanted]
         block_row = np.repeat(np.arange(len(per_row)), per_row)
         pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
@@ -277,7 +277,7 @@ class GalleryScanner:
             rows = np.arange(start, start + rerank_batch).clip(max=len(pair) - 1)
             query = torch.from_numpy(pair_query[pair[rows]]).to(self.device)
             gallery_rows = torch.from_numpy(block_row[rows])
-            with torch.inference_mode(), self._precision():
+            with torch.inference_mode(), self._precision(precision):
                 result = self.alignment.score(prepared_queries[query], self.alignment.prepare([layer[gallery_rows].to(self.device).float() for layer in tokens]))
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
@@ -285,23 +285,23 @@ class GalleryScanner:
         release_freed_memory()  # the piece's tokens and ATA's activations: not carried into the next scans
         return {"pair": pair_index[pair], "score_token": scores, "bytes_read": bytes_read}
 
-    def _prepare(self, tokens: list[torch.Tensor], batch: int) -> PreparedTokens:
+    def _prepare(self, tokens: list[torch.Tensor], batch: int, precision: str) -> PreparedTokens:
         """ATA's per-image part (mga.ata.PreparedTokens) of every image of `tokens`, on the device,
         in calls of `batch` images (the last padded): the shapes a pair's batch has."""
         count = len(tokens[0])
         prepared: PreparedTokens | None = None
         for start in range(0, count, batch):
             rows = torch.arange(start, start + batch).clamp(max=count - 1)
-            with torch.inference_mode(), self._precision():
+            with torch.inference_mode(), self._precision(precision):
                 part = self.alignment.prepare([layer[rows].to(self.device).float() for layer in tokens])
                 prepared = part.empty(count) if prepared is None else prepared
                 prepared[start:start + batch] = part[:count - start]
         return prepared
 
-    def _precision(self) -> torch.autocast:
-        # bf16 on a GPU, as embed does: 1.5x the pairs/s at 4096 pairs a call on an H100,
-        # S_token within 0.005 of fp32 (bench/RESULTS.md).
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+    def _precision(self, precision: str) -> torch.autocast:
+        # bfloat16: on an H100 1.5x the pairs/s at 4096 pairs a call, S_token within 0.005 of
+        # float32; on a CPU with AVX512-BF16 ~1.3x at 128 (bench/RESULTS.md).
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 def _sorted_pairs(pairs: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -78,7 +78,8 @@ def piece_rows_for(gallery_rows: int, workers: int) -> int:
 class ChunkSearch:
     """How every query chunk of a search is searched: against `gallery`, on `pool`'s scanners,
     the exact top-`depth` (or `index`'s approximate one: (faiss index, ids, items)), the first
-    `rerank_top` reranked by S with `alpha`, `rerank_batch` pairs an ATA call. The shortlist
+    `rerank_top` reranked by S with `alpha`, `rerank_batch` pairs an ATA call in `rerank_precision`
+    ("float32" or "bfloat16"). The shortlist
     goes `reserve` rows deeper than the rankings: what an incremental search draws on when the
     gallery loses rows. With `keep_gallery` (more than one chunk to search) the scanners keep
     the gallery rows they read for the next chunks, as far as their memory budget goes. The gallery is scanned in pieces
@@ -96,6 +97,7 @@ class ChunkSearch:
     reserve: int = 0
     keep_gallery: bool = False
     piece_rows: int = PIECE_ROWS
+    rerank_precision: str = "float32"
     stats: ScanStats = field(default_factory=lambda: ScanStats())
 
     def __call__(self, chunk: QueryChunk) -> RankedChunk:
@@ -141,7 +143,7 @@ class ChunkSearch:
         rows = token_piece_rows(self.piece_rows, len(query_rows), self.gallery.table.rows, self.rerank_batch)
         pieces = self.gallery.pieces(("image_id", pc.unique(gallery_ids).to_pylist()), max_rows=rows)
         names = token_columns(self.gallery.table.info)
-        for scored in self.pool.map("score_tokens", pieces, shared, self.pool.share(pairs), names, self.rerank_batch):
+        for scored in self.pool.map("score_tokens", pieces, shared, self.pool.share(pairs), names, self.rerank_batch, self.rerank_precision):
             scores[scored["pair"]] = scored["score_token"]
             self.stats.token_bytes += scored["bytes_read"]
         self.stats.token_s += time.perf_counter() - started

@@ -263,10 +263,11 @@ class GalleryScanner:
         with ranged_file(self.location.fs, piece[0]) as file:
             stored, bytes_read = fragment_rows(file, fragment, wanted, token_names, token_shape.numel())
         tokens = [torch.from_numpy(layer.reshape(-1, *token_shape)) for layer in stored]
-        # ATA's part of a query that no pair changes (mga.ata.PreparedTokens), once a chunk: a query is
-        # in `rerank` pairs (~8% of ATA's time at 50). A candidate is in few (1-3 at 10^3-10^4 queries):
-        # its part is computed in each of its pairs' batches, not kept.
-        prepared_queries = self._cached("prepared queries", chunk, lambda _: self._prepare(queries["tokens"], rerank_batch, precision))
+        # ATA's part of a query that no pair changes (mga.ata.PreparedTokens), once a chunk (kept with
+        # its arrays, freed with them): a query is in `rerank` pairs (~8% of ATA's time at 50). A
+        # candidate is in few (1-3 at 10^3-10^4 queries): its part is computed in each of its pairs' batches.
+        if "prepared" not in queries:
+            queries["prepared"] = self._prepare(queries["tokens"], rerank_batch, precision)
         first, per_row = first[wanted], (last - first)[wanted]
         block_row = np.repeat(np.arange(len(per_row)), per_row)
         pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
@@ -278,7 +279,7 @@ class GalleryScanner:
             query = torch.from_numpy(pair_query[pair[rows]]).to(self.device)
             gallery_rows = torch.from_numpy(block_row[rows])
             with torch.inference_mode(), self._precision(precision):
-                result = self.alignment.score(prepared_queries[query], self.alignment.prepare([layer[gallery_rows].to(self.device).float() for layer in tokens]))
+                result = self.alignment.score(queries["prepared"][query], self.alignment.prepare([layer[gallery_rows].to(self.device).float() for layer in tokens]))
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
         del tokens, stored  # (the tensors share the arrays' memory)

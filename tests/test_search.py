@@ -203,7 +203,7 @@ def test_a_query_split_across_files_and_any_blocking_give_the_same_answer(search
 
 def test_a_bfloat16_rerank_keeps_the_shortlist_and_moves_s_token_by_little(searched, tmp_path):
     # bfloat16 is `auto`'s choice on CPUs with bfloat16 dot products; the float32 search is the reference.
-    result = search.run(str(searched["root"] / "features"), str(tmp_path / "bf16"), depth=DEPTH, rerank_top=RERANK, block_rows=128, query_chunk=12,
+    result = search.run(str(searched["root"] / "features"), str(tmp_path / "bf16"), depth=DEPTH, rerank_top=RERANK, block_rows=1000, query_chunk=100,
                         rerank_precision="bfloat16")
     assert result["search"]["rerank_precision"] == "bfloat16" and searched["result"]["search"]["rerank_precision"] == "float32"
     assert every_node_multiplies_bf16() == cpu_multiplies_bf16()  # what `auto` asks a cluster: here one node, this machine

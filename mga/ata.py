@@ -37,7 +37,7 @@ class PreparedTokens:
         return PreparedTokens(*(part.new_empty((count, *part.shape[1:])) for part in (self.coarse, self.coarse_projected)),
                               [layer.new_empty((count, *layer.shape[1:])) for layer in self.context_projected])
 
-    def __setitem__(self, rows: slice, value: PreparedTokens) -> None:
+    def __setitem__(self, rows: torch.Tensor | slice, value: PreparedTokens) -> None:
         self.coarse[rows], self.coarse_projected[rows] = value.coarse, value.coarse_projected
         for layer, part in zip(self.context_projected, value.context_projected):
             layer[rows] = part

@@ -263,14 +263,12 @@ class GalleryScanner:
         with ranged_file(self.location.fs, piece[0]) as file:
             stored, bytes_read = fragment_rows(file, fragment, wanted, token_names, token_shape.numel())
         tokens = [torch.from_numpy(layer.reshape(-1, *token_shape)) for layer in stored]
-        # ATA's part of a query that no pair changes (mga.ata.PreparedTokens), once a chunk (kept with
-        # its arrays, freed with them): a query is in `rerank` pairs (~8% of ATA's time at 50). A
-        # candidate is in few (1-3 at 10^3-10^4 queries): its part is computed in each of its pairs' batches.
-        if "prepared" not in queries:
-            queries["prepared"] = self._prepare(queries["tokens"], rerank_batch, precision)
         first, per_row = first[wanted], (last - first)[wanted]
         block_row = np.repeat(np.arange(len(per_row)), per_row)
         pair = np.repeat(first - np.concatenate([[0], np.cumsum(per_row)[:-1]]), per_row) + np.arange(per_row.sum())
+        # A query is in `rerank` pairs (~8% of ATA's time at 50 is its own part, done once); a candidate
+        # in few (1-3 at 10^3-10^4 queries): its part is computed in each of its pairs' batches.
+        prepared = self._prepared_queries(queries, np.unique(pair_query[pair]), rerank_batch, precision)
         scores = np.empty(len(pair), dtype=np.float32)
         for start in range(0, len(pair), rerank_batch):
             # Every ATA call has the same shape (the last batch is padded): a pair's score does
@@ -279,25 +277,30 @@ class GalleryScanner:
             query = torch.from_numpy(pair_query[pair[rows]]).to(self.device)
             gallery_rows = torch.from_numpy(block_row[rows])
             with torch.inference_mode(), self._precision(precision):
-                result = self.alignment.score(queries["prepared"][query], self.alignment.prepare([layer[gallery_rows].to(self.device).float() for layer in tokens]))
+                result = self.alignment.score(prepared[query], self.alignment.prepare([layer[gallery_rows].to(self.device).float() for layer in tokens]))
             valid = min(rerank_batch, len(pair) - start)
             scores[start:start + valid] = result.float().cpu().numpy()[:valid]
         del tokens, stored  # (the tensors share the arrays' memory)
         release_freed_memory()  # the piece's tokens and ATA's activations: not carried into the next scans
         return {"pair": pair_index[pair], "score_token": scores, "bytes_read": bytes_read}
 
-    def _prepare(self, tokens: list[torch.Tensor], batch: int, precision: str) -> PreparedTokens:
-        """ATA's per-image part (mga.ata.PreparedTokens) of every image of `tokens`, on the device,
-        in calls of `batch` images (the last padded): the shapes a pair's batch has."""
-        count = len(tokens[0])
-        prepared: PreparedTokens | None = None
-        for start in range(0, count, batch):
-            rows = torch.arange(start, start + batch).clamp(max=count - 1)
+    def _prepared_queries(self, queries: dict[str, Any], needed: np.ndarray, batch: int, precision: str) -> PreparedTokens:
+        """ATA's part of the chunk's queries that no pair changes (mga.ata.PreparedTokens): computed for
+        the rows of `needed` not done yet (an incremental run's pairs need few), in calls of `batch`
+        queries (the last padded: the shapes a pair's batch has), kept with the chunk's arrays."""
+        tokens = queries["tokens"]
+        done = queries.setdefault("prepared rows", torch.zeros(len(tokens[0]), dtype=torch.bool))
+        missing = torch.from_numpy(needed)[~done[torch.from_numpy(needed)]]
+        for start in range(0, len(missing), batch):
+            rows = missing[start:start + batch]
+            padded = rows[torch.arange(batch).clamp(max=len(rows) - 1)].to(self.device)
             with torch.inference_mode(), self._precision(precision):
-                part = self.alignment.prepare([layer[rows].to(self.device).float() for layer in tokens])
-                prepared = part.empty(count) if prepared is None else prepared
-                prepared[start:start + batch] = part[:count - start]
-        return prepared
+                part = self.alignment.prepare([layer[padded].float() for layer in tokens])
+                if "prepared" not in queries:
+                    queries["prepared"] = part.empty(len(done))
+                queries["prepared"][padded[:len(rows)]] = part[:len(rows)]
+            done[rows] = True
+        return queries["prepared"]
 
     def _precision(self, precision: str) -> torch.autocast:
         # bfloat16: on an H100 1.5x the pairs/s at 4096 pairs a call, S_token within 0.005 of

@@ -29,11 +29,8 @@ class PreparedTokens:
     def __getitem__(self, rows: torch.Tensor | slice) -> PreparedTokens:
         return PreparedTokens(self.coarse[rows], self.coarse_projected[rows], [layer[rows] for layer in self.context_projected])
 
-    def to(self, device: torch.device) -> PreparedTokens:
-        return PreparedTokens(self.coarse.to(device), self.coarse_projected.to(device), [layer.to(device) for layer in self.context_projected])
-
     def empty(self, count: int) -> PreparedTokens:
-        """Room for `count` images of this one's shapes and dtypes, to fill by slices."""
+        """Room for `count` images of this one's shapes and dtypes, to fill by rows (`__setitem__`)."""
         return PreparedTokens(*(part.new_empty((count, *part.shape[1:])) for part in (self.coarse, self.coarse_projected)),
                               [layer.new_empty((count, *layer.shape[1:])) for layer in self.context_projected])
 
@@ -61,7 +58,6 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, cross: bool = False, layer_scale: float = 0.0) -> None:
         super().__init__()
-        self.heads = heads
         self.norm_query = nn.LayerNorm(width)
         self.norm_context = nn.LayerNorm(width) if cross else None
         self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
@@ -98,7 +94,7 @@ class TransformerBlock(nn.Module):
         return residual + (refined if self.gain_mlp is None else self.gain_mlp * refined)
 
     def _split_heads(self, projected: torch.Tensor) -> torch.Tensor:
-        return projected.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, heads, n, d / heads]
+        return projected.unflatten(-1, (self.attention.num_heads, -1)).transpose(1, 2)  # [B, heads, n, d / heads]
 
 
 class AttentionTokenAlignment(nn.Module):

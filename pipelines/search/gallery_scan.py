@@ -290,7 +290,8 @@ class GalleryScanner:
         queries (the last padded: the shapes a pair's batch has), kept with the chunk's arrays."""
         tokens = queries["tokens"]
         done = queries.setdefault("prepared rows", torch.zeros(len(tokens[0]), dtype=torch.bool))
-        missing = torch.from_numpy(needed)[~done[torch.from_numpy(needed)]]
+        rows_needed = torch.from_numpy(needed)
+        missing = rows_needed[~done[rows_needed]]
         for start in range(0, len(missing), batch):
             rows = missing[start:start + batch]
             padded = rows[torch.arange(batch).clamp(max=len(rows) - 1)].to(self.device)

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import torch
 
 from mga.model import Embedding, MGAModel
-from mga.retrieval import tie_keys
+from mga.tie_keys import tie_keys
 from mga.shortlist import exact_top_k
 from mga.similarity import fuse_similarity, within_image_token_cosine
 from pipelines.model_store import load_model

@@ -3,7 +3,7 @@
 A query's ranking over a gallery (DESIGN.md, "Metrics") is built in three steps:
 
 1. **Global order.** Gallery images by S_global (eq. 3: the inner product of L2-normalised
-   global features) descending; ties by the image's tie key ascending (`tie_keys`: a 63-bit
+   global features) descending; ties by the image's tie key ascending (mga.tie_keys: a 63-bit
    hash of its id, so the order does not depend on how the gallery is laid out, split into
    blocks or spread over workers).
 2. **Rerank of the head.** The first `rerank_top` of that order are reordered by the fused
@@ -22,8 +22,7 @@ whatever the block shape, the device or the BLAS library (mga.global_scores).
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,14 +30,6 @@ import torch
 
 from mga.shortlist import TopK, exact_top_k
 from mga.similarity import TOKEN_SIMILARITY_MIN, fuse_similarity
-
-
-def tie_keys(ids: Iterable[str]) -> np.ndarray:
-    """A fixed 63-bit integer per gallery id (BLAKE2b), the tie rule's second key."""
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") >> 1 for i in ids),
-        dtype=np.int64,
-    )
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from mga.tie_keys import utf8_tie_keys
+
 SPLITS = ("train", "query", "gallery", "val")
 DOMAINS = ("shop", "consumer")
 
@@ -49,6 +51,19 @@ def vector_column(values: np.ndarray, data_type: pa.DataType) -> pa.Array:
         offsets = np.arange(flat.shape[0] + 1, dtype=np.int32) * halves.shape[1] * 2
         return pa.BinaryArray.from_buffers(pa.binary(), flat.shape[0], [None, pa.py_buffer(offsets), pa.py_buffer(halves.tobytes())])
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32).reshape(-1), pa.float32()), flat.shape[1])
+
+
+def arrow_tie_keys(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The tie keys (mga.tie_keys) of a column of image ids, read from Arrow's own buffers."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+        ids = ids.cast(pa.string())
+    if ids.null_count:
+        raise ValueError(f"{ids.null_count} null image ids have no tie key")
+    _, offsets_buffer, data_buffer = ids.buffers()
+    offsets = np.frombuffer(offsets_buffer, np.int64 if pa.types.is_large_string(ids.type) else np.int32)[ids.offset:ids.offset + len(ids) + 1].astype(np.int64)
+    data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    return utf8_tie_keys(data, offsets[:-1], np.diff(offsets))
 
 
 def column_matrix(table: pa.Table, name: str, rows_shape: tuple[int, ...] = (), stored: bool = False) -> np.ndarray:

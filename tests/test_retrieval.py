@@ -332,7 +332,7 @@ def _features_table(uri: str, model_id: str, gallery: int, queries: int, seed: i
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_approximate_indexes_report_recall_against_exact(world, tmp_path):
-    from mga.retrieval import tie_keys
+    from mga.tie_keys import tie_keys
     from mga.shortlist import exact_top_k
     from pipelines.filters import parse_filter
     from pipelines.search.approximate import approximate_shortlist, build_index

@@ -7,12 +7,15 @@ GPU cap of 2048).
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from mga.global_scores import block_pair_scores, pair_scores
 from mga.metrics import RetrievalMetrics, rank_metrics
-from mga.retrieval import reranked_ranks, retrieve, tie_keys
+from mga.retrieval import reranked_ranks, retrieve
+from mga.tie_keys import tie_keys
+from pipelines.schemas import arrow_tie_keys
 from mga.shortlist import block_top_k, count_ranked_above, exact_top_k, kth_of, merge_top_k, rows_at_or_above, stricter_floor
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -183,3 +186,28 @@ def test_metrics_from_positive_ranks_equal_full_depth_metrics():
     assert at_depth.result() == pytest.approx(cut.result())
     with pytest.raises(ValueError, match="share a rank"):
         rank_metrics(np.array([0, 0]), np.array([3, 3]), 1)
+
+
+def test_tie_keys_follow_their_rule_from_strings_and_from_arrow():
+    def reference(text: str) -> int:  # TIE_RULE, a byte at a time
+        key = 0xCBF29CE484222325
+        for byte in text.encode("utf-8"):
+            key = (key ^ byte) * 0x100000001B3 % 2**64
+        for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            key = (key ^ key >> shift) * multiplier % 2**64
+        return (key ^ key >> 31) >> 1
+
+    ids = ["", "a", "b", "g00001", "g00002", "é", "x😀y", "item/42 front.jpg", "long" * 40]
+    expected = [reference(text) for text in ids]
+    assert tie_keys(ids).tolist() == expected
+    assert tie_keys(np.array(ids, dtype=object)).tolist() == expected
+    assert tie_keys(text for text in ids).tolist() == expected
+    assert tie_keys(["a"]).tolist() == [reference("a")]  # one id's key does not depend on the longest id beside it
+    assert tie_keys([]).dtype == np.int64 and tie_keys([]).shape == (0,)
+    # The drivers' path: Arrow's buffers, sliced, chunked, with 64-bit offsets.
+    column = pa.array(["pad", *ids], pa.string()).slice(1)
+    assert arrow_tie_keys(column).tolist() == expected
+    assert arrow_tie_keys(pa.chunked_array([column.slice(0, 4), column.slice(4)])).tolist() == expected
+    assert arrow_tie_keys(column.cast(pa.large_string())).tolist() == expected
+    assert arrow_tie_keys(pa.array([""] * 3)).tolist() == [reference("")] * 3
+    assert len(set(arrow_tie_keys(pa.array([f"g{i:06d}" for i in range(100_000)])).tolist())) == 100_000

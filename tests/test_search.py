@@ -20,7 +20,7 @@ import torch
 from mga.errors import InputError
 from mga.global_scores import pair_scores
 from mga.metrics import RetrievalMetrics
-from mga.retrieval import tie_keys
+from mga.tie_keys import tie_keys
 from pipelines import cli, evaluate, search
 from pipelines.model_store import load_model
 from pipelines.nodes import every_node_multiplies_bf16

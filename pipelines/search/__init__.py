@@ -49,6 +49,7 @@ import time
 from typing import Any
 
 from mga.errors import InputError
+from mga.tie_keys import TIE_RULE
 from pipelines.command import module_main
 from pipelines.console import print_summary
 from pipelines.resources import RERANK_PRECISIONS, actor_cpus, actor_gpus, add_gpu_arguments, cpu_multiplies_bf16, default_actors, execute
@@ -133,7 +134,7 @@ def run(
 
     settings = {
         "features": gallery_table.uri, "gallery_where": gallery.where.text, "queries_table": queries_table.uri, "queries_where": source.where.text,
-        "model_id": model_id, "alpha": alpha, "depth": depth, "rerank_top": rerank_top, "index": index,
+        "model_id": model_id, "alpha": alpha, "depth": depth, "rerank_top": rerank_top, "index": index, "tie_rule": TIE_RULE,
     }
     table = resolve(out)
     previous = previous_search(table, settings) if incremental else None

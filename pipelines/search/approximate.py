@@ -24,9 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mga.retrieval import tie_keys
 from mga.shortlist import TopK, order_by_score
-from pipelines.schemas import column_matrix
+from pipelines.schemas import arrow_tie_keys, column_matrix
 from pipelines.search import INDEX_KINDS
 from pipelines.search.shortlist_merge import Shortlisted
 from pipelines.search.queries import Gallery, QueryChunk
@@ -88,7 +87,7 @@ def approximate_shortlist(index, ids: pa.Array, items: pa.Array, chunk: QueryChu
     depth = min(depth, index.ntotal)
     scores, found = index.search(chunk.global_features, depth)
     found_rows = np.where(found >= 0, found, 0)
-    keys = tie_keys(ids.take(pa.array(found_rows.reshape(-1))).to_numpy(zero_copy_only=False)).reshape(found.shape)
+    keys = arrow_tie_keys(ids.take(pa.array(found_rows.reshape(-1)))).reshape(found.shape)
     scores = np.where(found >= 0, scores, np.finfo(np.float32).min).astype(np.float32)  # a short list: padding last
     top = TopK(torch.from_numpy(scores), torch.from_numpy(keys), torch.from_numpy(found_rows.astype(np.int64)))
     top = top.take(order_by_score(top.scores, top.keys))

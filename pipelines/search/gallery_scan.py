@@ -53,11 +53,11 @@ import torch
 from mga.ata import PreparedTokens
 from mga.global_scores import block_scores
 from mga.model import MGAModel
-from mga.retrieval import tie_keys
 from mga.shortlist import TopK, block_top_k, count_ranked_above, kth_of, merge_top_k, stricter_floor
 from pipelines.memory import release_freed_memory
 from pipelines.model_store import ModelSource
 from pipelines.resources import actor_device
+from pipelines.schemas import arrow_tie_keys
 from pipelines.search.queries import Piece, piece_fragment, selected_rows
 from pipelines.search.shortlist_merge import block_entries, owned_tensor
 from pipelines.storage import Location
@@ -211,7 +211,7 @@ class GalleryScanner:
     def _gallery_rows(self, piece: Piece, row_filter: pc.Expression) -> GalleryRows:
         """The piece's rows that pass `row_filter`, read."""
         ids, items, features = selected_rows(self.location.fs, piece, row_filter)
-        return GalleryRows(ids, items, torch.from_numpy(tie_keys(ids.to_numpy(zero_copy_only=False))), torch.from_numpy(features))
+        return GalleryRows(ids, items, torch.from_numpy(arrow_tie_keys(ids)), torch.from_numpy(features))
 
     def _shortlist_block(self, block: GalleryRows, queries: dict[str, Any], depth: int, running: TopK | None,
                          merged_floor: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[dict[str, Any], TopK | None]:

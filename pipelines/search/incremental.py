@@ -47,9 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mga.retrieval import tie_keys
 from mga.shortlist import TopK, merge_known_top_k, order_by_score
-from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS
+from pipelines.schemas import POSITIVES, RANKINGS, SHORTLISTS, arrow_tie_keys
 from pipelines.search.changes import RowChanges, VersionGone, row_changes
 from pipelines.search.shortlist_merge import Shortlisted
 from pipelines.search.queries import Gallery, Positives, QueryChunk, QuerySource
@@ -264,7 +263,7 @@ def _known_lists(chunk: QueryChunk, state: pa.Table, gallery_rows: int, removed_
     rows = torch.zeros((len(chunk), width), dtype=torch.int64)
     ids = state.column("gallery_id").combine_chunks()
     scores[query, position] = torch.from_numpy(state.column("score_global").to_numpy().astype(np.float32))
-    keys[query, position] = torch.from_numpy(tie_keys(ids.to_numpy(zero_copy_only=False)))
+    keys[query, position] = torch.from_numpy(arrow_tie_keys(ids))
     rows[query, position] = torch.arange(len(query))
     known = TopK(scores, keys, rows).take(order_by_score(scores, keys))
     last = torch.from_numpy(lengths - 1).clamp(min=0)[:, None]
@@ -284,7 +283,7 @@ def _standing_positives(chunk: QueryChunk, stored: pa.Table, removed_ids: pa.Arr
     order = np.lexsort((ids.to_numpy(zero_copy_only=False), query))
     ids = ids.take(pa.array(order))
     positives = Positives(query[order], stored.column("score_global").to_numpy()[order].astype(np.float32),
-                          tie_keys(ids.to_numpy(zero_copy_only=False)), ids)
+                          arrow_tie_keys(ids), ids)
     return positives, stored.column("rank_global").to_numpy()[order].astype(np.int64)
 
 
@@ -312,7 +311,7 @@ def _with_new_positives(chunk: QueryChunk, positives: Positives, rank_global: np
     query = np.concatenate([positives.query, found.column("query").to_numpy().astype(np.int64)])
     gallery_id = pa.concat_arrays([positives.gallery_id, found_ids])
     score = np.concatenate([positives.score, found.column("score").to_numpy().astype(np.float32)])
-    keys = np.concatenate([positives.key, tie_keys(found_ids.to_numpy(zero_copy_only=False))])  # the stored positives' keys are known
+    keys = np.concatenate([positives.key, arrow_tie_keys(found_ids)])  # the stored positives' keys are known
     ranks = np.concatenate([rank_global, found.column("rank").to_numpy().astype(np.int64)])
     order = np.lexsort((gallery_id.to_numpy(zero_copy_only=False), query))
     merged_positives = Positives(query[order], score[order], keys[order], gallery_id.take(pa.array(order)))

@@ -33,9 +33,8 @@ import torch
 
 from mga.errors import InputError
 from mga.global_scores import pair_scores
-from mga.retrieval import tie_keys
 from pipelines.filters import RowFilter, parse_filter
-from pipelines.schemas import column_matrix, token_columns
+from pipelines.schemas import arrow_tie_keys, column_matrix, token_columns
 from pipelines.storage import StorageError, credentials_hint
 from pipelines.tables import Snapshot
 from pipelines.token_ranges import fragment_rows, ranged_file
@@ -158,7 +157,7 @@ class Gallery(Selection):
             for start in range(0, len(query), PAIR_BATCH)
         ] or [np.zeros(0, np.float32)])
         ids = pairs.column("gallery_id").combine_chunks()
-        return Positives(query, score, tie_keys(ids.to_numpy(zero_copy_only=False)), ids)
+        return Positives(query, score, arrow_tie_keys(ids), ids)
 
 
 def selected_rows(fs: Any, piece: Piece, row_filter: pc.Expression) -> tuple[pa.Array, pa.Array, np.ndarray]:

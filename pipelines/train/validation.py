@@ -23,7 +23,8 @@ import torch
 
 from mga.metrics import RetrievalMetrics
 from mga.model import Embedding, MGAModel
-from mga.retrieval import retrieve, tie_keys
+from mga.retrieval import retrieve
+from mga.tie_keys import tie_keys
 from mga.transforms import preprocess
 from pipelines.catalog import open_catalog
 from pipelines.tables import read_table

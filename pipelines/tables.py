@@ -289,6 +289,18 @@ def read_table(snapshot: Snapshot, columns: list[str] | None = None, filter: pad
         raise StorageError(f"cannot read {snapshot.uri} (version {snapshot.version}): {error}{credentials_hint(snapshot.uri)}") from error
 
 
+def read_files(snapshot: Snapshot, columns: list[str]) -> pa.Table:
+    """Every row of `snapshot`, `columns` only, whole files read side by side: on files of many
+    small row groups (embed's 64 rows: a dataset scan pays per group) ~2.5x read_table's speed."""
+    fs = snapshot.location.fs
+    paths = snapshot.files.column("path").to_pylist()
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return pa.concat_tables(pool.map(lambda path: pq.ParquetFile(path, filesystem=fs).read(columns=columns, use_threads=False), paths))
+    except OSError as error:  # a file vacuumed under an old version, an S3 outage
+        raise StorageError(f"cannot read {snapshot.uri} (version {snapshot.version}): {error}{credentials_hint(snapshot.uri)}") from error
+
+
 def _stats(metadata: pq.FileMetaData) -> str:
     """Delta file statistics from a Parquet footer: rows, and min/max/nulls of string and integer columns."""
     schema = metadata.schema.to_arrow_schema()

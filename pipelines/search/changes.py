@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -21,7 +22,7 @@ from mga.errors import InputError
 from pipelines.filters import RowFilter
 from pipelines.schemas import IDENTITY_COLUMNS
 from pipelines.storage import Location, StorageError
-from pipelines.tables import Snapshot, TableNotFound, open_table, read_table
+from pipelines.tables import Snapshot, TableNotFound, open_table, read_files
 
 KEY_COLUMNS = (*IDENTITY_COLUMNS, "embedded_at")
 
@@ -46,15 +47,30 @@ class RowChanges:
         return bool(self.removed.num_rows or self.added.num_rows)
 
 
-def _identity(snapshot: Snapshot, where: RowFilter) -> tuple[pa.Table, pa.Array]:
-    """The selected rows' `image_id, item_id` and one key string per row over KEY_COLUMNS."""
+def _identity(snapshot: Snapshot, where: RowFilter) -> pa.Table:
+    """The KEY_COLUMNS of the selected rows (none for no files); an image id twice is refused."""
     if not snapshot.files.num_rows:
-        return pa.table({"image_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string())}), pa.array([], pa.string())
-    rows = read_table(snapshot, list(KEY_COLUMNS), where.expression)
-    parts = [rows.column(name).cast(pa.string()) for name in KEY_COLUMNS]
-    # Null-aware: an unlabelled photo's null item is part of its identity.
-    key = pc.binary_join_element_wise(*parts, "\x1f", null_handling="replace", null_replacement="\x00")
-    return rows.select(["image_id", "item_id"]), key
+        return pa.table({name: pa.array([], pa.string()) for name in KEY_COLUMNS})
+    rows = read_files(snapshot, list(KEY_COLUMNS)).filter(where.expression).combine_chunks()  # filters name identity columns only
+    if pc.count_distinct(rows.column("image_id")).as_py() != rows.num_rows:
+        raise InputError(f"{snapshot.uri} version {snapshot.version}: an image_id is in more than one row of its changed files (image_id must be unique)")
+    return rows
+
+
+def _unchanged(rows: pa.Table, other: pa.Table) -> pa.Array:
+    """Whether each of `rows` has a row in `other` with the same KEY_COLUMNS (null equal to
+    null: an unlabelled photo's null item is part of its identity). Ids are unique in both, so
+    the rows are compared with the row of the same id, a column at a time."""
+    if not rows.num_rows or not other.num_rows:
+        return pa.array(np.zeros(rows.num_rows, bool))
+    match = pc.index_in(rows.column("image_id"), value_set=other.column("image_id").combine_chunks())
+    aligned = other.take(pc.fill_null(match, 0))
+    same = pc.is_valid(match)
+    for name in KEY_COLUMNS[1:]:
+        mine, theirs = rows.column(name), aligned.column(name)
+        equal = pc.or_(pc.fill_null(pc.equal(mine, theirs), False), pc.and_(pc.is_null(mine), pc.is_null(theirs)))
+        same = pc.and_(same, equal)
+    return same
 
 
 def row_changes(location: Location, old_version: int, new: Snapshot, where: RowFilter) -> RowChanges:
@@ -72,9 +88,9 @@ def row_changes(location: Location, old_version: int, new: Snapshot, where: RowF
     new_paths = set(new.files.column("path").to_pylist())
     old, new = old.only(old_paths - new_paths), new.only(new_paths - old_paths)
     try:
-        (old_rows, old_key), (new_rows, new_key) = _identity(old, where), _identity(new, where)
+        old_rows, new_rows = _identity(old, where), _identity(new, where)
     except StorageError as error:  # a vacuumed file of the old version
         raise VersionGone(f"the files of {location.uri} version {old_version} cannot be read any more ({error})") from error
-    removed = old_rows.filter(pc.invert(pc.is_in(old_key, value_set=new_key)))
-    added = new_rows.filter(pc.invert(pc.is_in(new_key, value_set=old_key)))
+    removed = old_rows.filter(pc.invert(_unchanged(old_rows, new_rows))).select(["image_id", "item_id"])
+    added = new_rows.filter(pc.invert(_unchanged(new_rows, old_rows))).select(["image_id", "item_id"])
     return RowChanges(removed, added, old, new)

@@ -219,9 +219,8 @@ class IncrementalSearch:
         chunk.positives = positives
         token_scores, head = self._token_scores(chunk, shared, merged, ids, state, offset, complete)
         shortlisted = Shortlisted(merged, ids, items, self.changes.gallery_rows, rank_global)
-        rankings, positive_rows, shortlist_rows = rank_chunk(chunk, shortlisted, token_scores, head, search.alpha, depth)
-        keep = [table.filter(pc.invert(pc.is_in(table.column("query_id"), value_set=incomplete))) for table in (rankings, positive_rows, shortlist_rows)]
-        return RankedChunk(*keep, depth, head, self.changes.gallery_rows), incomplete
+        tables = rank_chunk(chunk, shortlisted, token_scores, head, search.alpha, depth, written=complete)
+        return RankedChunk(*tables, depth, head, self.changes.gallery_rows), incomplete
 
     def _token_scores(self, chunk: QueryChunk, shared: Any, merged: TopK, ids: pa.Array, state: pa.Table, offset: int,
                       complete: np.ndarray) -> tuple[torch.Tensor, int]:
@@ -253,7 +252,8 @@ def _known_lists(chunk: QueryChunk, state: pa.Table, gallery_rows: int, removed_
     query = pc.index_in(state.column("query_id"), value_set=chunk.ids).to_numpy(zero_copy_only=False)
     order = np.argsort(query, kind="stable")
     query = query[order].astype(np.int64)
-    state = state.take(pa.array(order))
+    if (order != np.arange(len(order))).any():  # stored in the chunk's order already, as a rule
+        state = state.take(pa.array(order))
     lengths = np.bincount(query, minlength=len(chunk))
     width = int(lengths.max()) if len(lengths) else 0
     position = np.arange(len(query)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -292,17 +292,18 @@ def _with_new_positives(chunk: QueryChunk, positives: Positives, rank_global: np
     """The positives with the added images of each labelled query's item (`added`: image_id,
     item_id), ranked by their place in the query's merged list; and [Q] which queries have an
     added image of their item below their list (its rank needs a count over the whole gallery)."""
-    count, width = merged.rows.shape
-    valid = torch.isfinite(merged.scores).reshape(-1).numpy()
-    handles = pa.array(merged.rows.reshape(-1).numpy()[valid])
-    listed = pa.table({
-        "query": pa.array(np.repeat(np.arange(count), width)[valid]),
-        "rank": pa.array(np.tile(np.arange(1, width + 1), count)[valid]),
-        "score": pa.array(merged.scores.reshape(-1).numpy()[valid]),
-        "gallery_id": ids.take(handles),
-    })
+    count = merged.rows.shape[0]
     wanted = pa.table({"query": pa.array(np.arange(count)), "item_id": chunk.items}).join(
         added.rename_columns(["gallery_id", "item_id"]), "item_id", join_type="inner").select(["query", "gallery_id"])
+    # The lists of the queries with an added image of their item only (a few of the chunk).
+    of_wanted = np.isin(np.arange(count), wanted.column("query").to_numpy())[:, None] & torch.isfinite(merged.scores).numpy()
+    row, position = np.nonzero(of_wanted)
+    listed = pa.table({
+        "query": pa.array(row),
+        "rank": pa.array(position + 1),
+        "score": pa.array(merged.scores.numpy()[row, position]),
+        "gallery_id": ids.take(pa.array(merged.rows.numpy()[row, position])),
+    })
     found = wanted.join(listed, ["query", "gallery_id"], join_type="inner")
     beyond = np.zeros(count, bool)
     missing = wanted.join(listed, ["query", "gallery_id"], join_type="left anti").column("query").to_numpy()

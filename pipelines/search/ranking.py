@@ -153,14 +153,16 @@ class ChunkSearch:
         return scores
 
 
-def rank_chunk(chunk: QueryChunk, shortlisted: Shortlisted, token_scores: torch.Tensor, head: int, alpha: float, depth: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+def rank_chunk(chunk: QueryChunk, shortlisted: Shortlisted, token_scores: torch.Tensor, head: int, alpha: float, depth: int,
+               written: np.ndarray | None = None) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Rerank the chunk's shortlists (mga.retrieval) into its rankings (the first `depth`),
     positives and shortlists rows.
 
     `token_scores` [Q, N >= head] holds S_token of each query's first N shortlisted rows; the
     first `head` are reranked. An unlabelled query (null item) has null `is_match` and
     `query_positives`; a labelled one's `is_match` says whether the result is of its item.
-    Shortlist entries scored -inf are padding (a list shorter than the others) and not written."""
+    Shortlist entries scored -inf are padding (a list shorter than the others) and not written.
+    With `written` [Q] (bool), only those queries' rows are."""
     ranking = rerank(shortlisted.top, token_scores[:, :head], alpha)
     count = len(chunk)
     rows = pa.array(ranking.rows[:, :depth].reshape(-1).numpy())
@@ -199,17 +201,22 @@ def rank_chunk(chunk: QueryChunk, shortlisted: Shortlisted, token_scores: torch.
         },
         schema=POSITIVES,
     )
-    return rankings, positives, shortlist_rows(chunk.ids, shortlisted, token_scores)
+    if written is not None:
+        rankings, positives = rankings.filter(pa.array(np.repeat(written, depth))), positives.filter(pa.array(written[positive_query]))
+    return rankings, positives, shortlist_rows(chunk.ids, shortlisted, token_scores, written)
 
 
-def shortlist_rows(query_ids: pa.Array, shortlisted: Shortlisted, token_scores: torch.Tensor) -> pa.Table:
-    """The shortlists rows (SHORTLISTS) of queries `query_ids`: every entry of each global-order
-    list that is not padding, with S_token where `token_scores` [Q, N] has it (its first N)."""
+def shortlist_rows(query_ids: pa.Array, shortlisted: Shortlisted, token_scores: torch.Tensor, written: np.ndarray | None = None) -> pa.Table:
+    """The shortlists rows (SHORTLISTS) of queries `query_ids` (those `written` [Q] marks, if
+    given): every entry of each global-order list that is not padding, with S_token where
+    `token_scores` [Q, N] has it (its first N)."""
     top = shortlisted.top
     count, width = top.scores.shape
     score_token = torch.full((count, width), float("nan"))
     score_token[:, :token_scores.shape[1]] = token_scores
     kept = torch.isfinite(top.scores).reshape(-1).numpy()
+    if written is not None:
+        kept &= np.repeat(written, width)
     rows = pa.array(top.rows.reshape(-1).numpy()[kept])
     return pa.table(
         {

@@ -292,11 +292,13 @@ def read_table(snapshot: Snapshot, columns: list[str] | None = None, filter: pad
 def read_files(snapshot: Snapshot, columns: list[str]) -> pa.Table:
     """Every row of `snapshot`, `columns` only, whole files read side by side: on files of many
     small row groups (embed's 64 rows: a dataset scan pays per group) ~2.5x read_table's speed."""
-    fs = snapshot.location.fs
-    paths = snapshot.files.column("path").to_pylist()
+    def read(path: str) -> pa.Table:
+        with pq.ParquetFile(path, filesystem=snapshot.location.fs) as file:
+            return file.read(columns=columns, use_threads=False)
+
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
-            return pa.concat_tables(pool.map(lambda path: pq.ParquetFile(path, filesystem=fs).read(columns=columns, use_threads=False), paths))
+            return pa.concat_tables(pool.map(read, snapshot.files.column("path").to_pylist()))
     except OSError as error:  # a file vacuumed under an old version, an S3 outage
         raise StorageError(f"cannot read {snapshot.uri} (version {snapshot.version}): {error}{credentials_hint(snapshot.uri)}") from error
 

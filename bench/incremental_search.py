@@ -9,7 +9,7 @@ The tables are bench.search_scale's (D 512, 3 layers x M 8 x d 128, float16 toke
 image), written as `mga embed` writes them (files of 50,000 rows, a row group per 64 rows), the
 queries in a table of their own; the change is committed as `mga embed --incremental` commits
 one (new and changed rows in a new file, every file that held a changed or deleted row
-rewritten without it, a row group at a time). Each search is a fresh `python -m
+rewritten without it, a row group at a time, its lineage recorded). Each search is a fresh `python -m
 pipelines.search` process with its own local Ray. The gallery bytes a run reads are measured
 by the page cache: every file of the gallery table (all versions) is dropped from it before
 the run (fsync + POSIX_FADV_DONTNEED) and its resident bytes counted after (`fincore`): an
@@ -39,7 +39,8 @@ from bench.common import machine, write_random_artifact
 from bench.search_scale import PAPER, unit_rows, write_features
 from pipelines.schemas import vector_column
 from pipelines.storage import resolve, write_parquet
-from pipelines.tables import TableWriter, copy_without, open_table, read_table
+from pipelines.rewrites import copy_without
+from pipelines.tables import TableWriter, open_table, read_table
 from pipelines.token_ranges import parquet_options
 
 ROW_GROUP_ROWS = 64
@@ -75,17 +76,20 @@ def measure(command: list[str], gallery: str) -> dict[str, float]:
 
 def churn(uri: str, drop: np.ndarray, rows: pa.Table) -> None:
     """Commit a change as `mga embed --incremental` does: `rows` in a new file, the files that
-    hold an id of `drop` rewritten without it."""
+    hold an id of `drop` rewritten without it (their lineage recorded)."""
     table = resolve(uri)
     with TableWriter(table) as writer:
         stored = read_table(writer.base, ["image_id", "__filename"])
         dropped = pa.array(drop, pa.string())
         remove = pc.unique(stored.filter(pc.is_in(stored.column("image_id"), value_set=dropped)).column("__filename")).to_pylist()
+        copies = {}
         for number, path in enumerate(remove):
             schema = pq.read_schema(path, filesystem=table.fs)
-            copy_without(table, path, dropped.to_pylist(), writer.file(f"rewritten-{number:03d}.parquet"), schema, **parquet_options(schema))
+            target = writer.file(f"rewritten-{number:03d}.parquet")
+            copy_without(table, path, dropped.to_pylist(), target, schema, **parquet_options(schema))
+            copies[target.path] = path
         write_parquet(writer.file("new.parquet"), rows, row_group_size=ROW_GROUP_ROWS, **parquet_options(rows.schema))
-        writer.commit(rows.schema, writer.base.info, remove=remove)
+        writer.commit(rows.schema, writer.base.info, remove=remove, copies=copies)
 
 
 def changed_rows(rows: pa.Table, rng: np.random.Generator) -> pa.Table:

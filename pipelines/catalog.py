@@ -12,14 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipelines.rewrites import copy_without
 from pipelines.storage import Location, StorageError, resolve
-from pipelines.tables import (
-    Snapshot,
-    TableWriter,
-    copy_without,
-    open_table,
-    read_table,
-)
+from pipelines.tables import Snapshot, TableWriter, open_table, read_table
 
 if TYPE_CHECKING:
     import ray.data
@@ -101,13 +96,14 @@ def _read_pieces(pieces: pa.Table, location: Location, columns: list[str], condi
             yield group.to_table(columns=columns, filter=condition)
 
 
-def rewrite_without(writer: TableWriter, stale: dict[str, list[str]], schema: pa.Schema, **parquet_options: Any) -> tuple[list[str], int, int]:
+def rewrite_without(writer: TableWriter, stale: dict[str, list[str]], schema: pa.Schema, **parquet_options: Any) -> tuple[dict[str, str], int, int]:
     """Rewrite each stored file of `writer`'s table without its `stale` image ids, one Ray task
-    per file, into the writer's run directory; (new files, rows kept, rows dropped). The
-    caller commits the new files and removes the old ones in its one commit."""
+    per file, into the writer's run directory; (each new file -> the file it copies, rows kept,
+    rows dropped). The caller commits the new files and removes the old ones in its one commit."""
     import ray
 
     targets = {path: writer.file(f"rewritten/part-{number:05d}.parquet") for number, path in enumerate(sorted(stale))}
     copy = ray.remote(num_cpus=0.5)(copy_without)
     results = ray.get([copy.remote(writer.location, path, ids, targets[path], schema, **parquet_options) for path, ids in stale.items()])
-    return [target.path for target in targets.values()], sum(kept for kept, _ in results), sum(dropped for _, dropped in results)
+    copies = {target.path: source for source, target in targets.items()}
+    return copies, sum(kept for kept, _ in results), sum(dropped for _, dropped in results)

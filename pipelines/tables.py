@@ -48,6 +48,7 @@ from pipelines.storage import Location, StorageError, credentials_hint, s3_endpo
 
 APP_ID = "mga"
 INFO_KEY = "mga"
+COPIES_KEY = "mga_copies"  # a commit's copies of retired files (pipelines.rewrites), beside INFO_KEY
 HISTORY_SCAN = 100  # commits searched for our metadata below foreign ones (OPTIMIZE, VACUUM)
 
 
@@ -214,6 +215,19 @@ def open_table(location: Location, version: int | None = None) -> Snapshot:
     return Snapshot(location, resolved, info, files)
 
 
+def commit_history(location: Location, after: int, upto: int) -> list[dict[str, Any]]:
+    """The log's commit entries (commitInfo, with our custom metadata) of the versions after
+    `after` up to `upto`, newest first; the entries of a log cleaned up since are missing."""
+    table = _delta_table(location)
+    try:
+        entries = table.history(table.version() - after)
+    except Exception as error:  # noqa: BLE001 - deltalake's errors carry the cause; name the table
+        raise _delta_error(location, error) from error
+    finally:
+        del table
+    return [entry for entry in entries if after < int(entry.get("version", -1)) <= upto]
+
+
 def companion(location: Location, name: str) -> Location:
     """The table kept beside `location` for one of its parts (`<uri>_rejects`, `<uri>_positives`).
 
@@ -350,12 +364,15 @@ class TableWriter:
             raise StorageError(f"cannot list {self.run.uri}: {error}{credentials_hint(self.run.uri)}") from error
         return sorted(info.path for info in infos if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
 
-    def commit(self, schema: pa.Schema, info: dict[str, Any], files: list[str] | None = None, remove: Iterable[str] | None = None) -> Snapshot:
+    def commit(self, schema: pa.Schema, info: dict[str, Any], files: list[str] | None = None, remove: Iterable[str] | None = None,
+               copies: dict[str, str] | None = None) -> Snapshot:
         """Commit `files` (default: everything written) as the table's next version.
 
         With `remove` None the new files replace the table's content (overwrite); otherwise
         they are added and the files in `remove` retired (a merge: the rest stays as it is).
-        Raises TableConflict when another job committed since this writer opened the table.
+        `copies` maps written files to the retired files they copy less some rows (their
+        lineage, pipelines.rewrites). Raises TableConflict when another job committed since
+        this writer opened the table.
         """
         from deltalake import DeltaTable
         from deltalake.schema import Schema
@@ -372,7 +389,10 @@ class TableWriter:
             adds = list(pool.map(lambda path: add_action(self.location, path), paths))
         read_version = self.base.version if self.base else -1
         properties = CommitProperties(
-            custom_metadata={INFO_KEY: json.loads(json.dumps(info, default=str))},
+            custom_metadata={
+                INFO_KEY: json.loads(json.dumps(info, default=str)),
+                **({COPIES_KEY: {self._relative(copy): self._relative(source) for copy, source in copies.items()}} if copies else {}),
+            },
             app_transactions=[Transaction(APP_ID, read_version + 1)],
         )
         try:
@@ -393,6 +413,9 @@ class TableWriter:
         except Exception as error:  # noqa: BLE001 - classified below; the message names the table
             raise self._commit_error(error) from error
         return open_table(self.location)
+
+    def _relative(self, path: str) -> str:
+        return posixpath.relpath(path, self.location.path)
 
     def _commit_error(self, error: Exception) -> StorageError:
         text = _first_line(error)
@@ -452,22 +475,3 @@ def _remove_empty_run_dirs(location: Location) -> None:
             inside = location.fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
             if not any(entry.type == pafs.FileType.File for entry in inside):
                 location.fs.delete_dir(info.path)
-
-
-def copy_without(table: Location, source: str, drop_ids: list[str], target: Location, schema: pa.Schema, **parquet_options: Any) -> tuple[int, int]:
-    """Copy the data file `source` of `table` into `target` without the rows whose image_id is
-    in `drop_ids`, a row group at a time (row groups keep their rows, so readers prune as
-    before); returns (rows kept, rows dropped). Copy-on-write: delta-rs cannot write
-    deletion vectors, and the readers we promise (deltalake, Polars) refuse them."""
-    dropped = pa.array(sorted(drop_ids), pa.string())
-    kept = removed = 0
-    source_file = pq.ParquetFile(source, filesystem=table.fs)
-    with pq.ParquetWriter(target.path, schema, filesystem=target.fs, **parquet_options) as writer:
-        for group in range(source_file.num_row_groups):
-            rows = source_file.read_row_group(group)
-            rows = rows.filter(pc.invert(pc.is_in(rows.column("image_id"), value_set=dropped)))
-            removed += source_file.metadata.row_group(group).num_rows - rows.num_rows
-            if rows.num_rows:
-                writer.write_table(rows.select(schema.names).cast(schema), row_group_size=rows.num_rows)
-                kept += rows.num_rows
-    return kept, removed

@@ -1,5 +1,6 @@
 """pipelines.search.changes: the rows of a selection that changed between two versions, found
-from the files only one version lists and the rows' identity (on local disk and on S3)."""
+from the files only one version lists and the rows' identity (on local disk and on S3), with
+and without the lineage of rewritten files that `mga embed --incremental` commits."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 from mga.errors import InputError
 from pipelines.filters import parse_filter
 from pipelines.search.changes import row_changes
+from pipelines.rewrites import copy_without
 from pipelines.storage import resolve, write_parquet
-from pipelines.tables import TableWriter, copy_without, open_table
+from pipelines.tables import TableWriter, open_table
 
 SCHEMA = pa.schema([
     ("image_id", pa.string()), ("item_id", pa.string()), ("split", pa.string()), ("domain", pa.string()),
@@ -35,21 +37,29 @@ def rows(*specs: tuple) -> pa.Table:
     }, schema=SCHEMA)
 
 
-def commit(location, drop: list[str], new: pa.Table | None) -> int:
+@pytest.fixture(params=["lineage", "no lineage"])
+def lineage(request) -> bool:
+    """Whether rewrites record the file they copy (embed does; another engine's rewrite does not)."""
+    return request.param == "lineage"
+
+
+def commit(location, drop: list[str], new: pa.Table | None, lineage: bool = True) -> int:
     """A version as `mga embed --incremental` commits one: the files holding `drop` rewritten
-    without them, `new` in a file of its own."""
+    without them (and their lineage recorded, unless `lineage` is false), `new` in a file of its own."""
     with TableWriter(location) as writer:
-        remove = []
+        remove, copies = [], {}
         if writer.base is not None:
             remove = writer.base.files.column("path").to_pylist()
             for number, path in enumerate(remove):
-                copy_without(location, path, drop, writer.file(f"rewritten-{number}.parquet"), pq.read_schema(path, filesystem=location.fs))
+                target = writer.file(f"rewritten-{number}.parquet")
+                copy_without(location, path, drop, target, pq.read_schema(path, filesystem=location.fs))
+                copies[target.path] = path
         if new is not None:
             write_parquet(writer.file("new.parquet"), new)
-        return writer.commit(SCHEMA, {"table": "features"}, remove=remove if writer.base is not None else None).version
+        return writer.commit(SCHEMA, {"table": "features"}, remove=remove if writer.base is not None else None, copies=copies if lineage else None).version
 
 
-def test_changes_are_the_rows_whose_identity_differs(location):
+def test_changes_are_the_rows_whose_identity_differs(location, lineage):
     commit(location, [], rows(
         ("a", "item-1", "gallery", "s-a", 1), ("b", None, "query", "s-b", 1), ("c", "item-2", "gallery", "s-c", 1),
         ("d", "item-2", "gallery", "s-d", 1), ("t", "item-3", "train", "s-t", 1),
@@ -59,14 +69,15 @@ def test_changes_are_the_rows_whose_identity_differs(location):
     version = commit(location, ["a", "c", "t"], rows(
         ("a", "item-9", "gallery", "s-a", 1), ("c", "item-2", "gallery", "s-c2", 2), ("e", "item-4", "gallery", "s-e", 2),
         ("t", "item-3", "train", "s-t2", 2),
-    ))
+    ), lineage)
     where = parse_filter("split IN ('gallery', 'query')")
     changes = row_changes(location, 0, open_table(location, version), where)
     assert sorted(changes.removed.to_pylist(), key=str) == sorted([{"image_id": "a", "item_id": "item-1"}, {"image_id": "c", "item_id": "item-2"}], key=str)
     assert sorted(changes.added.column("image_id").to_pylist()) == ["a", "c", "e"]
     assert changes.added.column("item_id").to_pylist()[changes.added.column("image_id").to_pylist().index("a")] == "item-9"
-    # Only the files one version lists were read: the rewritten one and the new one.
-    assert changes.old.files.num_rows == 1 and changes.new.files.num_rows == 2
+    # Only the files one version lists were read: the rewritten one and the new one (with its
+    # lineage, the rewritten one holds no new row).
+    assert changes.old.files.num_rows == 1 and changes.new.files.num_rows == (1 if lineage else 2)
     # Nothing changed between a version and itself.
     assert not row_changes(location, version, open_table(location, version), where)
 
@@ -74,5 +85,39 @@ def test_changes_are_the_rows_whose_identity_differs(location):
 def test_an_image_id_twice_is_refused(location):
     commit(location, [], rows(("a", "item-1", "gallery", "s-a", 1)))
     version = commit(location, [], rows(("x", "item-1", "gallery", "s-x", 1), ("x", "item-2", "gallery", "s-y", 1)))
+    with pytest.raises(InputError, match="image_id must be unique"):
+        row_changes(location, 0, open_table(location, version), parse_filter("split = 'gallery'"))
+
+
+def test_copies_of_copies_across_versions(location, lineage):
+    """Three nights of churn between the versions compared: with lineage, each file of the last
+    version is traced back through the copies between to the file of the first it copies."""
+    commit(location, [], rows(*[(f"g{i}", f"item-{i % 4}", "gallery", f"s{i}", 1) for i in range(12)]))
+    commit(location, ["g1", "g2"], rows(("n1", "item-1", "gallery", "s-n1", 2), ("g2", "item-2", "gallery", "s-g2b", 2)), lineage)
+    commit(location, ["g5", "n1"], None, lineage)
+    version = commit(location, ["g7"], rows(("g5", "item-9", "gallery", "s5", 1)), lineage)
+    changes = row_changes(location, 0, open_table(location, version), parse_filter("split = 'gallery'"))
+    # g1 and g7 deleted, g2 re-embedded, g5 relabelled; n1 came and went in between.
+    assert sorted(changes.removed.column("image_id").to_pylist()) == ["g1", "g2", "g5", "g7"]
+    assert sorted(changes.added.column("image_id").to_pylist()) == ["g2", "g5"]
+    # Traced back: the copy of the first version's file; not: the copy of the second's new file
+    # (no file of the first version) and the last's new file, whose identity is read.
+    assert changes.new.files.num_rows == (2 if lineage else 3)
+
+
+def test_a_copy_with_rows_its_source_lacks_is_refused(location):
+    commit(location, [], rows(("a", "item-1", "gallery", "s-a", 1), ("b", "item-1", "gallery", "s-b", 1)))
+    with TableWriter(location) as writer:
+        source = writer.base.files.column("path")[0].as_py()
+        forged = writer.file("rewritten-0.parquet")
+        write_parquet(forged, rows(("a", "item-1", "gallery", "s-a", 1), ("z", "item-1", "gallery", "s-z", 1)))
+        version = writer.commit(SCHEMA, {"table": "features"}, remove=[source], copies={forged.path: source}).version
+    with pytest.raises(InputError, match="holds rows that .* did not"):
+        row_changes(location, 0, open_table(location, version), parse_filter("split = 'gallery'"))
+
+
+def test_a_new_row_with_the_id_of_a_copied_one_is_refused(location):
+    commit(location, [], rows(("a", "item-1", "gallery", "s-a", 1), ("b", "item-1", "gallery", "s-b", 1)))
+    version = commit(location, ["b"], rows(("a", "item-2", "gallery", "s-a2", 2)))
     with pytest.raises(InputError, match="image_id must be unique"):
         row_changes(location, 0, open_table(location, version), parse_filter("split = 'gallery'"))

@@ -26,7 +26,8 @@ import pytest
 from pipelines import search
 from pipelines.schemas import RANKINGS
 from pipelines.storage import resolve, write_parquet
-from pipelines.tables import TableWriter, copy_without, open_table, read_table
+from pipelines.rewrites import copy_without
+from pipelines.tables import TableWriter, open_table, read_table
 from tests.test_search import DEPTH, GALLERY, RERANK, write_features
 from tests.tiny import write_random_model
 
@@ -37,19 +38,22 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 def change(uri: str, drop: list[str], rows: pa.Table | None = None) -> int:
     """A new version of the features table at `uri`: the rows `drop` deleted (their files
-    rewritten without them) and `rows` written to a new file (new ids, or changed rows of
-    dropped ids), as `mga embed --incremental` commits them. Returns the version."""
+    rewritten without them, their lineage recorded) and `rows` written to a new file (new ids,
+    or changed rows of dropped ids), as `mga embed --incremental` commits them. Returns the version."""
     table = resolve(uri)
     with TableWriter(table) as writer:
         stored = read_table(writer.base, ["image_id", "__filename"])
         holding = stored.filter(pc.is_in(stored.column("image_id"), value_set=pa.array(drop, pa.string()))).column("__filename")
         remove = pc.unique(holding).to_pylist()
+        copies = {}
         for number, path in enumerate(remove):
-            copy_without(table, path, drop, writer.file(f"rewritten-{number}.parquet"), pq.read_schema(path, filesystem=table.fs))
+            target = writer.file(f"rewritten-{number}.parquet")
+            copy_without(table, path, drop, target, pq.read_schema(path, filesystem=table.fs))
+            copies[target.path] = path
         if rows is not None:
             write_parquet(writer.file("new.parquet"), rows)
         schema = pq.read_schema(writer.base.files.column("path")[0].as_py(), filesystem=table.fs)
-        return writer.commit(schema, writer.base.info, remove=remove).version
+        return writer.commit(schema, writer.base.info, remove=remove, copies=copies).version
 
 
 def moved(rows: pa.Table, rng: np.random.Generator, ids: list[str] | None = None, prefix: str | None = None) -> pa.Table:

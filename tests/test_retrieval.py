@@ -35,7 +35,10 @@ from mga.config import ModelConfig
 from pipelines.synthetic import SynthSpec
 from tests.tiny import MODEL as TINY_MODEL
 from pipelines import embed, evaluate, resources, search, synth
+from pipelines.filters import parse_filter
+from pipelines.rewrites import copy_sources
 from pipelines.schemas import CATALOG, column_matrix, features_schema
+from pipelines.search.changes import row_changes
 from pipelines.storage import resolve, write_parquet
 from pipelines.tables import TableWriter, open_table, read_table, vacuum
 
@@ -267,6 +270,12 @@ def test_incremental_embed_drops_deleted_and_reembeds_changed(world, tmp_path):
     assert old_files - new_files == stale_files and len(stale_files) == 1 and len(old_files) == 4
     new_runs = _run_dirs(out) - runs_before
     assert len(new_runs) == 1 and {os.path.relpath(path, out).split("/")[0] for path in new_files - old_files} == new_runs
+    # The commit names the file the rewritten one copies, from which an incremental search reads
+    # the changes (comparing the two files' ids, not the rewritten rows' identity).
+    assert list(copy_sources(base, merged).values()) == list(stale_files)
+    changes = row_changes(resolve(out), base.version, merged, parse_filter("image_id IS NOT NULL"))
+    assert sorted(changes.removed.column("image_id").to_pylist()) == sorted([removed, changed])
+    assert changes.added.column("image_id").to_pylist() == [changed] and changes.new.files.num_rows == 1
     after = sorted_table(out)
     ids = after.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == IMAGES - 1 and removed not in ids and changed in ids

@@ -144,8 +144,9 @@ def run(
         rejects = staged_rejects(staging, rejects_writer.written())
         embedded = check_exactly_once(table, writer.written(), rejects.column("image_id").combine_chunks(), expected)
         kept = dropped = 0
+        copies: dict[str, str] = {}
         if plan is not None and plan.rewrite:
-            _, kept, dropped = rewrite_without(writer, plan.rewrite, schema, **parquet_options(schema))
+            copies, kept, dropped = rewrite_without(writer, plan.rewrite, schema, **parquet_options(schema))
             if dropped != plan.counts["changed"] + plan.counts["deleted"]:
                 raise RuntimeError(f"embed: {plan.counts['changed'] + plan.counts['deleted']} stale rows to drop from {table.uri}, found {dropped}")
         if plan is not None and not len(expected) and not plan.rewrite:
@@ -174,7 +175,8 @@ def run(
                 "rejects": {"table": rejects_table.uri, "version": rejects_table.version},
                 **({"incremental": {**plan.counts, "rows_written": embedded + kept}} if plan is not None else {}),
             }
-            snapshot = writer.commit(schema, info, files=writer.written(), remove=None if plan is None else sorted(plan.rewrite))
+            # The rewritten files' lineage lets an incremental search compare each with its source alone.
+            snapshot = writer.commit(schema, info, files=writer.written(), remove=None if plan is None else sorted(plan.rewrite), copies=copies)
     rows = {
         "read": f"{catalog_table.uri} version {catalog_table.version} ({len(expected)} images to embed)",
         "model": f"{resolve(model).uri} (model_id {model_id})",

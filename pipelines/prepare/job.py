@@ -129,12 +129,12 @@ def _merge(writer: TableWriter, stored: pa.Table, written: list[tuple], results:
 
     kept_ids = pa.array([image_id for result in results for image_id in result["kept"]], pa.string())
     plan = plan_merge(stored, pa.array([row[4] for row in written], pa.string()), kept_ids)
-    rewritten, kept_rows, dropped = rewrite_without(writer, plan.stale, CATALOG, **CATALOG_PARQUET) if plan.stale else ([], 0, 0)
+    copies, kept_rows, dropped = rewrite_without(writer, plan.stale, CATALOG, **CATALOG_PARQUET) if plan.stale else ({}, 0, 0)
     stale = sum(len(ids) for ids in plan.stale.values())
     if dropped != stale:
         raise RuntimeError(f"prepare: {stale} stale rows to drop from {writer.location.uri}, found {dropped}; nothing was committed")
     counts = {**plan.counts, "rows_written": sum(f["rows"] for f in files) + kept_rows, "files_rewritten": len(plan.stale)}
-    return counts, rewritten, sorted(plan.stale)
+    return counts, list(copies), sorted(plan.stale)
 
 
 def _commit_rejects(writer: TableWriter, rejects: pa.Table, catalog: Location, catalog_unchanged: bool) -> Snapshot:

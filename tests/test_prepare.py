@@ -8,6 +8,7 @@ import os
 import re
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,10 +18,11 @@ from mga.artifact import pack_artifact
 from mga.config import ModelConfig
 from mga.model import MGAModel
 from pipelines import embed, prepare, storage
+from pipelines.embed import merge
 from pipelines.embed.merge import plan_incremental
 from pipelines.model_store import write_artifact
 from pipelines.schemas import CATALOG, REJECTS
-from pipelines.tables import companion, open_table, read_table
+from pipelines.tables import TableWriter, companion, open_table, read_table
 
 RAY_TIMEOUT = 300
 
@@ -788,3 +790,41 @@ def test_s3_round_trip(ray_local, s3_env, tmp_path):
     assert rejects[f"s3://{bucket}/photos/a/9.jpg"] == "missing file"
     assert rejects[f"s3://{bucket}/x.jpg"].startswith("outside the root")
     assert result["input"] == 5 == result["rows"] + result["rejected"]
+
+
+def _keys_table(uri: str, rows: list[dict], files: int) -> None:
+    """A table of key rows (image_id and merge.CHANGE_KEY, and model_id where given) in `files` files."""
+    with TableWriter(storage.resolve(uri)) as writer:
+        table = pa.Table.from_pylist(rows)
+        for number in range(files):
+            storage.write_parquet(writer.file(f"part-{number}.parquet"), table.slice(number * -(-len(rows) // files), -(-len(rows) // files)))
+        writer.commit(table.schema, {"table": "keys"})
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_the_merge_plan_is_the_same_in_one_bucket_or_many(ray_local, tmp_path, monkeypatch):
+    """embed --incremental's plan joins the catalog's and the stored keys a hash bucket at a time
+    in Ray tasks (no node holds them all): one bucket or thirteen, the same rows to embed and drop."""
+    def row(number: int, **changes) -> dict:
+        return {"image_id": f"img-{number:02d}", "sha256": f"s{number}", "item_id": None if number == 11 else f"item-{number // 3}",
+                "split": "gallery", "domain": "shop", "category": "top", **changes}
+
+    # The catalog: img-05 new, img-03 re-hashed, img-07 relabelled; img-30 and img-31 gone from it.
+    catalog = [row(n, **({"sha256": "new"} if n == 3 else {"item_id": "other"} if n == 7 else {})) for n in range(30)]
+    # The store: img-09 from another model (to embed again), img-11 with a null item (unchanged).
+    stored = [row(n, model_id="old" if n == 9 else "m") for n in [*range(30), 30, 31] if n != 5]
+    _keys_table(str(tmp_path / "catalog"), catalog, 3)
+    _keys_table(str(tmp_path / "features"), stored, 4)
+    features, catalog_table = open_table(storage.resolve(str(tmp_path / "features"))), open_table(storage.resolve(str(tmp_path / "catalog")))
+    holder = {image_id: path for path in features.files.column("path").to_pylist() for image_id in pq.read_table(path).column("image_id").to_pylist()}
+    plans = []
+    for join_rows in (merge.JOIN_ROWS, 5):
+        monkeypatch.setattr(merge, "JOIN_ROWS", join_rows)
+        plans.append(plan_incremental(features, catalog_table, "m"))
+    for plan in plans:
+        assert plan.counts == {"new": 1, "changed": 3, "unchanged": 26, "deleted": 2}
+        assert sorted(plan.embed_ids.to_pylist()) == ["img-03", "img-05", "img-07", "img-09"]
+        stale = ["img-03", "img-07", "img-09", "img-30", "img-31"]
+        assert plan.rewrite == {path: sorted(i for i in stale if holder[i] == path) for path in {holder[i] for i in stale}}
+        assert plan.embed_files == [path for path in catalog_table.files.column("path").to_pylist() if path.endswith("part-0.parquet")]  # img-00..09

@@ -1,5 +1,6 @@
 """`mga embed --incremental` as a merge (what to embed, which stored files to rewrite), and the
-exactly-once check every embed makes of the files it wrote before committing them."""
+exactly-once check every embed makes of the files it wrote before committing them. Ray is
+imported by the plan alone (its join runs in tasks)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.schemas import arrow_tie_keys
 from pipelines.storage import Location
-from pipelines.tables import Snapshot, read_table
+from pipelines.tables import Snapshot
 
 # Columns that decide whether a stored row is still valid for a catalog row.
 CHANGE_KEY = ("sha256", "item_id", "split", "domain", "category")
@@ -32,22 +34,74 @@ def mergeable(features: Snapshot, model_id: str, token_dtype: str) -> bool:
     return features.info.get("model_id") == model_id and features.info.get("token_dtype") == token_dtype
 
 
+# Rows (catalog and stored together) a task of the merge's join takes: its memory, ~0.8 GB a
+# million rows of keys (measured: the join of 2M + 2M rows on one node peaked at 3.3 GB).
+JOIN_ROWS = 1_000_000
+
+
 def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> IncrementalPlan:
     """Compare the catalog with the stored features by image_id, sha256 (and identity) and model_id.
 
-    Only id and hash columns are read, and the comparison is an Arrow hash join: no image
-    bytes, no Python object per row.
+    Only id and hash columns are read, and no node holds them all: a Ray task a file reads its
+    keys and splits them by a hash of image_id into buckets of about JOIN_ROWS rows, a task a
+    bucket joins its catalog and stored rows (`classify`), and the driver receives only the
+    rows to embed or drop (the changes) and the counts. No image bytes, no Python object a row.
     """
-    now = read_table(catalog, ["image_id", *CHANGE_KEY, "__filename"]).rename_columns(["image_id", *CHANGE_KEY, "catalog_file"])
+    import ray
+
+    buckets = max(1, -(-(catalog.rows + features.rows) // JOIN_ROWS))
+    split = ray.remote(_split_keys).options(num_returns=buckets, num_cpus=0.5)
+    join = ray.remote(_join_bucket).options(num_cpus=0.5)
+    catalog_paths, stored_paths = catalog.files.column("path").to_pylist(), features.files.column("path").to_pylist()
+
+    def parts(snapshot: Snapshot, paths: list[str], columns: list[str]) -> list[list]:
+        if not paths:  # a table whose every file a merge removed
+            empty = ray.put(pa.table({**{name: pa.array([], pa.string()) for name in columns}, "file": pa.array([], pa.int32())}))
+            return [[empty] for _ in range(buckets)]
+        refs = [split.remote(snapshot.location, path, number, columns, buckets) for number, path in enumerate(paths)]
+        return [refs] if buckets == 1 else [list(bucket) for bucket in zip(*refs)]  # [bucket][file]
+
+    now, stored = parts(catalog, catalog_paths, ["image_id", *CHANGE_KEY]), parts(features, stored_paths, ["image_id", *CHANGE_KEY, "model_id"])
+    results = ray.get([join.remote(model_id, len(now[bucket]), *now[bucket], *stored[bucket]) for bucket in range(buckets)])
+    embed = pa.concat_tables([result[0] for result in results])
+    stale = pa.concat_tables([result[1] for result in results])
+    counts = {name: sum(result[2][name] for result in results) for name in ("new", "changed", "unchanged", "deleted")}
+    by_file = stale.group_by("file").aggregate([("image_id", "list")])
+    rewrite = {stored_paths[file]: sorted(ids) for file, ids in zip(by_file.column("file").to_pylist(), by_file.column("image_id_list").to_pylist())}
+    files = [catalog_paths[file] for file in pc.unique(embed.column("file")).to_pylist()]
+    return IncrementalPlan(embed.column("image_id").combine_chunks(), files, rewrite, counts)
+
+
+def _split_keys(location: Location, path: str, number: int, columns: list[str], buckets: int) -> tuple[pa.Table, ...] | pa.Table:
+    """Ray task: `columns` of one data file and its number (`file`), split into `buckets` tables by a hash of image_id."""
+    with pq.ParquetFile(path, filesystem=location.fs) as file:
+        rows = file.read(columns=columns, use_threads=False)
+    rows = rows.append_column("file", pa.array(np.full(rows.num_rows, number, np.int32)))
+    bucket = arrow_tie_keys(rows.column("image_id")) % buckets
+    order = np.argsort(bucket, kind="stable")
+    rows, ends = rows.take(pa.array(order)), np.searchsorted(bucket[order], np.arange(1, buckets + 1))
+    parts = tuple(rows.slice(start, end - start) for start, end in zip([0, *ends[:-1]], ends))
+    return parts if buckets > 1 else parts[0]
+
+
+def _join_bucket(model_id: str, catalog_parts: int, *parts: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+    """Ray task: one bucket's catalog rows (the first `catalog_parts`) and stored rows, classified."""
+    return classify(pa.concat_tables(parts[:catalog_parts]), pa.concat_tables(parts[catalog_parts:]), model_id)
+
+
+def classify(now: pa.Table, stored: pa.Table, model_id: str) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+    """The catalog rows `now` (image_id, CHANGE_KEY, file) against the stored rows (the same and
+    model_id): the catalog rows to embed (new or changed: image_id, file), the stored rows to
+    drop (changed or deleted: image_id, file) and the counts. An Arrow hash join."""
+    now = now.rename_columns([name if name == "image_id" else f"now_{name}" for name in now.column_names])
     now = now.append_column("in_catalog", pa.array(np.ones(now.num_rows, bool)))
-    stored = read_table(features, ["image_id", *CHANGE_KEY, "model_id", "__filename"])
-    stored = stored.rename_columns([name if name in ("image_id", "__filename") else f"stored_{name}" for name in stored.column_names])
+    stored = stored.rename_columns([name if name == "image_id" else f"stored_{name}" for name in stored.column_names])
     joined = now.join(stored, "image_id", join_type="full outer")
     in_catalog = pc.fill_null(joined.column("in_catalog"), False)
-    in_store = pc.is_valid(joined.column("__filename"))
+    in_store = pc.is_valid(joined.column("stored_file"))
     same = pc.equal(joined.column("stored_model_id"), model_id)
     for name in CHANGE_KEY:
-        now_value, stored_value = joined.column(name), joined.column(f"stored_{name}")
+        now_value, stored_value = joined.column(f"now_{name}"), joined.column(f"stored_{name}")
         # Null-aware: an unlabelled photo's null item_id is unchanged when it is still null.
         both_null = pc.and_(pc.is_null(now_value), pc.is_null(stored_value))
         same = pc.and_kleene(same, pc.or_kleene(pc.equal(now_value, stored_value), both_null))
@@ -56,14 +110,10 @@ def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> In
     new = pc.and_(in_catalog, pc.invert(in_store))
     changed = pc.and_(pc.and_(in_catalog, in_store), pc.invert(same))
     deleted = pc.and_(in_store, pc.invert(in_catalog))
-    embed = joined.filter(pc.or_(new, changed))
-    stale = joined.filter(pc.and_(in_store, pc.invert(unchanged))).select(["__filename", "image_id"]).sort_by("__filename")
-    rewrite: dict[str, list[str]] = {}
-    for path, image_id in zip(stale.column("__filename").to_pylist(), stale.column("image_id").to_pylist()):
-        rewrite.setdefault(path, []).append(image_id)
+    embed = joined.filter(pc.or_(new, changed)).select(["image_id", "now_file"]).rename_columns(["image_id", "file"])
+    stale = joined.filter(pc.and_(in_store, pc.invert(unchanged))).select(["image_id", "stored_file"]).rename_columns(["image_id", "file"])
     counts = {name: int(pc.sum(mask).as_py() or 0) for name, mask in (("new", new), ("changed", changed), ("unchanged", unchanged), ("deleted", deleted))}
-    files = pc.unique(embed.column("catalog_file")).to_pylist()
-    return IncrementalPlan(embed.column("image_id").combine_chunks(), files, rewrite, counts)
+    return embed, stale, counts
 
 
 def check_exactly_once(table: Location, data_files: list[str], rejected: pa.Array, expected: pa.Array) -> int:

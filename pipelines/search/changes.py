@@ -116,7 +116,7 @@ def row_changes(location: Location, old_version: int, new: Snapshot, where: RowF
         new_rows = _unique(_identity(new, where), new)
         dropped = _dropped_rows(old, copied, new_rows.column("image_id").combine_chunks())
         old_rows = pa.concat_tables([_identity(old.only(set(old.files.column("path").to_pylist()) - set(copied)), where),
-                                     dropped.filter(where.expression)]).combine_chunks()
+                                     dropped.filter(where.expression)], promote_options="permissive").combine_chunks()
     except StorageError as error:  # a vacuumed file of the old version
         raise VersionGone(f"the files of {location.uri} version {old_version} cannot be read any more ({error})") from error
     _unique(old_rows, old)  # the same id in an unpaired file and dropped from a copied one
@@ -154,6 +154,6 @@ def _dropped_rows(old: Snapshot, copied: dict[str, list[str]], new_ids: pa.Array
         return _empty()
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
-            return pa.concat_tables(pool.map(dropped, sorted(copied)))
+            return pa.concat_tables(pool.map(dropped, sorted(copied)), promote_options="permissive")
     except OSError as error:
         raise StorageError(f"cannot read {old.uri} (version {old.version}): {error}{credentials_hint(old.uri)}") from error

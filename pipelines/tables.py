@@ -15,6 +15,8 @@ lost or doubled row, even for two merges that would each append the same new ima
 What ties tables together (model, catalog and version, counts, config) is stored as the
 commit's custom metadata under "mga"; `Snapshot.info` is that of the newest such commit at
 or below the version read, so engines that write their own commits (OPTIMIZE) do not hide it.
+A merge's commit also names, under "mga_copies", the retired file each rewritten one copies
+(pipelines.rewrites), which readers of two versions use to compare only what changed.
 
 Why not Ray's `Dataset.write_delta` (a prototype in Ray 2.60): it has no commit metadata,
 no Remove actions (a merge must retire the files it rewrites) and no conflict guard beyond

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mga.tie_keys import utf8_tie_keys
 
@@ -30,6 +31,12 @@ REJECTS = pa.schema([("source_path", pa.string()), ("reason", pa.string())])
 
 # The catalog columns that identify an image and travel into the features table.
 IDENTITY_COLUMNS = ("image_id", "item_id", "split", "domain", "category", "sha256")
+
+
+def same_values(first: pa.Array | pa.ChunkedArray, second: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Whether two aligned identity columns agree row by row, null equal to null (an unlabelled
+    photo's null item is part of its identity); never null."""
+    return pc.or_(pc.fill_null(pc.equal(first, second), False), pc.and_(pc.is_null(first), pc.is_null(second)))
 
 
 # Token columns: float32 as a list of M*d floats; float16 as binary holding the M*d values as

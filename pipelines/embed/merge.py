@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.schemas import arrow_tie_keys
+from pipelines.schemas import arrow_tie_keys, same_values
 from pipelines.storage import Location
 from pipelines.tables import Snapshot
 
@@ -99,13 +99,9 @@ def classify(now: pa.Table, stored: pa.Table, model_id: str) -> tuple[pa.Table, 
     joined = now.join(stored, "image_id", join_type="full outer")
     in_catalog = pc.fill_null(joined.column("in_catalog"), False)
     in_store = pc.is_valid(joined.column("stored_file"))
-    same = pc.equal(joined.column("stored_model_id"), model_id)
-    for name in CHANGE_KEY:
-        now_value, stored_value = joined.column(f"now_{name}"), joined.column(f"stored_{name}")
-        # Null-aware: an unlabelled photo's null item_id is unchanged when it is still null.
-        both_null = pc.and_(pc.is_null(now_value), pc.is_null(stored_value))
-        same = pc.and_kleene(same, pc.or_kleene(pc.equal(now_value, stored_value), both_null))
-    same = pc.fill_null(same, False)
+    same = pc.fill_null(pc.equal(joined.column("stored_model_id"), model_id), False)
+    for name in CHANGE_KEY:  # an unlabelled photo's null item_id is unchanged while it stays null
+        same = pc.and_(same, same_values(joined.column(f"now_{name}"), joined.column(f"stored_{name}")))
     unchanged = pc.and_(pc.and_(in_catalog, in_store), same)
     new = pc.and_(in_catalog, pc.invert(in_store))
     changed = pc.and_(pc.and_(in_catalog, in_store), pc.invert(same))

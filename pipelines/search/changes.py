@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from mga.errors import InputError
 from pipelines.filters import RowFilter
 from pipelines.memory import release_freed_memory
-from pipelines.schemas import IDENTITY_COLUMNS
+from pipelines.schemas import IDENTITY_COLUMNS, same_values
 from pipelines.rewrites import copy_sources
 from pipelines.storage import Location, StorageError, credentials_hint
 from pipelines.tables import Snapshot, TableNotFound, open_table, read_files
@@ -86,9 +86,7 @@ def _unchanged(rows: pa.Table, other: pa.Table) -> pa.Array:
     aligned = other.take(pc.fill_null(match, 0))
     same = pc.is_valid(match)
     for name in KEY_COLUMNS[1:]:
-        mine, theirs = rows.column(name), aligned.column(name)
-        equal = pc.or_(pc.fill_null(pc.equal(mine, theirs), False), pc.and_(pc.is_null(mine), pc.is_null(theirs)))
-        same = pc.and_(same, equal)
+        same = pc.and_(same, same_values(rows.column(name), aligned.column(name)))
     return same
 
 

@@ -43,17 +43,23 @@ def lineage(request) -> bool:
     return request.param == "lineage"
 
 
+def copies_without(writer: TableWriter, paths: list[str], drop: list[str]) -> dict[str, str]:
+    """Each file of `paths` copied into `writer`'s run without the rows `drop`, as embed's merge
+    rewrites them; their lineage, {copy: source}."""
+    copies = {}
+    for number, path in enumerate(paths):
+        target = writer.file(f"rewritten-{number}.parquet")
+        copy_without(writer.location, path, drop, target, pq.read_schema(path, filesystem=writer.location.fs))
+        copies[target.path] = path
+    return copies
+
+
 def commit(location, drop: list[str], new: pa.Table | None, lineage: bool = True) -> int:
     """A version as `mga embed --incremental` commits one: the files holding `drop` rewritten
     without them (and their lineage recorded, unless `lineage` is false), `new` in a file of its own."""
     with TableWriter(location) as writer:
-        remove, copies = [], {}
-        if writer.base is not None:
-            remove = writer.base.files.column("path").to_pylist()
-            for number, path in enumerate(remove):
-                target = writer.file(f"rewritten-{number}.parquet")
-                copy_without(location, path, drop, target, pq.read_schema(path, filesystem=location.fs))
-                copies[target.path] = path
+        remove = writer.base.files.column("path").to_pylist() if writer.base is not None else []
+        copies = copies_without(writer, remove, drop)
         if new is not None:
             write_parquet(writer.file("new.parquet"), new)
         return writer.commit(SCHEMA, {"table": "features"}, remove=remove if writer.base is not None else None, copies=copies if lineage else None).version

@@ -26,8 +26,8 @@ import pytest
 from pipelines import search
 from pipelines.schemas import RANKINGS
 from pipelines.storage import resolve, write_parquet
-from pipelines.rewrites import copy_without
 from pipelines.tables import TableWriter, open_table, read_table
+from tests.test_changes import copies_without
 from tests.test_search import DEPTH, GALLERY, RERANK, write_features
 from tests.tiny import write_random_model
 
@@ -45,11 +45,7 @@ def change(uri: str, drop: list[str], rows: pa.Table | None = None) -> int:
         stored = read_table(writer.base, ["image_id", "__filename"])
         holding = stored.filter(pc.is_in(stored.column("image_id"), value_set=pa.array(drop, pa.string()))).column("__filename")
         remove = pc.unique(holding).to_pylist()
-        copies = {}
-        for number, path in enumerate(remove):
-            target = writer.file(f"rewritten-{number}.parquet")
-            copy_without(table, path, drop, target, pq.read_schema(path, filesystem=table.fs))
-            copies[target.path] = path
+        copies = copies_without(writer, remove, drop)
         if rows is not None:
             write_parquet(writer.file("new.parquet"), rows)
         schema = pq.read_schema(writer.base.files.column("path")[0].as_py(), filesystem=table.fs)

@@ -828,3 +828,32 @@ def test_the_merge_plan_is_the_same_in_one_bucket_or_many(ray_local, tmp_path, m
         stale = ["img-03", "img-07", "img-09", "img-30", "img-31"]
         assert plan.rewrite == {path: sorted(i for i in stale if holder[i] == path) for path in {holder[i] for i in stale}}
         assert plan.embed_files == [path for path in catalog_table.files.column("path").to_pylist() if path.endswith("part-0.parquet")]  # img-00..09
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_the_exactly_once_check_is_the_same_in_one_bucket_or_many(ray_local, tmp_path, monkeypatch):
+    """Every embed checks its written files against the images it was asked for (the whole
+    catalog's files, or the plan's ids) a hash bucket at a time in Ray tasks: the same count,
+    the same problems found, one bucket or many."""
+    ids = [f"img-{number:02d}" for number in range(20)]
+    _keys_table(str(tmp_path / "catalog"), [{"image_id": image_id} for image_id in ids], 3)
+    catalog = open_table(storage.resolve(str(tmp_path / "catalog")))
+    written = storage.resolve(str(tmp_path / "written"))
+
+    def files(name: str, *parts: list[str]) -> list[str]:
+        os.makedirs(written.path, exist_ok=True)
+        paths = [os.path.join(written.path, f"{name}-{number}.parquet") for number in range(len(parts))]
+        for path, part in zip(paths, parts):
+            pq.write_table(pa.table({"image_id": pa.array(part, pa.string())}), path)
+        return paths
+
+    good = files("good", ids[:9], ids[9:18])
+    # img-03 written twice, img-18 written and rejected, img-19 lost, img-99 never asked for.
+    bad = files("bad", ids[:10], [ids[3], *ids[10:19], "img-99"])
+    for join_rows in (merge.JOIN_ROWS, 5):
+        monkeypatch.setattr(merge, "JOIN_ROWS", join_rows)
+        for expected in (catalog, pa.array(ids)):
+            assert merge.check_exactly_once(written, good, pa.array(ids[18:]), expected) == 18
+            with pytest.raises(RuntimeError, match=r"\(1 duplicate rows; 1 images both written and rejected; 1 images missing, 1 unexpected\); nothing was committed"):
+                merge.check_exactly_once(written, bad, pa.array([ids[18]]), expected)

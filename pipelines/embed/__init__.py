@@ -48,7 +48,7 @@ from pipelines.resources import actor_cpus, actor_gpus, actor_pool, add_gpu_argu
 from pipelines.schemas import IDENTITY_COLUMNS, REJECTS, TOKEN_DTYPES
 from pipelines.storage import resolve, write_parquet
 from pipelines.token_ranges import parquet_options
-from pipelines.tables import TableWriter, companion, read_table
+from pipelines.tables import TableWriter, companion
 
 DECODE_SIDES = ("auto", "tasks", "actors")
 
@@ -106,12 +106,13 @@ def run(
         if merge:
             plan = plan_incremental(writer.base, catalog_table, model_id)
             source, where = catalog_table.only(plan.embed_files), [("image_id", plan.embed_ids.to_pylist())]
-            expected = plan.embed_ids
+            expected, to_embed = plan.embed_ids, len(plan.embed_ids)
         else:
+            # Every catalog row: its ids stay in the catalog's files (check_exactly_once reads them in tasks).
             plan, source, where = None, catalog_table, []
-            expected = read_table(catalog_table, ["image_id"]).column("image_id").combine_chunks()
+            expected, to_embed = catalog_table, catalog_table.rows
         staging = rejects_writer.run.join("staged")  # the decoding tasks' rejects, until the job gathers them
-        if len(expected):
+        if to_embed or not merge and catalog_table.files.num_rows:  # rows unknown where a writer left out its files' stats
 
             def job() -> None:
                 dataset = table_dataset(source, [*IDENTITY_COLUMNS, "image", "bbox", "source_path"], *where)
@@ -149,7 +150,7 @@ def run(
             copies, kept, dropped = rewrite_without(writer, plan.rewrite, schema, **parquet_options(schema))
             if dropped != plan.counts["changed"] + plan.counts["deleted"]:
                 raise RuntimeError(f"embed: {plan.counts['changed'] + plan.counts['deleted']} stale rows to drop from {table.uri}, found {dropped}")
-        if plan is not None and not len(expected) and not plan.rewrite:
+        if plan is not None and not to_embed and not plan.rewrite:
             # Nothing new, changed or deleted: neither table gets a new version.
             info = {**writer.base.info, "embedded": 0, "rejected": 0, "incremental": {**plan.counts, "rows_written": 0}}
             snapshot, rejects_table = writer.base, None
@@ -178,7 +179,7 @@ def run(
             # The rewritten files' lineage lets an incremental search compare each with its source alone.
             snapshot = writer.commit(schema, info, files=writer.written(), remove=None if plan is None else sorted(plan.rewrite), copies=copies)
     rows = {
-        "read": f"{catalog_table.uri} version {catalog_table.version} ({len(expected)} images to embed)",
+        "read": f"{catalog_table.uri} version {catalog_table.version} ({to_embed} images to embed)",
         "model": f"{resolve(model).uri} (model_id {model_id})",
         "wrote": f"{table.uri} (version {snapshot.version}, {snapshot.rows} rows, D={config.global_dim}, "
         f"{len(config.layers)} layers x M={config.num_tokens} x d={config.token_dim}, tokens {token_dtype})",

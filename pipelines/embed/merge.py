@@ -1,6 +1,6 @@
 """`mga embed --incremental` as a merge (what to embed, which stored files to rewrite), and the
-exactly-once check every embed makes of the files it wrote before committing them. Ray is
-imported by the plan alone (its join runs in tasks)."""
+exactly-once check every embed makes of the files it wrote before committing them: both join
+image ids a hash bucket at a time in Ray tasks (imported there), so no node holds a catalog's ids."""
 
 from __future__ import annotations
 
@@ -50,18 +50,10 @@ def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> In
     import ray
 
     buckets = max(1, -(-(catalog.rows + features.rows) // JOIN_ROWS))
-    split = ray.remote(_split_keys).options(num_returns=buckets, num_cpus=0.5)
     join = ray.remote(_join_bucket).options(num_cpus=0.5)
     catalog_paths, stored_paths = catalog.files.column("path").to_pylist(), features.files.column("path").to_pylist()
-
-    def parts(snapshot: Snapshot, paths: list[str], columns: list[str]) -> list[list]:
-        if not paths:  # a table whose every file a merge removed
-            empty = ray.put(pa.table({**{name: pa.array([], pa.string()) for name in columns}, "file": pa.array([], pa.int32())}))
-            return [[empty] for _ in range(buckets)]
-        refs = [split.remote(snapshot.location, path, number, columns, buckets) for number, path in enumerate(paths)]
-        return [refs] if buckets == 1 else [list(bucket) for bucket in zip(*refs)]  # [bucket][file]
-
-    now, stored = parts(catalog, catalog_paths, ["image_id", *CHANGE_KEY]), parts(features, stored_paths, ["image_id", *CHANGE_KEY, "model_id"])
+    now = _bucketed(catalog.location, catalog_paths, ["image_id", *CHANGE_KEY], buckets)
+    stored = _bucketed(features.location, stored_paths, ["image_id", *CHANGE_KEY, "model_id"], buckets)
     results = ray.get([join.remote(model_id, len(now[bucket]), *now[bucket], *stored[bucket]) for bucket in range(buckets)])
     embed = pa.concat_tables([result[0] for result in results])
     stale = pa.concat_tables([result[1] for result in results])
@@ -72,16 +64,32 @@ def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> In
     return IncrementalPlan(embed.column("image_id").combine_chunks(), files, rewrite, counts)
 
 
+def _bucketed(location: Location, paths: list[str], columns: list[str], buckets: int) -> list[list]:
+    """`columns` of the data files `paths`, a Ray task a file, as [bucket][file] object refs of their rows split by a hash of image_id."""
+    import ray
+
+    if not paths:  # a table whose every file a merge removed
+        empty = ray.put(pa.table({**{name: pa.array([], pa.string()) for name in columns}, "file": pa.array([], pa.int32())}))
+        return [[empty] for _ in range(buckets)]
+    split = ray.remote(_split_keys).options(num_returns=buckets, num_cpus=0.5)
+    refs = [split.remote(location, path, number, columns, buckets) for number, path in enumerate(paths)]
+    return [refs] if buckets == 1 else [list(bucket) for bucket in zip(*refs)]
+
+
 def _split_keys(location: Location, path: str, number: int, columns: list[str], buckets: int) -> tuple[pa.Table, ...] | pa.Table:
     """Ray task: `columns` of one data file and its number (`file`), split into `buckets` tables by a hash of image_id."""
     with pq.ParquetFile(path, filesystem=location.fs) as file:
         rows = file.read(columns=columns, use_threads=False)
-    rows = rows.append_column("file", pa.array(np.full(rows.num_rows, number, np.int32)))
-    bucket = arrow_tie_keys(rows.column("image_id")) % buckets
+    parts = _split(rows.append_column("file", pa.array(np.full(rows.num_rows, number, np.int32))), buckets)
+    return parts if buckets > 1 else parts[0]
+
+
+def _split(rows: pa.Table, buckets: int) -> tuple[pa.Table, ...]:
+    """`rows` split into `buckets` tables by a hash of image_id (the tie keys', so every job buckets an id alike)."""
+    bucket = arrow_tie_keys(rows.column("image_id").combine_chunks()) % buckets
     order = np.argsort(bucket, kind="stable")
     rows, ends = rows.take(pa.array(order)), np.searchsorted(bucket[order], np.arange(1, buckets + 1))
-    parts = tuple(rows.slice(start, end - start) for start, end in zip([0, *ends[:-1]], ends))
-    return parts if buckets > 1 else parts[0]
+    return tuple(rows.slice(start, end - start) for start, end in zip([0, *ends[:-1]], ends))
 
 
 def _join_bucket(model_id: str, catalog_parts: int, *parts: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, int]]:
@@ -112,22 +120,57 @@ def classify(now: pa.Table, stored: pa.Table, model_id: str) -> tuple[pa.Table, 
     return embed, stale, counts
 
 
-def check_exactly_once(table: Location, data_files: list[str], rejected: pa.Array, expected: pa.Array) -> int:
-    """Every expected image is in the written files or the rejects exactly once, nothing else is; returns the rows written."""
-    written = pa.chunked_array(
-        [pq.read_table(path, columns=["image_id"], filesystem=table.fs).column("image_id").combine_chunks() for path in data_files], pa.string()
-    ).combine_chunks()
+def check_exactly_once(table: Location, data_files: list[str], rejected: pa.Array, expected: pa.Array | Snapshot) -> int:
+    """Every expected image (the ids of `expected`, or every row of the table it is) is in the
+    written files or the rejects exactly once, nothing else is; returns the rows written.
+
+    The ids are compared as the plan joins them: a Ray task a file splits its ids by a hash
+    into buckets of about JOIN_ROWS, a task a bucket counts its problems (`exactly_once_problems`);
+    the driver gets the counts. A full embed of 10^7 images holds no id on one node.
+    """
+    import ray
+
+    expected_rows = len(expected) if isinstance(expected, pa.Array) else expected.rows
+    buckets = max(1, -(-(2 * expected_rows + len(rejected)) // JOIN_ROWS))
+
+    def held(ids: pa.Array) -> list[list]:  # ids already on the driver (the plan's, the rejects): split here
+        return [[ray.put(part)] for part in _split(pa.table({"image_id": ids.cast(pa.string())}), buckets)]
+
+    written = _bucketed(table, data_files, ["image_id"], buckets)
+    wanted = held(expected) if isinstance(expected, pa.Array) else _bucketed(expected.location, expected.files.column("path").to_pylist(), ["image_id"], buckets)
+    set_aside = held(rejected)
+    count = ray.remote(_count_bucket).options(num_cpus=0.5)
+    results = ray.get([count.remote(len(written[bucket]), len(wanted[bucket]), *written[bucket], *wanted[bucket], *set_aside[bucket]) for bucket in range(buckets)])
+    totals = {name: sum(result[name] for result in results) for name in results[0]}
     problems = []
-    if len(pc.unique(written)) != len(written):
-        problems.append(f"{len(written) - len(pc.unique(written))} duplicate rows")
-    both = int(pc.sum(pc.is_in(written, value_set=rejected)).as_py() or 0)
-    if both:
-        problems.append(f"{both} images both written and rejected")
-    accounted = pa.concat_arrays([written, rejected.cast(pa.string())])
-    missing = int(pc.sum(pc.invert(pc.is_in(expected, value_set=accounted))).as_py() or 0)
-    unexpected = int(pc.sum(pc.invert(pc.is_in(accounted, value_set=expected))).as_py() or 0)
-    if missing or unexpected:
-        problems.append(f"{missing} images missing, {unexpected} unexpected")
+    if totals["duplicates"]:
+        problems.append(f"{totals['duplicates']} duplicate rows")
+    if totals["both"]:
+        problems.append(f"{totals['both']} images both written and rejected")
+    if totals["missing"] or totals["unexpected"]:
+        problems.append(f"{totals['missing']} images missing, {totals['unexpected']} unexpected")
     if problems:
         raise RuntimeError(f"embed: the files written into {table.uri} are inconsistent ({'; '.join(problems)}); nothing was committed")
-    return len(written)
+    return totals["written"]
+
+
+def _count_bucket(written_parts: int, expected_parts: int, *parts: pa.Table) -> dict[str, int]:
+    """Ray task: one bucket's written ids (the first `written_parts`), expected ids (the next `expected_parts`) and rejected ids, checked."""
+    def ids(tables: tuple[pa.Table, ...]) -> pa.Array:
+        return pa.chunked_array([chunk for table in tables for chunk in table.column("image_id").chunks], pa.string()).combine_chunks()
+
+    return exactly_once_problems(ids(parts[:written_parts]), ids(parts[written_parts:written_parts + expected_parts]),
+                                 ids(parts[written_parts + expected_parts:]))
+
+
+def exactly_once_problems(written: pa.Array, expected: pa.Array, rejected: pa.Array) -> dict[str, int]:
+    """The rows `written`, and how they and the `rejected` ids fail to hold each `expected` id exactly once."""
+    distinct = len(pc.unique(written))
+    accounted = pa.concat_arrays([written, rejected])
+    return {
+        "written": len(written),
+        "duplicates": len(written) - distinct,
+        "both": int(pc.sum(pc.is_in(written, value_set=rejected)).as_py() or 0),
+        "missing": int(pc.sum(pc.invert(pc.is_in(expected, value_set=accounted))).as_py() or 0),
+        "unexpected": int(pc.sum(pc.invert(pc.is_in(accounted, value_set=expected))).as_py() or 0),
+    }

@@ -18,6 +18,7 @@ here, and `mga <job> --help` must not wait for Ray.
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import TYPE_CHECKING, Any
 
 from mga.errors import InputError
@@ -125,13 +126,35 @@ def io_failure(error: BaseException) -> OSError | None:
     return None
 
 
+# Where Ray Data logs a failed task's tracebacks (twice) before the failure reaches the driver's call.
+RAY_DATA_FAILURE_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+
+def _off_the_console(record: logging.LogRecord) -> bool:
+    """Keep an error record out of the console and in Ray Data's log file: its console handler
+    drops records marked `hide` (ray.data._internal.logging.HiddenRecordFilter)."""
+    if record.levelno >= logging.ERROR:
+        record.hide = True
+    return True
+
+
 def execute(job: Any, reading: str, writing: str) -> Any:
-    """Run a Ray Data job; a storage failure inside it becomes one StorageError line naming the URIs."""
+    """Run a Ray Data job; a storage failure inside it becomes one StorageError line naming the
+    URIs. The failure is told once: as that line, or as the exception itself (a bug keeps its
+    traceback, the failed task's included); Ray Data's own logs of it go to its log file only."""
+    loggers = [logging.getLogger(name) for name in RAY_DATA_FAILURE_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_off_the_console)
     try:
         return job()
     except Exception as error:  # noqa: BLE001
         cause = io_failure(error)
         if cause is None:
             raise
-        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        # An OSError with an errno is "[Errno N] strerror: 'filename'", where Ray Data's retry note can stand in for the filename.
+        told = f"[Errno {cause.errno}] {cause.strerror}" if cause.errno and cause.strerror else str(cause)
+        first_line = (told.strip().splitlines() or [type(cause).__name__])[0]
         raise StorageError(f"reading {reading} / writing {writing} failed (retries exhausted): {first_line}{credentials_hint(reading)}") from error
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_off_the_console)

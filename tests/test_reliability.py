@@ -379,6 +379,30 @@ def test_s3_endpoint_down_for_good_is_a_bounded_one_line_error(base, own_s3, ray
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_file_gone_under_a_ray_data_job_is_one_line_naming_it(base, tmp_path, capfd):
+    """A catalog file deleted under its table (vacuumed, lost): the job's read task fails, and the
+    failure is told once, as a StorageError naming the file; Ray Data's tracebacks of the task stay
+    in its log file, off the console."""
+    from pipelines.catalog import open_catalog, table_dataset
+    from pipelines.resources import execute
+
+    catalog = str(tmp_path / "catalog")
+    shutil.copytree(base["catalog"], catalog)
+    snapshot = open_catalog(catalog)
+    gone = snapshot.files.column("path")[1].as_py()
+    os.remove(gone)
+    capfd.readouterr()
+    with pytest.raises(StorageError) as error:
+        execute(lambda: table_dataset(snapshot, ["image_id"]).materialize(), catalog, str(tmp_path / "out"))
+    message = str(error.value)
+    assert message.startswith(f"reading {catalog} / writing {tmp_path / 'out'} failed") and gone in message, message
+    assert len(message.splitlines()) == 1 and "Failed to apply UDF" not in message, message
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, err[-3000:]
+
+
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_search_killed_midway_then_rerun_gives_identical_rankings(base, tmp_path):
     out = str(tmp_path / "rankings")

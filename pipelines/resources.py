@@ -139,9 +139,10 @@ def _off_the_console(record: logging.LogRecord) -> bool:
 
 
 def execute(job: Any, reading: str, writing: str) -> Any:
-    """Run a Ray Data job; a storage failure inside it becomes one StorageError line naming the
-    URIs. The failure is told once: as that line, or as the exception itself (a bug keeps its
-    traceback, the failed task's included); Ray Data's own logs of it go to its log file only."""
+    """Run a Ray job (a Ray Data job, or tasks); a storage failure inside it becomes one
+    StorageError line naming the URIs. The failure is told once: as that line, or as the
+    exception itself (a bug keeps its traceback, the failed task's included); Ray Data's own
+    logs of it go to its log file only."""
     loggers = [logging.getLogger(name) for name in RAY_DATA_FAILURE_LOGGERS]
     for logger in loggers:
         logger.addFilter(_off_the_console)

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -380,11 +381,12 @@ def test_s3_endpoint_down_for_good_is_a_bounded_one_line_error(base, own_s3, ray
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_file_gone_under_a_ray_data_job_is_one_line_naming_it(base, tmp_path, capfd):
-    """A catalog file deleted under its table (vacuumed, lost): the job's read task fails, and the
+def test_a_file_gone_under_a_ray_job_is_one_line_naming_it(base, tmp_path, capfd):
+    """A file deleted under its table (vacuumed, lost): a Ray Data read task, or a Ray task, fails, and the
     failure is told once, as a StorageError naming the file; Ray Data's tracebacks of the task stay
     in its log file, off the console."""
     from pipelines.catalog import open_catalog, table_dataset
+    from pipelines.embed.merge import plan_incremental
     from pipelines.resources import execute
 
     catalog = str(tmp_path / "catalog")
@@ -400,6 +402,14 @@ def test_a_file_gone_under_a_ray_data_job_is_one_line_naming_it(base, tmp_path, 
     assert len(message.splitlines()) == 1 and "Failed to apply UDF" not in message, message
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err, err[-3000:]
+    # Ray tasks as well: embed --incremental's plan, a file of the stored features gone.
+    features = str(tmp_path / "features")
+    shutil.copytree(base["features"], features)
+    stored = open_table(resolve(features))
+    gone = stored.files.column("path")[0].as_py()
+    os.remove(gone)
+    with pytest.raises(StorageError, match=re.escape(gone)):
+        execute(lambda: plan_incremental(stored, open_catalog(base["catalog"]), base["model_id"]), base["catalog"], features)
 
 
 @pytest.mark.ray

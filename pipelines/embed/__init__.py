@@ -104,7 +104,7 @@ def run(
     with TableWriter(table) as writer, TableWriter(companion(table, "rejects")) as rejects_writer:
         merge = incremental and writer.base is not None and mergeable(writer.base, model_id, token_dtype)
         if merge:
-            plan = plan_incremental(writer.base, catalog_table, model_id)
+            plan = execute(lambda: plan_incremental(writer.base, catalog_table, model_id), catalog_table.uri, table.uri)
             source, where = catalog_table.only(plan.embed_files), [("image_id", plan.embed_ids.to_pylist())]
             expected, to_embed = plan.embed_ids, len(plan.embed_ids)
         else:
@@ -143,7 +143,7 @@ def run(
 
             execute(job, catalog_table.uri, table.uri)
         rejects = staged_rejects(staging, rejects_writer.written())
-        embedded = check_exactly_once(table, writer.written(), rejects.column("image_id").combine_chunks(), expected)
+        embedded = execute(lambda: check_exactly_once(table, writer.written(), rejects.column("image_id").combine_chunks(), expected), catalog_table.uri, table.uri)
         kept = dropped = 0
         copies: dict[str, str] = {}
         if plan is not None and plan.rewrite:

@@ -5,6 +5,7 @@ image ids a hash bucket at a time in Ray tasks (imported there), so no node hold
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,16 +46,14 @@ def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> In
     Only id and hash columns are read, and no node holds them all: a Ray task a file reads its
     keys and splits them by a hash of image_id into buckets of about JOIN_ROWS rows, a task a
     bucket joins its catalog and stored rows (`classify`), and the driver receives only the
-    rows to embed or drop (the changes) and the counts. No image bytes, no Python object a row.
+    rows to embed or drop (the changes) and the counts (`_Buckets`: one bucket is joined in the
+    driver). No image bytes, no Python object a row.
     """
-    import ray
-
-    buckets = max(1, -(-(catalog.rows + features.rows) // JOIN_ROWS))
-    join = ray.remote(_join_bucket).options(num_cpus=0.5)
+    buckets = _Buckets(catalog.rows + features.rows)
     catalog_paths, stored_paths = catalog.files.column("path").to_pylist(), features.files.column("path").to_pylist()
-    now = _bucketed(catalog.location, catalog_paths, ["image_id", *CHANGE_KEY], buckets)
-    stored = _bucketed(features.location, stored_paths, ["image_id", *CHANGE_KEY, "model_id"], buckets)
-    results = ray.get([join.remote(model_id, len(now[bucket]), *now[bucket], *stored[bucket]) for bucket in range(buckets)])
+    now = buckets.files(catalog.location, catalog_paths, ["image_id", *CHANGE_KEY])
+    stored = buckets.files(features.location, stored_paths, ["image_id", *CHANGE_KEY, "model_id"])
+    results = buckets.run(_join_bucket, [(model_id, len(now[bucket]), *now[bucket], *stored[bucket]) for bucket in range(buckets.count)])
     embed = pa.concat_tables([result[0] for result in results])
     stale = pa.concat_tables([result[1] for result in results])
     counts = {name: sum(result[2][name] for result in results) for name in ("new", "changed", "unchanged", "deleted")}
@@ -64,16 +63,44 @@ def plan_incremental(features: Snapshot, catalog: Snapshot, model_id: str) -> In
     return IncrementalPlan(embed.column("image_id").combine_chunks(), files, rewrite, counts)
 
 
-def _bucketed(location: Location, paths: list[str], columns: list[str], buckets: int) -> list[list]:
-    """`columns` of the data files `paths`, a Ray task a file, as [bucket][file] object refs of their rows split by a hash of image_id."""
-    import ray
+class _Buckets:
+    """Key rows split by a hash of image_id into buckets of about JOIN_ROWS, and a function run on
+    each bucket's parts: a Ray task a file splits its rows and a task a bucket runs it, so no node
+    holds all the keys; where they are one bucket, the driver does both (no worker to start: ~1 s
+    of CPU each on a cold cluster, most of a small embed's check)."""
 
-    if not paths:  # a table whose every file a merge removed
-        empty = ray.put(pa.table({**{name: pa.array([], pa.string()) for name in columns}, "file": pa.array([], pa.int32())}))
-        return [[empty] for _ in range(buckets)]
-    split = ray.remote(_split_keys).options(num_returns=buckets, num_cpus=0.5)
-    refs = [split.remote(location, path, number, columns, buckets) for number, path in enumerate(paths)]
-    return [refs] if buckets == 1 else [list(bucket) for bucket in zip(*refs)]
+    def __init__(self, rows: int) -> None:
+        self.count = max(1, -(-rows // JOIN_ROWS))
+        self.local = self.count == 1
+
+    def files(self, location: Location, paths: list[str], columns: list[str]) -> list[list]:
+        """`columns` of the data files `paths` and each row's file number, as [bucket][file] parts
+        (tables, or object refs of them)."""
+        if not paths:  # a table whose every file a merge removed
+            return self.held(pa.table({**{name: pa.array([], pa.string()) for name in columns}, "file": pa.array([], pa.int32())}))
+        if self.local:
+            return [[_split_keys(location, path, number, columns, 1) for number, path in enumerate(paths)]]
+        import ray
+
+        split = ray.remote(_split_keys).options(num_returns=self.count, num_cpus=0.5)
+        return [list(bucket) for bucket in zip(*[split.remote(location, path, number, columns, self.count) for number, path in enumerate(paths)])]
+
+    def held(self, rows: pa.Table) -> list[list]:
+        """Rows the driver holds (the plan's ids, the rejects), as [bucket][one part]."""
+        if self.local:
+            return [[rows]]
+        import ray
+
+        return [[ray.put(part)] for part in _split(rows, self.count)]
+
+    def run(self, function: Any, arguments: list[tuple]) -> list:
+        """`function(*arguments[bucket])` for every bucket."""
+        if self.local:
+            return [function(*arguments[0])]
+        import ray
+
+        remote = ray.remote(function).options(num_cpus=0.5)
+        return ray.get([remote.remote(*bucket) for bucket in arguments])
 
 
 def _split_keys(location: Location, path: str, number: int, columns: list[str], buckets: int) -> tuple[pa.Table, ...] | pa.Table:
@@ -124,23 +151,25 @@ def check_exactly_once(table: Location, data_files: list[str], rejected: pa.Arra
     """Every expected image (the ids of `expected`, or every row of the table it is) is in the
     written files or the rejects exactly once, nothing else is; returns the rows written.
 
-    The ids are compared as the plan joins them: a Ray task a file splits its ids by a hash
-    into buckets of about JOIN_ROWS, a task a bucket counts its problems (`exactly_once_problems`);
-    the driver gets the counts. A full embed of 10^7 images holds no id on one node.
+    The ids are compared as the plan joins them (`_Buckets`): a Ray task a file splits its ids
+    by a hash into buckets of about JOIN_ROWS, a task a bucket counts its problems
+    (`exactly_once_problems`); the driver gets the counts. A full embed of 10^7 images holds no
+    id on one node.
     """
-    import ray
-
     expected_rows = len(expected) if isinstance(expected, pa.Array) else expected.rows
-    buckets = max(1, -(-(2 * expected_rows + len(rejected)) // JOIN_ROWS))
+    buckets = _Buckets(2 * expected_rows + len(rejected))
 
-    def held(ids: pa.Array) -> list[list]:  # ids already on the driver (the plan's, the rejects): split here
-        return [[ray.put(part)] for part in _split(pa.table({"image_id": ids.cast(pa.string())}), buckets)]
+    def ids(values: pa.Array) -> pa.Table:
+        return pa.table({"image_id": values.cast(pa.string())})
 
-    written = _bucketed(table, data_files, ["image_id"], buckets)
-    wanted = held(expected) if isinstance(expected, pa.Array) else _bucketed(expected.location, expected.files.column("path").to_pylist(), ["image_id"], buckets)
-    set_aside = held(rejected)
-    count = ray.remote(_count_bucket).options(num_cpus=0.5)
-    results = ray.get([count.remote(len(written[bucket]), len(wanted[bucket]), *written[bucket], *wanted[bucket], *set_aside[bucket]) for bucket in range(buckets)])
+    written = buckets.files(table, data_files, ["image_id"])
+    if isinstance(expected, pa.Array):
+        wanted = buckets.held(ids(expected))
+    else:
+        wanted = buckets.files(expected.location, expected.files.column("path").to_pylist(), ["image_id"])
+    set_aside = buckets.held(ids(rejected))
+    results = buckets.run(_count_bucket, [(len(written[bucket]), len(wanted[bucket]), *written[bucket], *wanted[bucket], *set_aside[bucket])
+                                          for bucket in range(buckets.count)])
     totals = {name: sum(result[name] for result in results) for name in results[0]}
     problems = []
     if totals["duplicates"]:

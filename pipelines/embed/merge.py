@@ -67,7 +67,7 @@ class _Buckets:
     """Key rows split by a hash of image_id into buckets of about JOIN_ROWS, and a function run on
     each bucket's parts: a Ray task a file splits its rows and a task a bucket runs it, so no node
     holds all the keys; where they are one bucket, the driver does both (no worker to start: ~1 s
-    of CPU each on a cold cluster, most of a small embed's check)."""
+    of CPU a worker on a cold cluster, most of a small embed's check)."""
 
     def __init__(self, rows: int) -> None:
         self.count = max(1, -(-rows // JOIN_ROWS))
@@ -104,7 +104,7 @@ class _Buckets:
 
 
 def _split_keys(location: Location, path: str, number: int, columns: list[str], buckets: int) -> tuple[pa.Table, ...] | pa.Table:
-    """Ray task: `columns` of one data file and its number (`file`), split into `buckets` tables by a hash of image_id."""
+    """A Ray task (or the driver's call, for one bucket): `columns` of one data file and its number (`file`), split into `buckets` tables by a hash of image_id."""
     with pq.ParquetFile(path, filesystem=location.fs) as file:
         rows = file.read(columns=columns, use_threads=False)
     parts = _split(rows.append_column("file", pa.array(np.full(rows.num_rows, number, np.int32))), buckets)
@@ -120,7 +120,7 @@ def _split(rows: pa.Table, buckets: int) -> tuple[pa.Table, ...]:
 
 
 def _join_bucket(model_id: str, catalog_parts: int, *parts: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, int]]:
-    """Ray task: one bucket's catalog rows (the first `catalog_parts`) and stored rows, classified."""
+    """One bucket's catalog rows (the first `catalog_parts`) and stored rows, classified (a Ray task, or the driver's call)."""
     return classify(pa.concat_tables(parts[:catalog_parts]), pa.concat_tables(parts[catalog_parts:]), model_id)
 
 
@@ -184,7 +184,7 @@ def check_exactly_once(table: Location, data_files: list[str], rejected: pa.Arra
 
 
 def _count_bucket(written_parts: int, expected_parts: int, *parts: pa.Table) -> dict[str, int]:
-    """Ray task: one bucket's written ids (the first `written_parts`), expected ids (the next `expected_parts`) and rejected ids, checked."""
+    """One bucket's written ids (the first `written_parts`), expected ids (the next `expected_parts`) and rejected ids, checked (a Ray task, or the driver's call)."""
     def ids(tables: tuple[pa.Table, ...]) -> pa.Array:
         return pa.chunked_array([chunk for table in tables for chunk in table.column("image_id").chunks], pa.string()).combine_chunks()
 

@@ -108,7 +108,7 @@ def run(
             source, where = catalog_table.only(plan.embed_files), [("image_id", plan.embed_ids.to_pylist())]
             expected, to_embed = plan.embed_ids, len(plan.embed_ids)
         else:
-            # Every catalog row: its ids stay in the catalog's files (check_exactly_once reads them in tasks).
+            # Every catalog row: its ids stay in the catalog's files (check_exactly_once reads them a bucket at a time).
             plan, source, where = None, catalog_table, []
             expected, to_embed = catalog_table, catalog_table.rows
         staging = rejects_writer.run.join("staged")  # the decoding tasks' rejects, until the job gathers them

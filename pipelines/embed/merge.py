@@ -1,6 +1,7 @@
 """`mga embed --incremental` as a merge (what to embed, which stored files to rewrite), and the
 exactly-once check every embed makes of the files it wrote before committing them: both join
-image ids a hash bucket at a time in Ray tasks (imported there), so no node holds a catalog's ids."""
+image ids a hash bucket at a time in Ray tasks (imported there; one bucket's worth in the
+driver), so no node holds a catalog's ids."""
 
 from __future__ import annotations
 
@@ -113,6 +114,8 @@ def _split_keys(location: Location, path: str, number: int, columns: list[str], 
 
 def _split(rows: pa.Table, buckets: int) -> tuple[pa.Table, ...]:
     """`rows` split into `buckets` tables by a hash of image_id (the tie keys', so every job buckets an id alike)."""
+    if buckets == 1:  # the driver's one bucket: nothing to sort or copy
+        return (rows,)
     bucket = arrow_tie_keys(rows.column("image_id").combine_chunks()) % buckets
     order = np.argsort(bucket, kind="stable")
     rows, ends = rows.take(pa.array(order)), np.searchsorted(bucket[order], np.arange(1, buckets + 1))

@@ -3,7 +3,9 @@ and security (no unpickling, no path escapes, no credentials in outputs or logs)
 
 Every fault is real: actors and jobs are SIGKILLed, the S3 endpoint (a moto server of this
 module's own) is frozen with SIGSTOP, the bad images are real files. Figures go to stdout
-(`pytest -s`); the summary of what was injected and survived is in each test's print.
+(`pytest -s`); the summary of what was injected and survived is in each test's print. The
+S3-outage tests start a Ray instance of their own each and run in the multi-node stage
+(`pytest -m "multinode or outage" -n 0`, README), not in the default suite.
 """
 
 from __future__ import annotations
@@ -339,6 +341,7 @@ def _secret_leaks(own_s3, output: dict, directories: list[str]) -> tuple[list[st
 
 
 @pytest.mark.ray
+@pytest.mark.outage
 @pytest.mark.timeout(600)
 def test_s3_outage_during_embed_is_waited_out_and_leaks_no_secret(base, own_s3, ray_tmp, tmp_path):
     """The S3 endpoint freezes for 8 s mid-read: the job waits it out (request timeout 60 s,
@@ -358,6 +361,7 @@ def test_s3_outage_during_embed_is_waited_out_and_leaks_no_secret(base, own_s3, 
 
 
 @pytest.mark.ray
+@pytest.mark.outage
 @pytest.mark.timeout(600)
 def test_s3_endpoint_down_for_good_is_a_bounded_one_line_error(base, own_s3, ray_tmp, tmp_path):
     """The endpoint freezes and never comes back: with 3 s request timeouts and 2 attempts the

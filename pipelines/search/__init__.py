@@ -179,8 +179,11 @@ def run(
     rerank_batch = rerank_batch or (4096 if gpus else 128)
     reading = gallery_table.uri if queries_table is gallery_table else f"{gallery_table.uri} and {queries_table.uri}"
     approximate = execute(lambda: build_index(gallery, index), reading, table.uri) if index != "exact" else None
-    # An exact search keeps deeper shortlists, for the next incremental run (search.incremental).
-    search = ChunkSearch(gallery, pool, depth, rerank_top, alpha, block_rows, rerank_batch, approximate, 0 if approximate is not None else reserve(depth), keep_gallery=keep_gallery,
+    # An exact search keeps deeper shortlists, for the next incremental run (search.incremental);
+    # an incremental run's scanners keep its added and removed rows (O(changes)), which every
+    # chunk of standing queries scans again.
+    search = ChunkSearch(gallery, pool, depth, rerank_top, alpha, block_rows, rerank_batch, approximate, 0 if approximate is not None else reserve(depth),
+                         keep_gallery=keep_gallery, keep_changes=bool(keep_bytes),
                          piece_rows=piece_rows_for(gallery_table.rows, workers), rerank_precision=settings["rerank_precision"])
     recall = None
     if approximate is not None:  # against the exact scan, on the first queries

@@ -102,7 +102,8 @@ class GalleryRows:
 
 
 class KeptGallery:
-    """Gallery rows a scanner keeps between query chunks, up to `budget` bytes of global
+    """Gallery rows a scanner keeps between query chunks (the gallery's pieces, or the rows of
+    them an incremental run added or removed, by the filter's name), up to `budget` bytes of global
     features: ids, items and tie keys in memory, the features appended to an unlinked file on
     the node's local disk (tempfile.TemporaryFile: its space goes with the process, however it
     ends) and read back a piece at a time. The kernel's page cache serves them at memory speed
@@ -112,9 +113,10 @@ class KeptGallery:
     def __init__(self, budget: int) -> None:
         self.budget, self.used = budget, 0
         self.file: Any = None
-        self.pieces: dict[Piece, tuple[GalleryRows, int]] = {}  # (rows without features, offset)
+        # By (piece, the name of the filter its rows passed): (rows without features, offset).
+        self.pieces: dict[tuple[Piece, str], tuple[GalleryRows, int]] = {}
 
-    def add(self, piece: Piece, rows: GalleryRows) -> None:
+    def add(self, piece: tuple[Piece, str], rows: GalleryRows) -> None:
         """Keep `rows` if the budget allows (a full disk only stops the keeping)."""
         features = rows.features.numpy()
         if piece in self.pieces or self.used + features.nbytes > self.budget:
@@ -131,7 +133,7 @@ class KeptGallery:
         self.pieces[piece] = (GalleryRows(rows.ids, rows.items, rows.keys, torch.empty((0, features.shape[1]))), self.used)
         self.used += features.nbytes
 
-    def get(self, piece: Piece) -> GalleryRows | None:
+    def get(self, piece: tuple[Piece, str]) -> GalleryRows | None:
         """The piece's rows as kept, or None (not kept, or not read back whole)."""
         if piece not in self.pieces:
             return None
@@ -171,11 +173,11 @@ class GalleryScanner:
         arrays["tokens"] = [owned_tensor(layer, self.device) for layer in chunk["tokens"]]
         return arrays
 
-    def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int, row_filter: pc.Expression | None = None, keep: bool = False,
+    def shortlist(self, piece: Piece, chunk: Shared, depth: int, block_rows: int, named_filter: tuple[str, pc.Expression] | None = None, keep: bool = False,
                   merged_floor: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
-        """The piece's gallery rows (those passing `row_filter`, default the gallery's filter) in
+        """The piece's gallery rows (those passing `named_filter`'s filter, default the gallery's) in
         blocks of `block_rows`: each block's top-`depth` per query and the positives' counts (the
-        first block also says whether the piece was `read` from the table). With `keep` (more chunks follow), the gallery's rows are kept (KeptGallery) while the budget lasts.
+        first block also says whether the piece was `read` from the table). With `keep` (more chunks follow), the rows are kept (KeptGallery) while the budget lasts, under the piece and the filter's name.
 
         A block returns only the rows that rank before the k-th of every row this actor has scored
         for the same chunk, depth and filter (its running top list, `block_top_k`'s floor), or
@@ -184,13 +186,15 @@ class GalleryScanner:
         pieces an actor sends the driver a few rows a query instead of `depth`, and recomputes
         that few exactly; with the driver's floor, a few however many actors scan."""
         queries = self._cached("chunk", chunk, self._queries)
-        rows = self.kept.get(piece) if row_filter is None else None
+        filter_name, row_filter = named_filter or ("gallery", self.gallery_filter)
+        kept_as = (piece, filter_name)
+        rows = self.kept.get(kept_as)
         read = rows is None
         if read:
-            rows = self._gallery_rows(piece, self.gallery_filter if row_filter is None else row_filter)
-            if keep and row_filter is None:
-                self.kept.add(piece, rows)
-        scan = (chunk.key, depth, str(row_filter))
+            rows = self._gallery_rows(piece, row_filter)
+            if keep:
+                self.kept.add(kept_as, rows)
+        scan = (chunk.key, depth, filter_name)
         if self.running is None or self.running[0] != scan:
             self.running = (scan, set(), None)
         # A piece scanned twice (a retried call) must not count its rows twice in the floor.

@@ -21,6 +21,8 @@ exclude them are not read, and rows are filtered as they are read.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -66,6 +68,12 @@ class Selection:
 
     table: Snapshot
     where: RowFilter
+
+    @functools.cached_property
+    def key(self) -> str:
+        """A short name of the selection, the same in every process (a scanner keeps the rows it
+        read of it under this name)."""
+        return hashlib.sha256(repr((self.table.uri, self.table.version, self.where.text, self.where.pruning)).encode()).hexdigest()[:16]
 
     def pieces(self, *more: tuple[str, list[str]], max_rows: int = PIECE_ROWS) -> list[Piece]:
         """The row groups that may hold selected rows (and rows with `column in values` for each of

@@ -82,7 +82,9 @@ class ChunkSearch:
     ("float32" or "bfloat16"). The shortlist
     goes `reserve` rows deeper than the rankings: what an incremental search draws on when the
     gallery loses rows. With `keep_gallery` (more than one chunk to search) the scanners keep
-    the gallery rows they read for the next chunks, as far as their memory budget goes. The gallery is scanned in pieces
+    the gallery rows they read for the next chunks, as far as their memory budget goes; with
+    `keep_changes` they keep the rows of `within` scans (an incremental run's added and removed
+    rows, scanned again for every chunk of standing queries). The gallery is scanned in pieces
     of at most `piece_rows` rows (`piece_rows_for`: fine enough that every actor gets several), the
     token scan in smaller ones (`token_piece_rows`)."""
 
@@ -96,6 +98,7 @@ class ChunkSearch:
     index: tuple[Any, pa.Array, pa.Array] | None = None
     reserve: int = 0
     keep_gallery: bool = False
+    keep_changes: bool = False
     piece_rows: int = PIECE_ROWS
     rerank_precision: str = "float32"
     stats: ScanStats = field(default_factory=lambda: ScanStats())
@@ -122,8 +125,9 @@ class ChunkSearch:
         shared = shared or self.pool.share(chunk.scan_arrays())
         rows = within or self.gallery
         merge = ShortlistMerge(len(chunk), depth, len(chunk.positives.query))
-        pieces, row_filter = rows.pieces(max_rows=self.piece_rows), None if within is None else within.where.expression
-        for blocks in self.pool.map("shortlist", pieces, shared, depth, self.block_rows, row_filter, self.keep_gallery and within is None,
+        pieces = rows.pieces(max_rows=self.piece_rows)
+        named_filter = None if within is None else (within.key, within.where.expression)
+        for blocks in self.pool.map("shortlist", pieces, shared, depth, self.block_rows, named_filter, self.keep_changes if within else self.keep_gallery,
                                     affinity=True, latest=merge.floor):
             self.stats.pieces_scanned += 1
             self.stats.pieces_read += int(blocks[0]["read"])

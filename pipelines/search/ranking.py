@@ -127,7 +127,7 @@ class ChunkSearch:
         merge = ShortlistMerge(len(chunk), depth, len(chunk.positives.query))
         pieces = rows.pieces(max_rows=self.piece_rows)
         named_filter = None if within is None else (within.key, within.where.expression)
-        for blocks in self.pool.map("shortlist", pieces, shared, depth, self.block_rows, named_filter, self.keep_changes if within else self.keep_gallery,
+        for blocks in self.pool.map("shortlist", pieces, shared, depth, self.block_rows, named_filter, self.keep_changes if within is not None else self.keep_gallery,
                                     affinity=True, latest=merge.floor):
             self.stats.pieces_scanned += 1
             self.stats.pieces_read += int(blocks[0]["read"])

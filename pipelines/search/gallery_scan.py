@@ -116,10 +116,10 @@ class KeptGallery:
         # By (piece, the name of the filter its rows passed): (rows without features, offset).
         self.pieces: dict[tuple[Piece, str], tuple[GalleryRows, int]] = {}
 
-    def add(self, piece: tuple[Piece, str], rows: GalleryRows) -> None:
-        """Keep `rows` if the budget allows (a full disk only stops the keeping)."""
+    def add(self, key: tuple[Piece, str], rows: GalleryRows) -> None:
+        """Keep `rows` under `key` (piece, filter name) if the budget allows (a full disk only stops the keeping)."""
         features = rows.features.numpy()
-        if piece in self.pieces or self.used + features.nbytes > self.budget:
+        if key in self.pieces or self.used + features.nbytes > self.budget:
             return
         try:
             self.file = self.file or tempfile.TemporaryFile(prefix="mga-gallery-")
@@ -130,14 +130,14 @@ class KeptGallery:
             self.budget = self.used
             return
         # An empty tensor of the width, not a slice: a slice would hold the features' storage.
-        self.pieces[piece] = (GalleryRows(rows.ids, rows.items, rows.keys, torch.empty((0, features.shape[1]))), self.used)
+        self.pieces[key] = (GalleryRows(rows.ids, rows.items, rows.keys, torch.empty((0, features.shape[1]))), self.used)
         self.used += features.nbytes
 
-    def get(self, piece: tuple[Piece, str]) -> GalleryRows | None:
-        """The piece's rows as kept, or None (not kept, or not read back whole)."""
-        if piece not in self.pieces:
+    def get(self, key: tuple[Piece, str]) -> GalleryRows | None:
+        """The rows kept under `key` (piece, filter name), or None (not kept, or not read back whole)."""
+        if key not in self.pieces:
             return None
-        rows, offset = self.pieces[piece]
+        rows, offset = self.pieces[key]
         features = np.empty((len(rows), rows.features.shape[1]), np.float32)
         if features.nbytes and os.preadv(self.file.fileno(), [features], offset) != features.nbytes:
             return None
